@@ -1,0 +1,202 @@
+"""Stage 2 of a PSA step: the Quest upper bound of every page's attention logits.
+
+For query q and a block with elementwise key bounds [kmin, kmax], every key k in the block satisfies
+    q.k <= sum_d max(q_d * kmin_d, q_d * kmax_d) = relu(q).kmax + min(q, 0).kmin
+so the bound of a page is two small matrix products. A kv head serves its whole GQA group, so a page's
+bound is the max over the group's query heads; with logical sub-pages (block_size < page_size) it is
+also the max over the page's valid sub-blocks (LServe hierarchical paging).
+
+Shapes and dtypes:
+    q                  [bs, Hq, D]                     fp16 / bf16 / fp32
+    kmin, kmax         [num_slots // block_size, Hkv, D] dtype of the KV cache
+    req_to_token       [max_reqs, max_context] int32   SGLang's page table (token slots)
+    req_pool_indices   [bs] int32 / int64
+    seq_lens           [bs] int32 / int64
+    -> bounds          [bs, Hkv, max_pages] float32, scaled by sm_scale; -inf past the last page
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import check_int, check_kv, check_page_size, f32_dot, next_pow2, num_pages_of
+
+
+def _check(q, kmin, kmax, req_to_token, req_pool_indices, seq_lens, page_size, block_size):
+    bs, hq, hkv, d, g = check_kv(q, kmin)
+    check_page_size(page_size, block_size)
+    if q.dtype != kmin.dtype:
+        raise TypeError(f"q dtype {q.dtype} must match the summaries' dtype {kmin.dtype}")
+    if kmax.shape != kmin.shape or kmax.dtype != kmin.dtype:
+        raise ValueError(f"kmax {list(kmax.shape)} must match kmin {list(kmin.shape)}")
+    for name, t in (("req_to_token", req_to_token), ("req_pool_indices", req_pool_indices)):
+        check_int(name, t)
+    check_int("seq_lens", seq_lens)
+    if req_pool_indices.shape != (bs,) or seq_lens.shape != (bs,):
+        raise ValueError(
+            f"req_pool_indices and seq_lens must have shape [{bs}], "
+            f"got {list(req_pool_indices.shape)} and {list(seq_lens.shape)}"
+        )
+    return bs, hq, hkv, d, g
+
+
+def page_bounds_ref(
+    q: torch.Tensor,
+    kmin: torch.Tensor,
+    kmax: torch.Tensor,
+    req_to_token: torch.Tensor,
+    req_pool_indices: torch.Tensor,
+    seq_lens: torch.Tensor,
+    page_size: int,
+    block_size: int,
+    sm_scale: float,
+    max_pages: int,
+) -> torch.Tensor:
+    """Pure-torch reference of page_bounds (float64 arithmetic)."""
+    bs, hq, hkv, d, g = _check(q, kmin, kmax, req_to_token, req_pool_indices, seq_lens, page_size, block_size)
+    nsub = page_size // block_size
+    out = torch.full((bs, hkv, max_pages), float("-inf"), dtype=torch.float32, device=q.device)
+    npages = num_pages_of(seq_lens, page_size)
+    for b in range(bs):
+        n = min(int(npages[b]), max_pages)
+        if n == 0:
+            continue
+        r = int(req_pool_indices[b])
+        first = req_to_token[r, torch.arange(n, device=q.device) * page_size].to(torch.int64)
+        sub = first[:, None] // block_size + torch.arange(nsub, device=q.device)  # [n, nsub]
+        pos = (
+            torch.arange(n, device=q.device)[:, None] * page_size
+            + torch.arange(nsub, device=q.device) * block_size
+        )
+        sub_valid = pos < int(seq_lens[b])
+        lo = kmin[sub].double()  # [n, nsub, Hkv, D]
+        hi = kmax[sub].double()
+        qg = q[b].double().view(hkv, g, d)  # [Hkv, G, D]
+        u = (
+            torch.einsum("hgd,nshd->hgns", qg.clamp(min=0), hi)
+            + torch.einsum("hgd,nshd->hgns", qg.clamp(max=0), lo)
+        ) * sm_scale
+        u = u.masked_fill(~sub_valid[None, None], float("-inf"))
+        out[b, :, :n] = u.amax(dim=(1, 3)).float()
+    return out
+
+
+@triton.jit
+def _page_bounds_kernel(
+    Q,
+    KMIN,
+    KMAX,
+    REQ_TO_TOKEN,
+    RPI,
+    SEQ,
+    OUT,
+    sm_scale,
+    max_pages,
+    stride_qb,
+    stride_qh,
+    stride_sb,
+    stride_sh,
+    stride_rt,
+    stride_ob,
+    stride_oh,
+    G: tl.constexpr,
+    G_PAD: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PAGE: tl.constexpr,
+    SUB: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    pblk = tl.program_id(2)
+    seq_len = tl.load(SEQ + b).to(tl.int64)
+    rpi = tl.load(RPI + b).to(tl.int64)
+    gi = tl.arange(0, G_PAD)
+    d = tl.arange(0, BLOCK_D)
+    qmask = (gi < G)[:, None] & (d < D)[None, :]
+    q = tl.load(Q + b * stride_qb + (h * G + gi)[:, None] * stride_qh + d[None, :], mask=qmask)
+    q_pos = tl.maximum(q, 0.0).to(q.dtype)  # exact: relu of a bf16 value is a bf16 value
+    q_neg = tl.minimum(q, 0.0).to(q.dtype)
+    j = pblk * BLOCK_P + tl.arange(0, BLOCK_P)
+    page_valid = (j * PAGE < seq_len) & (j < max_pages)
+    first = tl.load(REQ_TO_TOKEN + rpi * stride_rt + j * PAGE, mask=page_valid, other=0).to(tl.int64)
+    best = tl.full([BLOCK_P], float("-inf"), tl.float32)
+    for s in tl.static_range(PAGE // SUB):
+        sub_valid = page_valid & (j * PAGE + s * SUB < seq_len)
+        sidx = first // SUB + s
+        smask = sub_valid[:, None] & (d < D)[None, :]
+        off = sidx[:, None] * stride_sb + h * stride_sh + d[None, :]
+        lo = tl.load(KMIN + off, mask=smask, other=0.0)
+        hi = tl.load(KMAX + off, mask=smask, other=0.0)
+        if IEEE:
+            u = tl.dot(q_pos.to(tl.float32), tl.trans(hi.to(tl.float32)), input_precision="ieee")
+            u += tl.dot(q_neg.to(tl.float32), tl.trans(lo.to(tl.float32)), input_precision="ieee")
+        else:
+            u = tl.dot(q_pos, tl.trans(hi))
+            u += tl.dot(q_neg, tl.trans(lo))
+        u = tl.where((gi < G)[:, None], u, float("-inf"))
+        u_page = tl.max(u, axis=0) * sm_scale
+        best = tl.maximum(best, tl.where(sub_valid, u_page, float("-inf")))
+    tl.store(OUT + b * stride_ob + h * stride_oh + j, best, mask=j < max_pages)
+
+
+def page_bounds(
+    q: torch.Tensor,
+    kmin: torch.Tensor,
+    kmax: torch.Tensor,
+    req_to_token: torch.Tensor,
+    req_pool_indices: torch.Tensor,
+    seq_lens: torch.Tensor,
+    page_size: int,
+    block_size: int,
+    sm_scale: float,
+    max_pages: int,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Bound every page's logits for a decode batch (Triton). See the module docstring.
+
+    Graph-safe: grid is (bs, Hkv, ceil(max_pages / BLOCK_P)); page counts are read on device.
+    """
+    bs, hq, hkv, d, g = _check(q, kmin, kmax, req_to_token, req_pool_indices, seq_lens, page_size, block_size)
+    if out is None:
+        out = torch.empty((bs, hkv, max_pages), dtype=torch.float32, device=q.device)
+    elif out.shape != (bs, hkv, max_pages) or out.dtype != torch.float32:
+        raise ValueError(f"out must be [{bs}, {hkv}, {max_pages}] float32")
+    if bs == 0 or max_pages == 0:
+        return out
+    if q.stride(2) != 1 or kmin.stride(2) != 1 or kmin.stride() != kmax.stride():
+        raise ValueError("q, kmin and kmax must be contiguous in head_dim")
+    block_p = 64 if max_pages >= 64 else max(16, next_pow2(max_pages))
+    grid = (bs, hkv, triton.cdiv(max_pages, block_p))
+    _page_bounds_kernel[grid](
+        q,
+        kmin,
+        kmax,
+        req_to_token,
+        req_pool_indices,
+        seq_lens,
+        out,
+        sm_scale,
+        max_pages,
+        q.stride(0),
+        q.stride(1),
+        kmin.stride(0),
+        kmin.stride(1),
+        req_to_token.stride(0),
+        out.stride(0),
+        out.stride(1),
+        G=g,
+        G_PAD=max(16, next_pow2(g)),
+        D=d,
+        BLOCK_D=next_pow2(d),
+        PAGE=page_size,
+        SUB=block_size,
+        BLOCK_P=block_p,
+        IEEE=f32_dot(q.dtype),
+        num_warps=4,
+    )
+    return out

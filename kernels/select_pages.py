@@ -1,0 +1,261 @@
+"""Stage 3 of a PSA step: choose each (request, kv head)'s pages from their bounds.
+
+Threshold mode (PSA): sink pages and the local window are always kept; the other pages are taken in
+descending bound until the *estimated* attention mass reaches tau, where a page's estimated mass is
+n_tokens * exp(bound). The count is then clamped to [min_pages, max_pages]. Top-k mode (Quest-style,
+for comparison): exactly `topk` pages, sinks and local window included.
+
+No sort: the per-row threshold is found by bisection over the order-preserving integer image of the
+fp32 bounds (33 steps pin it exactly), the way top-p samplers search a threshold. Everything stays on
+device with fixed shapes, so the step is CUDA-graph capturable.
+
+Shapes and dtypes:
+    bounds    [bs, Hkv, N] float32 (page_bounds output; -inf past the last page)
+    seq_lens  [bs] int32 / int64
+    -> page_idx [bs, Hkv, W] int32  selected logical page indices, ascending in [:count], -1 after
+       counts   [bs, Hkv]    int32
+    W = params.topk in top-k mode, else params.max_pages.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import check_int, next_pow2, num_pages_of
+
+
+@dataclass(frozen=True)
+class SelectParams:
+    """Selection knobs. tau=1.0 with max_pages >= the context's pages selects every page (dense)."""
+
+    tau: float = 0.9
+    sink_pages: int = 1
+    local_pages: int = 4
+    min_pages: int = 0
+    max_pages: int = 256
+    topk: int | None = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.tau <= 1.0:
+            raise ValueError(f"tau must be in (0, 1], got {self.tau}")
+        for name in ("sink_pages", "local_pages", "min_pages"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.topk is not None and self.topk < 1:
+            raise ValueError(f"topk must be >= 1, got {self.topk}")
+        if self.max_pages < 1:
+            raise ValueError(f"max_pages must be >= 1, got {self.max_pages}")
+        if self.sink_pages + self.local_pages > self.width:
+            raise ValueError(
+                f"sink_pages + local_pages ({self.sink_pages} + {self.local_pages}) must not "
+                f"exceed the page budget {self.width}"
+            )
+        if self.min_pages > self.max_pages:
+            raise ValueError(f"min_pages {self.min_pages} > max_pages {self.max_pages}")
+
+    @property
+    def width(self) -> int:
+        """Static width W of the page_idx output."""
+        return self.topk if self.topk is not None else self.max_pages
+
+
+def _forced_mask(npages: torch.Tensor, n: int, params: SelectParams) -> tuple:
+    j = torch.arange(n, device=npages.device)
+    valid = j[None, :] < npages[:, None]
+    forced = valid & ((j[None, :] < params.sink_pages) | (j[None, :] >= npages[:, None] - params.local_pages))
+    return j, valid, forced
+
+
+def select_pages_ref(
+    bounds: torch.Tensor, seq_lens: torch.Tensor, page_size: int, params: SelectParams
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pure-torch reference of select_pages: a stable descending sort and a cumulative sum."""
+    bs, hkv, n = bounds.shape
+    npages = num_pages_of(seq_lens, page_size).clamp(max=n)
+    j, valid, forced = _forced_mask(npages, n, params)
+    width = params.width
+    page_idx = torch.full((bs, hkv, width), -1, dtype=torch.int32, device=bounds.device)
+    counts = torch.zeros((bs, hkv), dtype=torch.int32, device=bounds.device)
+    ntok = (seq_lens.to(torch.int64)[:, None] - j[None, :] * page_size).clamp(0, page_size)
+    for b in range(bs):
+        for h in range(hkv):
+            u = bounds[b, h].double()
+            f, c = forced[b], valid[b] & ~forced[b]
+            cand = torch.nonzero(c).flatten()
+            # stable sort: ties keep ascending page order, as the kernel's tie-break does
+            order = cand[torch.sort(-u[cand], stable=True).indices]
+            nf, nc = int(f.sum()), int(c.sum())
+            if params.topk is not None:
+                k = min(max(params.topk - nf, 0), nc)
+            else:
+                m = u[valid[b]].max() if bool(valid[b].any()) else torch.tensor(0.0)
+                w = ntok[b].double() * torch.exp(u - m)
+                wf, wc = float(w[f].sum()), float(w[c].sum())
+                target = params.tau * (wf + wc) - wf
+                if params.tau >= 1.0:
+                    k_tau = nc  # dense: every page, whatever the (possibly underflowing) mass
+                elif nc == 0 or target <= 0:
+                    k_tau = 0
+                else:
+                    cum = torch.cumsum(w[order], 0)
+                    i = int(torch.searchsorted(cum, torch.tensor(target, dtype=cum.dtype)))
+                    i = min(i, nc - 1)
+                    k_tau = int((u[cand] >= u[order[i]]).sum())  # ties at the threshold all count
+                k = min(max(k_tau, params.min_pages - nf), params.max_pages - nf, nc)
+                k = max(k, 0)
+            sel = f.clone()
+            sel[order[:k]] = True
+            idx = torch.nonzero(sel).flatten()
+            counts[b, h] = idx.numel()
+            page_idx[b, h, : idx.numel()] = idx.to(torch.int32)
+    return page_idx, counts
+
+
+@triton.jit
+def _sortable_key(u):
+    """Order-preserving map fp32 -> int32 (negative floats get their magnitude bits flipped).
+
+    -0.0 maps to the key of +0.0: they compare equal as floats, so they must tie here too.
+    """
+    bits = u.to(tl.int32, bitcast=True)
+    key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    return tl.where(u == 0.0, 0, key)
+
+
+@triton.jit
+def _select_pages_kernel(
+    BOUNDS,
+    SEQ,
+    OUT,
+    COUNTS,
+    n_pages_max,
+    stride_bb,
+    stride_bh,
+    stride_ob,
+    stride_oh,
+    hkv,
+    tau,
+    PAGE: tl.constexpr,
+    SINK: tl.constexpr,
+    LOCAL: tl.constexpr,
+    MIN_PAGES: tl.constexpr,
+    MAX_PAGES: tl.constexpr,
+    TOPK: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    seq_len = tl.load(SEQ + b).to(tl.int64)
+    npages = tl.minimum((seq_len + PAGE - 1) // PAGE, n_pages_max)
+    j = tl.arange(0, BLOCK_N)
+    valid = j < npages
+    u = tl.load(BOUNDS + b * stride_bb + h * stride_bh + j, mask=valid, other=float("-inf"))
+    forced = valid & ((j < SINK) | (j >= npages - LOCAL))
+    cand = valid & ~forced
+    n_forced = tl.sum(forced.to(tl.int32), axis=0)
+    n_cand = tl.sum(cand.to(tl.int32), axis=0)
+    key = _sortable_key(u).to(tl.int64)
+
+    if TOPK > 0:
+        k = tl.minimum(tl.maximum(TOPK - n_forced, 0), n_cand)
+    else:
+        m = tl.max(tl.where(valid, u, float("-inf")), axis=0)
+        m = tl.where(npages > 0, m, 0.0)
+        ntok = tl.minimum(tl.maximum(seq_len - j * PAGE, 0), PAGE).to(tl.float32)
+        w = tl.where(valid, ntok * tl.exp(u - m), 0.0)
+        w_forced = tl.sum(tl.where(forced, w, 0.0), axis=0)
+        w_cand = tl.sum(tl.where(cand, w, 0.0), axis=0)
+        target = tau * (w_forced + w_cand) - w_forced
+        # Largest threshold t whose candidate mass above t still reaches the target.
+        lo = tl.full([], -2147483649, tl.int64)  # mass(lo) = all candidates
+        hi = tl.full([], 2147483648, tl.int64)  # mass(hi) = 0
+        for _ in range(33):
+            mid = (lo + hi) >> 1
+            mass = tl.sum(tl.where(cand & (key >= mid), w, 0.0), axis=0)
+            ok = mass >= target
+            lo = tl.where(ok, mid, lo)
+            hi = tl.where(ok, hi, mid)
+        k_tau = tl.sum((cand & (key >= lo)).to(tl.int32), axis=0)
+        k_tau = tl.where((target <= 0.0) | (n_cand == 0), 0, k_tau)
+        k_tau = tl.where(tau >= 1.0, n_cand, k_tau)  # dense, even if masses underflow
+        k = tl.maximum(k_tau, MIN_PAGES - n_forced)
+        k = tl.minimum(tl.minimum(k, MAX_PAGES - n_forced), n_cand)
+        k = tl.maximum(k, 0)
+
+    # Exact top-k among candidates: the k-th largest key by bisection, then ties by page index.
+    lo = tl.full([], -2147483649, tl.int64)
+    hi = tl.full([], 2147483648, tl.int64)
+    for _ in range(33):
+        mid = (lo + hi) >> 1
+        cnt = tl.sum((cand & (key >= mid)).to(tl.int32), axis=0)
+        ok = cnt >= k
+        lo = tl.where(ok, mid, lo)
+        hi = tl.where(ok, hi, mid)
+    above = cand & (key > lo)
+    tied = cand & (key == lo)
+    n_above = tl.sum(above.to(tl.int32), axis=0)
+    tie_rank = tl.cumsum(tied.to(tl.int32), axis=0)
+    take = above | (tied & (tie_rank <= k - n_above))
+    take = take & (k > 0)
+    sel = forced | take
+    pos = tl.cumsum(sel.to(tl.int32), axis=0) - 1
+    row = OUT + b * stride_ob + h * stride_oh
+    tl.store(row + pos, j.to(tl.int32), mask=sel)
+    count = tl.sum(sel.to(tl.int32), axis=0)
+    tl.store(COUNTS + b * hkv + h, count)
+
+
+def select_pages(
+    bounds: torch.Tensor,
+    seq_lens: torch.Tensor,
+    page_size: int,
+    params: SelectParams,
+    page_idx: torch.Tensor | None = None,
+    counts: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Select pages per (request, kv head) on device (Triton). See the module docstring."""
+    if bounds.dim() != 3 or bounds.dtype != torch.float32:
+        raise ValueError(f"bounds must be [bs, Hkv, N] float32, got {list(bounds.shape)} {bounds.dtype}")
+    check_int("seq_lens", seq_lens)
+    bs, hkv, n = bounds.shape
+    if seq_lens.shape != (bs,):
+        raise ValueError(f"seq_lens must have shape [{bs}], got {list(seq_lens.shape)}")
+    if bounds.stride(2) != 1:
+        raise ValueError("bounds must be contiguous in its last dimension")
+    width = params.width
+    if page_idx is None:
+        page_idx = torch.empty((bs, hkv, width), dtype=torch.int32, device=bounds.device)
+    if counts is None:
+        counts = torch.empty((bs, hkv), dtype=torch.int32, device=bounds.device)
+    if page_idx.shape != (bs, hkv, width) or counts.shape != (bs, hkv):
+        raise ValueError(f"page_idx must be [{bs}, {hkv}, {width}] and counts [{bs}, {hkv}]")
+    page_idx.fill_(-1)
+    if bs == 0:
+        return page_idx, counts
+    block_n = next_pow2(max(n, 16))
+    _select_pages_kernel[(bs, hkv)](
+        bounds,
+        seq_lens,
+        page_idx,
+        counts,
+        n,
+        bounds.stride(0),
+        bounds.stride(1),
+        page_idx.stride(0),
+        page_idx.stride(1),
+        hkv,
+        float(params.tau),
+        PAGE=page_size,
+        SINK=params.sink_pages,
+        LOCAL=params.local_pages,
+        MIN_PAGES=params.min_pages,
+        MAX_PAGES=params.max_pages if params.topk is None else params.topk,
+        TOPK=params.topk or 0,
+        BLOCK_N=block_n,
+        num_warps=4 if block_n <= 2048 else 8,
+    )
+    return page_idx, counts

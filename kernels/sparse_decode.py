@@ -1,0 +1,559 @@
+"""Stage 4 of a PSA step: exact attention over the selected pages only.
+
+One program per (request, kv head, split) attends the whole GQA group over its share of the page
+list (split-K), keeping an online softmax; a second kernel merges the splits by log-sum-exp. Lengths
+are read on device, so the launch shapes depend only on static maxima (CUDA-graph capturable).
+
+Progressive (certified) mode visits pages in descending bound order, in rounds of doubling size, and
+stops a (request, kv head) once every query head of its group has captured mass Z with
+    Z >= tau * (Z + R),   R = sum over unvisited pages of n_tokens * exp(bound) >= their true mass,
+which guarantees that at least tau of the exact softmax mass was attended. Rounds past the stop are
+no-ops on device, so there is no host sync either.
+
+Shapes and dtypes:
+    q                 [bs, Hq, D]            fp16 / bf16 / fp32
+    k_cache, v_cache  [num_slots, Hkv, D]    same dtype as q
+    req_to_token      [max_reqs, max_context] int32 (token slots; a page's P slots are contiguous)
+    req_pool_indices, seq_lens  [bs] int
+    page_idx          [bs, Hkv, W] int32 logical page indices (select_pages), counts [bs, Hkv] int32
+    -> out [bs, Hq, D] q.dtype, lse [bs, Hq] float32 (natural log of the softmax normaliser)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (
+    check_int,
+    check_kv,
+    check_page_size,
+    f32_dot,
+    interpret_mode,
+    next_pow2,
+    num_pages_of,
+)
+
+_LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
+
+
+# ----------------------------------------------------------------------------- references
+def _gather_tokens(req_to_token, rpi, seq_len, pages, page_size):
+    """Token slots of the given logical pages of one request, clipped to seq_len."""
+    dev = req_to_token.device
+    tok = pages[:, None].to(torch.int64) * page_size + torch.arange(page_size, device=dev)
+    tok = tok.flatten()
+    tok = tok[tok < seq_len]
+    return req_to_token[rpi, tok].to(torch.int64)
+
+
+def _attend_ref(q_group, keys, values, sm_scale):
+    """q_group [G, D], keys/values [T, D] -> out [G, D], lse [G] in float64."""
+    if keys.shape[0] == 0:
+        g, d = q_group.shape
+        return torch.zeros(g, d, dtype=torch.float64), torch.full((g,), float("-inf"), dtype=torch.float64)
+    s = (q_group.double() @ keys.double().T) * sm_scale
+    lse = torch.logsumexp(s, dim=-1)
+    out = torch.softmax(s, dim=-1) @ values.double()
+    return out, lse
+
+
+def sparse_decode_ref(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    req_to_token: torch.Tensor,
+    req_pool_indices: torch.Tensor,
+    seq_lens: torch.Tensor,
+    page_idx: torch.Tensor,
+    counts: torch.Tensor,
+    page_size: int,
+    sm_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pure-torch (float64) reference of sparse_decode."""
+    bs, hq, hkv, d, g = check_kv(q, k_cache, v_cache)
+    out = torch.zeros(bs, hq, d, dtype=torch.float64)
+    lse = torch.full((bs, hq), float("-inf"), dtype=torch.float64)
+    for b in range(bs):
+        r, n = int(req_pool_indices[b]), int(seq_lens[b])
+        for h in range(hkv):
+            pages = page_idx[b, h, : int(counts[b, h])]
+            slots = _gather_tokens(req_to_token, r, n, pages, page_size)
+            o, l_ = _attend_ref(
+                q[b, h * g : (h + 1) * g].cpu(),
+                k_cache[slots, h].cpu(),
+                v_cache[slots, h].cpu(),
+                sm_scale,
+            )
+            out[b, h * g : (h + 1) * g], lse[b, h * g : (h + 1) * g] = o, l_
+    return out.to(q.dtype).to(q.device), lse.float().to(q.device)
+
+
+def dense_decode_ref(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    req_to_token: torch.Tensor,
+    req_pool_indices: torch.Tensor,
+    seq_lens: torch.Tensor,
+    page_size: int,
+    sm_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense attention over every token of each request (float64), the ground truth."""
+    bs, hq, hkv, d, g = check_kv(q, k_cache, v_cache)
+    npages = int(num_pages_of(seq_lens, page_size).max()) if bs else 0
+    page_idx = torch.arange(npages, dtype=torch.int32).expand(bs, hkv, npages).contiguous()
+    counts = num_pages_of(seq_lens, page_size).to(torch.int32)[:, None].expand(bs, hkv).contiguous()
+    return sparse_decode_ref(
+        q,
+        k_cache,
+        v_cache,
+        req_to_token,
+        req_pool_indices,
+        seq_lens,
+        page_idx.to(q.device),
+        counts.to(q.device),
+        page_size,
+        sm_scale,
+    )
+
+
+# ----------------------------------------------------------------------------- kernels
+@triton.jit
+def _attend_pages_kernel(
+    Q,
+    K,
+    V,
+    REQ_TO_TOKEN,
+    RPI,
+    SEQ,
+    PAGE_IDX,
+    START,
+    END,
+    PART_O,
+    PART_LSE,
+    qk_scale,
+    stride_qb,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_rt,
+    stride_pb,
+    stride_ph,
+    stride_ob,
+    stride_oh,
+    stride_os,
+    stride_lb,
+    stride_lh,
+    HKV: tl.constexpr,
+    G: tl.constexpr,
+    G_PAD: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PAGE: tl.constexpr,
+    PAGES_PER_ITER: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    HAS_START: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    split = tl.program_id(1)
+    b = bh // HKV
+    h = bh % HKV
+    seq_len = tl.load(SEQ + b).to(tl.int64)
+    rpi = tl.load(RPI + b).to(tl.int64)
+    if HAS_START:
+        start = tl.load(START + bh)
+    else:
+        start = 0
+    end = tl.load(END + bh)
+    per_split = (tl.maximum(end - start, 0) + NUM_SPLITS - 1) // NUM_SPLITS
+    lo = start + split * per_split
+    hi = tl.minimum(lo + per_split, end)
+
+    gi = tl.arange(0, G_PAD)
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < D
+    q = tl.load(
+        Q + b * stride_qb + (h * G + gi)[:, None] * stride_qh + d[None, :],
+        mask=(gi < G)[:, None] & dmask[None, :],
+        other=0.0,
+    )
+    m_i = tl.full([G_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([G_PAD], tl.float32)
+    acc = tl.zeros([G_PAD, BLOCK_D], tl.float32)
+    t = tl.arange(0, PAGES_PER_ITER * PAGE)
+    t_page = t // PAGE
+    t_off = t % PAGE
+    row = PAGE_IDX + b * stride_pb + h * stride_ph
+    for i in range(lo, hi, PAGES_PER_ITER):
+        pi = i + t_page
+        pvalid = pi < hi
+        page = tl.load(row + pi, mask=pvalid, other=0).to(tl.int64)
+        first = tl.load(REQ_TO_TOKEN + rpi * stride_rt + page * PAGE, mask=pvalid, other=0)
+        tvalid = pvalid & (page * PAGE + t_off < seq_len)
+        slot = first.to(tl.int64) + t_off
+        kv_mask = tvalid[:, None] & dmask[None, :]
+        k = tl.load(K + slot[:, None] * stride_kt + h * stride_kh + d[None, :], mask=kv_mask, other=0.0)
+        if IEEE:
+            s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        s = tl.where(tvalid[None, :], s * qk_scale, float("-inf"))  # log2 domain
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(V + slot[:, None] * stride_vt + h * stride_vh + d[None, :], mask=kv_mask, other=0.0)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    has = l_i > 0.0
+    o = acc / tl.where(has, l_i, 1.0)[:, None]
+    lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    hq = h * G + gi
+    gmask = gi < G
+    tl.store(
+        PART_O + b * stride_ob + hq[:, None] * stride_oh + split * stride_os + d[None, :],
+        o,
+        mask=gmask[:, None] & dmask[None, :],
+    )
+    tl.store(PART_LSE + b * stride_lb + hq * stride_lh + split, lse, mask=gmask)
+
+
+@triton.jit
+def _merge_splits_kernel(
+    PART_O,
+    PART_LSE,
+    PREV_O,
+    PREV_LSE,
+    OUT,
+    OUT_LSE,
+    n_splits,
+    stride_ob,
+    stride_oh,
+    stride_os,
+    stride_lb,
+    stride_lh,
+    stride_outb,
+    stride_outh,
+    HQ: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    HAS_PREV: tl.constexpr,
+):
+    b = tl.program_id(0)
+    hq = tl.program_id(1)
+    s = tl.arange(0, BLOCK_S)
+    d = tl.arange(0, BLOCK_D)
+    smask = s < n_splits
+    lse = tl.load(PART_LSE + b * stride_lb + hq * stride_lh + s, mask=smask, other=float("-inf"))
+    m = tl.max(lse, axis=0)
+    if HAS_PREV:
+        prev_lse = tl.load(PREV_LSE + b * HQ + hq)
+        m = tl.maximum(m, prev_lse)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp(lse - m_safe)
+    o = tl.load(
+        PART_O + b * stride_ob + hq * stride_oh + s[:, None] * stride_os + d[None, :],
+        mask=smask[:, None] & (d < D)[None, :],
+        other=0.0,
+    )
+    num = tl.sum(w[:, None] * o, axis=0)
+    den = tl.sum(w, axis=0)
+    if HAS_PREV:
+        wp = tl.exp(prev_lse - m_safe)
+        num += wp * tl.load(PREV_O + (b * HQ + hq) * D + d, mask=d < D, other=0.0)
+        den += wp
+    has = den > 0.0
+    out = num / tl.where(has, den, 1.0)
+    tl.store(OUT + b * stride_outb + hq * stride_outh + d, out.to(OUT.dtype.element_ty), mask=d < D)
+    tl.store(
+        OUT_LSE + b * HQ + hq,
+        tl.where(has, m_safe + tl.log(tl.where(has, den, 1.0)), float("-inf")),
+    )
+
+
+def default_num_splits(bs: int, hkv: int, max_items: int, device: torch.device) -> int:
+    """Static split count: enough programs to fill the GPU, never more splits than pages."""
+    if device.type != "cuda" or interpret_mode():
+        return max(1, min(4, max_items))
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    want = triton.cdiv(4 * sms, max(1, bs * hkv))
+    return int(max(1, min(64, want, triton.cdiv(max_items, 2))))
+
+
+def _pages_per_iter(page_size: int) -> int:
+    # Enough tokens per iteration (>= 64) to keep several loads in flight per program.
+    return max(1, 64 // page_size)
+
+
+class _Workspace:
+    """Partial-output buffers kept per shape (plan once, run many).
+
+    Never freed: a CUDA graph captured with one of them keeps pointing at it, so dropping a buffer
+    when another batch size comes along would leave the graph reading freed memory. Shapes are few
+    (one per captured batch size) and small (bs * Hq * splits * D floats).
+    """
+
+    def __init__(self) -> None:
+        self._bufs: dict = {}
+
+    def get(self, bs: int, hq: int, splits: int, d: int, device) -> tuple:
+        key = (bs, hq, splits, d, str(device))
+        if key not in self._bufs:
+            self._bufs[key] = (
+                torch.empty(bs, hq, splits, d, dtype=torch.float32, device=device),
+                torch.empty(bs, hq, splits, dtype=torch.float32, device=device),
+            )
+        return self._bufs[key]
+
+
+_WORKSPACE = _Workspace()
+
+
+def _attend(
+    q,
+    k_cache,
+    v_cache,
+    req_to_token,
+    rpi,
+    seq_lens,
+    pages,
+    start,
+    end,
+    page_size,
+    sm_scale,
+    num_splits,
+    part_o,
+    part_lse,
+):
+    bs, hq, d = q.shape
+    hkv = k_cache.shape[1]
+    g = hq // hkv
+    _attend_pages_kernel[(bs * hkv, num_splits)](
+        q,
+        k_cache,
+        v_cache,
+        req_to_token,
+        rpi,
+        seq_lens,
+        pages,
+        start if start is not None else end,
+        end,
+        part_o,
+        part_lse,
+        sm_scale * _LOG2E,
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        req_to_token.stride(0),
+        pages.stride(0),
+        pages.stride(1),
+        part_o.stride(0),
+        part_o.stride(1),
+        part_o.stride(2),
+        part_lse.stride(0),
+        part_lse.stride(1),
+        HKV=hkv,
+        G=g,
+        G_PAD=max(16, next_pow2(g)),
+        D=d,
+        BLOCK_D=next_pow2(d),
+        PAGE=page_size,
+        PAGES_PER_ITER=_pages_per_iter(page_size),
+        NUM_SPLITS=num_splits,
+        HAS_START=start is not None,
+        IEEE=f32_dot(q.dtype),
+        num_warps=4,
+        num_stages=2,
+    )
+
+
+def _merge(part_o, part_lse, num_splits, out, out_lse, prev_o=None, prev_lse=None):
+    bs, hq, _, d = part_o.shape
+    _merge_splits_kernel[(bs, hq)](
+        part_o,
+        part_lse,
+        prev_o if prev_o is not None else out,
+        prev_lse if prev_lse is not None else out_lse,
+        out,
+        out_lse,
+        num_splits,
+        part_o.stride(0),
+        part_o.stride(1),
+        part_o.stride(2),
+        part_lse.stride(0),
+        part_lse.stride(1),
+        out.stride(0),
+        out.stride(1),
+        HQ=hq,
+        D=d,
+        BLOCK_D=next_pow2(d),
+        BLOCK_S=next_pow2(max(num_splits, 2)),
+        HAS_PREV=prev_o is not None,
+        num_warps=4,
+    )
+
+
+def _check_common(q, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens, page_size):
+    dims = check_kv(q, k_cache, v_cache)
+    check_page_size(page_size)
+    if q.dtype != k_cache.dtype:
+        raise TypeError(f"q dtype {q.dtype} must match the KV cache dtype {k_cache.dtype}")
+    for name, t in (
+        ("req_to_token", req_to_token),
+        ("req_pool_indices", req_pool_indices),
+        ("seq_lens", seq_lens),
+    ):
+        check_int(name, t)
+    if q.stride(2) != 1 or k_cache.stride(2) != 1 or v_cache.stride(2) != 1:
+        raise ValueError("q, k_cache and v_cache must be contiguous in head_dim")
+    return dims
+
+
+def sparse_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    req_to_token: torch.Tensor,
+    req_pool_indices: torch.Tensor,
+    seq_lens: torch.Tensor,
+    page_idx: torch.Tensor,
+    counts: torch.Tensor,
+    page_size: int,
+    sm_scale: float,
+    num_splits: int | None = None,
+    out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact attention of each (request, kv head) over its selected pages (Triton split-K)."""
+    bs, hq, hkv, d, g = _check_common(
+        q, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens, page_size
+    )
+    if page_idx.dim() != 3 or page_idx.shape[:2] != (bs, hkv) or page_idx.stride(2) != 1:
+        raise ValueError(f"page_idx must be [{bs}, {hkv}, W] contiguous, got {list(page_idx.shape)}")
+    if counts.shape != (bs, hkv) or counts.dtype != torch.int32 or not counts.is_contiguous():
+        raise ValueError(f"counts must be contiguous [{bs}, {hkv}] int32")
+    if num_splits is None:
+        num_splits = default_num_splits(bs, hkv, page_idx.shape[2], q.device)
+    if out is None:
+        out = torch.empty_like(q)
+    lse = torch.empty(bs, hq, dtype=torch.float32, device=q.device)
+    if bs == 0:
+        return out, lse
+    part_o, part_lse = _WORKSPACE.get(bs, hq, num_splits, d, q.device)
+    _attend(
+        q,
+        k_cache,
+        v_cache,
+        req_to_token,
+        req_pool_indices,
+        seq_lens,
+        page_idx,
+        None,
+        counts,
+        page_size,
+        sm_scale,
+        num_splits,
+        part_o,
+        part_lse,
+    )
+    _merge(part_o, part_lse, num_splits, out, lse)
+    return out, lse
+
+
+def certified_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    req_to_token: torch.Tensor,
+    req_pool_indices: torch.Tensor,
+    seq_lens: torch.Tensor,
+    bounds: torch.Tensor,
+    page_size: int,
+    sm_scale: float,
+    tau: float,
+    sink_pages: int = 1,
+    local_pages: int = 4,
+    first_round_pages: int = 16,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Progressive attention with a certified mass threshold (see the module docstring).
+
+    Returns (out, lse, visited [bs, Hkv] int32 pages attended, order [bs, Hkv, N] int64 visiting order).
+    Sinks and the local window are visited first. The number of rounds is static (log2 of N).
+    """
+    bs, hq, hkv, d, g = _check_common(
+        q, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens, page_size
+    )
+    if not 0.0 < tau <= 1.0:
+        raise ValueError(f"tau must be in (0, 1], got {tau}")
+    if first_round_pages < 1:
+        raise ValueError(f"first_round_pages must be >= 1, got {first_round_pages}")
+    if bounds.dim() != 3 or bounds.shape[:2] != (bs, hkv) or bounds.dtype != torch.float32:
+        raise ValueError(f"bounds must be [{bs}, {hkv}, N] float32, got {list(bounds.shape)}")
+    dev = q.device
+    n = bounds.shape[2]
+    npages = num_pages_of(seq_lens, page_size).clamp(max=n)  # [bs]
+    j = torch.arange(n, device=dev)
+    valid = j[None, :] < npages[:, None]
+    forced = valid & ((j[None, :] < sink_pages) | (j[None, :] >= npages[:, None] - local_pages))
+    prio = bounds.masked_fill(forced[:, None], float("inf")).masked_fill(~valid[:, None], float("-inf"))
+    order = torch.sort(prio, dim=-1, descending=True, stable=True).indices  # [bs, Hkv, N]
+    ntok = (seq_lens.to(torch.int64)[:, None] - j[None, :] * page_size).clamp(0, page_size)
+    log_w = bounds + torch.log(ntok.float())[:, None]  # -inf for empty pages
+    log_w = torch.gather(log_w.masked_fill(~valid[:, None], float("-inf")), 2, order)
+    # log_rest[..., i]: log of the bound on the mass of pages order[i:], -inf once none is left
+    log_rest = torch.logcumsumexp(log_w.flip(-1), dim=-1).flip(-1)
+    log_rest = torch.cat([log_rest, log_rest.new_full((bs, hkv, 1), float("-inf"))], dim=-1)
+    log_slack = math.log1p(-tau) if tau < 1.0 else float("-inf")
+    log_tau = math.log(tau)
+
+    order32 = order.to(torch.int32)
+    state_o = torch.zeros(bs, hq, d, dtype=torch.float32, device=dev)
+    state_lse = torch.full((bs, hq), float("-inf"), dtype=torch.float32, device=dev)
+    visited = torch.zeros(bs, hkv, dtype=torch.int32, device=dev)
+    done = torch.zeros(bs, hkv, dtype=torch.bool, device=dev)
+    npages_h = npages.to(torch.int32)[:, None].expand(bs, hkv)
+    round_start, round_end = 0, first_round_pages
+    while round_start < max(n, 1):
+        size = round_end - round_start
+        splits = default_num_splits(bs, hkv, size, dev)
+        part_o, part_lse = _WORKSPACE.get(bs, hq, splits, d, dev)
+        start = torch.clamp(npages_h, max=round_start).contiguous()
+        end = torch.where(done, start, torch.clamp(npages_h, max=round_end)).contiguous()
+        _attend(
+            q,
+            k_cache,
+            v_cache,
+            req_to_token,
+            req_pool_indices,
+            seq_lens,
+            order32,
+            start,
+            end,
+            page_size,
+            sm_scale,
+            splits,
+            part_o,
+            part_lse,
+        )
+        _merge(part_o, part_lse, splits, state_o, state_lse, state_o, state_lse)
+        visited = torch.where(done, visited, end)
+        rest = torch.gather(log_rest, 2, visited.to(torch.int64)[..., None])  # [bs, Hkv, 1]
+        lse_g = state_lse.view(bs, hkv, g)
+        ok = (lse_g + log_slack >= log_tau + rest).all(dim=-1) | (visited >= npages_h)
+        done = done | ok
+        round_start, round_end = round_end, round_end * 2
+    return state_o.to(q.dtype), state_lse, visited, order

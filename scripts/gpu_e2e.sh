@@ -1,0 +1,111 @@
+#!/usr/bin/env bash
+# GPU end-to-end evidence for `--attention-backend psa` (issue 4). One stage per device call,
+# each well under 9 minutes. Run from the repo root on the device machine (carry .devbundle):
+#   bash scripts/gpu_e2e.sh STAGE
+# Stages: smoke | equal | serve | serve_fi | robust | bench_psa | bench_flashinfer | bench_triton
+# Results: $OUT/*.json (+ server logs) and benchmarks/results/*.json.
+set -uo pipefail
+STAGE=${1:?stage}
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/psa_out}; mkdir -p "$OUT" benchmarks/results
+source .devbundle/install.sh || exit 1
+# Editable install registers the sglang.srt.plugins entry point; --no-deps: offline machine.
+python3 -m pip install --no-deps --no-build-isolation -e . > "$OUT/pip.log" 2>&1 \
+  || { tail -20 "$OUT/pip.log"; exit 1; }
+python3 -c "import sglang_psa.plugin, sglang_psa.kernels" || exit 1
+COMMIT=$(git rev-parse --short HEAD 2>/dev/null || echo none)
+DEV=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
+PORT=30000; URL=http://127.0.0.1:$PORT
+M8=/tmp/m8b; M1=/tmp/m1b
+CLIENT="python3 scripts/e2e_client.py --url $URL"
+
+model() {  # model DIR PRESET MAXLEN
+  [ -f "$1/config.json" ] || python3 .devbundle/make-tiny-model.py "$1" --preset "$2" --max-len "$3" || exit 1
+}
+
+start_server() {  # start_server LOGNAME ARGS...
+  local log=$OUT/$1.log; shift
+  python3 -m sglang.launch_server --load-format dummy --port $PORT --mem-fraction-static 0.7 "$@" > "$log" 2>&1 &
+  SERVER=$!
+  for _ in $(seq 240); do
+    python3 -c "import urllib.request as u; u.urlopen('$URL/health', timeout=2)" 2>/dev/null && return 0
+    kill -0 $SERVER 2>/dev/null || { tail -40 "$log"; return 1; }
+    sleep 2
+  done
+  tail -40 "$log"; return 1
+}
+stop_server() { kill $SERVER 2>/dev/null; wait $SERVER 2>/dev/null; sleep 3; }
+
+# PSA budget for the functional and throughput runs. Dummy weights give nearly flat attention, so
+# tau alone would select almost everything; max_pages caps the budget at what the synthetic skewed
+# cache needs (pages of 32 tokens: 128 pages = 4k tokens, LServe's ~constant budget).
+PSA_ARGS=(--attention-backend psa --page-size 32 --psa-tau 0.9 --psa-max-pages 128 --psa-dense-below 4096 --psa-stats --psa-stats-interval 64)
+
+case $STAGE in
+smoke)
+  model $M1 llama3-1b 32768
+  python3 -m sglang.launch_server --help | grep -q "psa" && echo "help lists psa" || { echo "psa missing in --help"; exit 1; }
+  start_server smoke_psa --model-path $M1 "${PSA_ARGS[@]}" --enable-metrics || exit 1
+  $CLIENT generate --lens 1000 8000 --out "$OUT/smoke_generate.json"; rc=$?
+  curl -s $URL/metrics | grep psa > "$OUT/smoke_metrics.txt"
+  stop_server; exit $rc ;;
+equal)
+  # tau=1.0 must reproduce flashinfer's greedy tokens. max_pages covers 70k tokens (2200 pages of 32).
+  model $M8 llama3-8b 140000
+  LENS="4096 16384 32768 65536"
+  start_server equal_fi --model-path $M8 --attention-backend flashinfer --page-size 32 || exit 1
+  $CLIENT generate --lens $LENS --out "$OUT/equal_flashinfer.json"; stop_server
+  start_server equal_psa --model-path $M8 --attention-backend psa --page-size 32 --psa-tau 1.0 \
+    --psa-max-pages 2200 --psa-dense-below 0 || exit 1
+  $CLIENT generate --lens $LENS --out "$OUT/equal_psa.json"; stop_server
+  $CLIENT compare --a "$OUT/equal_psa.json" --b "$OUT/equal_flashinfer.json" --out "$OUT/equal_compare.json"; rc=$?
+  python3 - "$OUT/equal_compare.json" "$COMMIT" "$DEV" <<'PY'
+import json, sys, time
+d = json.load(open(sys.argv[1])); d.update(commit=sys.argv[2], device=sys.argv[3],
+  date=time.strftime("%Y-%m-%d"), model="llama3-8b shape, dummy weights", config="tau=1.0 page 32 max_pages 2200")
+json.dump(d, open("benchmarks/results/e2e_tau1_equal_flashinfer.json", "w"), indent=1)
+PY
+  exit $rc ;;
+serve|serve_fi)
+  model $M8 llama3-8b 140000
+  if [ $STAGE = serve ]; then ARGS=("${PSA_ARGS[@]}"); else ARGS=(--attention-backend flashinfer --page-size 32); fi
+  start_server $STAGE --model-path $M8 "${ARGS[@]}" --enable-metrics || exit 1
+  $CLIENT serve --label $STAGE --prefix-len 16384 --turns 6 --out "$OUT/$STAGE.json"; rc=$?
+  grep "PSA decode stats" "$OUT/$STAGE.log" | tail -3
+  stop_server
+  cp "$OUT/$STAGE.json" "benchmarks/results/e2e_$STAGE.json"
+  exit $rc ;;
+robust)
+  model $M8 llama3-8b 40000
+  start_server robust --model-path $M8 "${PSA_ARGS[@]}" --context-length 32768 || exit 1
+  $CLIENT robust --n 200 --max-len 32768 --out "$OUT/robust.json"; rc=$?
+  stop_server
+  cp "$OUT/robust.json" benchmarks/results/e2e_robust.json
+  exit $rc ;;
+bench_psa|bench_flashinfer|bench_triton)
+  # bench_one_batch decode throughput; sizes from the issue: 4 x 32k, 1 x 128k, 16 x 4k.
+  model $M8 llama3-8b 140000
+  B=${STAGE#bench_}
+  if [ $B = psa ]; then ARGS=("${PSA_ARGS[@]}"); else ARGS=(--attention-backend $B --page-size 32); fi
+  RES=$OUT/bench_$B.jsonl; rm -f "$RES"
+  for size in "4 32768" "1 131072" "16 4096"; do
+    set -- $size
+    timeout 200 python3 scripts/bench_e2e_one_batch.py --model-path $M8 --load-format dummy \
+      --mem-fraction-static 0.7 --cuda-graph-max-bs 16 "${ARGS[@]}" --batch-size $1 \
+      --input-len $2 --output-len 32 --run-name "$B" --result-filename "$RES" \
+      > "$OUT/bench_${B}_$1x$2.log" 2>&1 || { echo "bench $B $1x$2 failed"; tail -20 "$OUT/bench_${B}_$1x$2.log"; }
+    grep -E "Decode\.|median decode" "$OUT/bench_${B}_$1x$2.log" | tail -2
+  done
+  python3 - "$RES" "$B" "$COMMIT" "$DEV" <<'PY'
+import json, sys, time
+rows = [json.loads(l) for l in open(sys.argv[1])] if __import__("os").path.exists(sys.argv[1]) else []
+out = {"backend": sys.argv[2], "commit": sys.argv[3], "device": sys.argv[4], "date": time.strftime("%Y-%m-%d"),
+       "model": "llama3-8b shape, dummy weights, mem 0.7", "tool": "sglang bench_one_batch",
+       "psa_budget": "tau 0.9, max_pages 128 x 32 tokens (cap chosen from the synthetic skewed cache)",
+       "results": rows}
+json.dump(out, open(f"benchmarks/results/bench_one_batch_{sys.argv[2]}.json", "w"), indent=1)
+print(json.dumps([{k: r.get(k) for k in ("batch_size", "input_len", "median_decode_latency", "median_decode_throughput")} for r in rows]))
+PY
+  ;;
+*) echo "unknown stage $STAGE"; exit 2 ;;
+esac

@@ -1,0 +1,255 @@
+"""`--attention-backend psa`: dense prefill through FlashInfer, sparse decode through PSA.
+
+The backend is glue. SGLang's metadata (req_to_token, req_pool_indices, seq_lens, out_cache_loc)
+goes straight into the PSA kernels, which read page counts on the device; nothing in the decode
+path syncs with the host, so the decode step is captured in CUDA graphs like any other backend
+(SGLang hands forward_decode the graph runner's static buffers during capture, so the kernels
+recorded there read each replay's values).
+
+Every KV write refreshes the page summaries of the written blocks: prefill/extend after FlashInfer
+stored K/V, decode after our own set_kv_buffer. Requests shorter than --psa-dense-below select all
+their pages (elementwise overrides, graph-safe), which equals dense attention.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
+
+from sglang_psa.memory.summary_pool import SummaryPool, set_active_pool
+
+from .config import PSAConfig, validate_against_server
+from .kernel_ops import KernelOps, select_params
+from .stats import DecodeStats
+
+if TYPE_CHECKING:
+    from sglang.srt.layers.radix_attention import RadixAttention
+    from sglang.srt.model_executor.forward_batch_info import ForwardBatch
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DecodeMeta:
+    """Per-step tensors shared by all layers (computed once per step, inside the graph)."""
+
+    npages: torch.Tensor  # [bs] int32 pages of each request
+    short: torch.Tensor | None  # [bs] bool: decode densely (seq_len < dense_below)
+    dense_idx: torch.Tensor | None  # [bs, 1, W] int32: 0..npages-1 then -1
+
+
+def build_decode_meta(
+    seq_lens: torch.Tensor, page_size: int, dense_below: int, width: int, arange_w: torch.Tensor
+) -> DecodeMeta:
+    npages = ((seq_lens + (page_size - 1)) // page_size).to(torch.int32)
+    if dense_below <= 0:
+        return DecodeMeta(npages, None, None)
+    short = seq_lens < dense_below
+    ar = arange_w[:width]
+    dense_idx = torch.where(ar[None, :] < npages[:, None], ar[None, :], -1).to(torch.int32)
+    return DecodeMeta(npages, short, dense_idx[:, None, :])
+
+
+def force_dense(
+    page_idx: torch.Tensor, counts: torch.Tensor, meta: DecodeMeta
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Short requests attend to every page (page_idx ascending, like select_pages's output)."""
+    if meta.short is None:
+        return page_idx, counts
+    page_idx = torch.where(meta.short[:, None, None], meta.dense_idx, page_idx)
+    counts = torch.where(meta.short[:, None], meta.npages[:, None], counts)
+    return page_idx, counts
+
+
+class PSAAttnBackend(AttentionBackend):
+    def __init__(self, model_runner: Any, dense_backend: AttentionBackend | None = None):
+        super().__init__()
+        sa = model_runner.server_args
+        self.cfg: PSAConfig = PSAConfig.from_server_args(sa)
+        self.page_size = int(model_runner.page_size)
+        self.cfg.validate(self.page_size)
+        # Second line of defence: the launcher checked too, but Engine paths that build ServerArgs
+        # differently (or a stale environment) end up here, with the real model config.
+        validate_against_server(self.cfg, sa, model_runner.model_config)
+        if model_runner.use_mla_backend:
+            raise ValueError("--attention-backend psa serves GQA/MHA models, not MLA")
+
+        self.device = torch.device(model_runner.device)
+        self.block_size = self.cfg.effective_block_size(self.page_size)
+        self.req_to_token = model_runner.req_to_token_pool.req_to_token
+        self.kv_pool = model_runner.token_to_kv_pool
+        # N: static width of the bounds; covers the longest context a request can have.
+        self.max_pages_ctx = -(-self.req_to_token.shape[1] // self.page_size)
+        self.params = select_params(self.cfg)
+        self.width = self.cfg.select_width()
+        self.ops = KernelOps.for_device(self.device)
+
+        if dense_backend is None:
+            from sglang.srt.layers.attention.flashinfer_backend import FlashInferAttnBackend
+
+            dense_backend = FlashInferAttnBackend(
+                model_runner, init_new_workspace=getattr(model_runner, "init_new_workspace", False)
+            )
+        self.dense = dense_backend
+
+        self.summaries = SummaryPool.from_kv_pool(self.kv_pool, self.block_size)
+        set_active_pool(self.summaries)
+        logger.info(
+            "PSA backend: %s; page %d, block %d, N=%d pages, summaries %.1f MB",
+            self.cfg.to_json(),
+            self.page_size,
+            self.block_size,
+            self.max_pages_ctx,
+            self.summaries.mem_bytes() / 2**20,
+        )
+        self._arange_w = torch.arange(max(self.width, 1), dtype=torch.int32, device=self.device)
+        self.decode_meta: DecodeMeta | None = None
+        self._capturing = False
+        self.stats: DecodeStats | None = None
+        if self.cfg.stats:
+            k0 = self.kv_pool.get_key_buffer(self.kv_pool.start_layer)
+            self.stats = DecodeStats(
+                num_layers=self.kv_pool.layer_num,
+                start_layer=self.kv_pool.start_layer,
+                page_size=self.page_size,
+                block_size=self.block_size,
+                head_dim=k0.shape[2],
+                elem_bytes=k0.element_size(),
+                interval=self.cfg.stats_interval,
+                device=self.device,
+                labels={"tp_rank": str(getattr(model_runner, "tp_rank", 0))},
+                enable_metrics=bool(getattr(sa, "enable_metrics", False)),
+            )
+
+    # ------------------------------------------------------------------ metadata
+    def init_forward_metadata(self, forward_batch: ForwardBatch):
+        if forward_batch.forward_mode.is_decode_or_idle():
+            self._on_decode_step(in_capture=False)
+            self._set_decode_meta(forward_batch)
+        else:
+            self.dense.init_forward_metadata(forward_batch)
+
+    def init_forward_metadata_out_graph(self, forward_batch: ForwardBatch, in_capture=False):
+        if forward_batch.forward_mode.is_decode_or_idle():
+            # Host-side per-step work only (no FlashInfer plan: PSA decode does not use it).
+            self._on_decode_step(in_capture)
+        else:
+            self.dense.init_forward_metadata_out_graph(forward_batch, in_capture=in_capture)
+
+    def init_forward_metadata_in_graph(self, forward_batch: ForwardBatch):
+        if forward_batch.forward_mode.is_decode_or_idle():
+            self._set_decode_meta(forward_batch)
+        else:
+            self.dense.init_forward_metadata_in_graph(forward_batch)
+
+    def _set_decode_meta(self, forward_batch: ForwardBatch) -> None:
+        bs = forward_batch.batch_size
+        seq_lens = forward_batch.seq_lens[:bs]
+        meta = build_decode_meta(seq_lens, self.page_size, self.cfg.dense_below, self.width, self._arange_w)
+        self.decode_meta = meta
+        if self.stats is not None and bs > 0:
+            self.stats.add_step(meta.npages.sum() * self.kv_pool.head_num)
+
+    def _on_decode_step(self, in_capture: bool) -> None:
+        self._capturing = in_capture
+        if self.stats is None:
+            return
+        if in_capture:
+            # Warm-up and capture runs also add to the counters; start clean after them.
+            self._stats_dirty = True
+            return
+        if getattr(self, "_stats_dirty", False):
+            self.stats.reset()
+            self._stats_dirty = False
+        self.stats.on_step()
+
+    def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int, **kwargs):
+        self.dense.init_cuda_graph_state(max_bs, max_num_tokens, **kwargs)
+
+    def get_cuda_graph_seq_len_fill_value(self):
+        # Padded rows: seq_len 1 in req_to_token row 0 (SGLang's padding row), i.e. page 0.
+        return 1
+
+    def on_after_cuda_graph_warmup(self):
+        self.dense.on_after_cuda_graph_warmup()
+
+    # ------------------------------------------------------------------ forward
+    def forward_extend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        layer: RadixAttention,
+        forward_batch: ForwardBatch,
+        save_kv_cache: bool = True,
+        **kwargs,
+    ):
+        o = self.dense.forward_extend(q, k, v, layer, forward_batch, save_kv_cache, **kwargs)
+        if save_kv_cache and k is not None:
+            self._update_summaries(layer, forward_batch.out_cache_loc)
+        return o
+
+    def forward_decode(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        layer: RadixAttention,
+        forward_batch: ForwardBatch,
+        save_kv_cache: bool = True,
+        **kwargs,
+    ):
+        if k is not None and save_kv_cache:
+            self.kv_pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k, v, layer.k_scale, layer.v_scale)
+            self._update_summaries(layer, forward_batch.out_cache_loc)
+        bs = forward_batch.batch_size
+        q3 = q.reshape(-1, layer.tp_q_head_num, layer.head_dim)[:bs]
+        if q3.stride(2) != 1:
+            q3 = q3.contiguous()
+        meta = self.decode_meta
+        if meta is None or meta.npages.shape[0] != bs:
+            self._set_decode_meta(forward_batch)
+            meta = self.decode_meta
+        out = self._psa_decode(q3, layer, forward_batch, meta)
+        return out.reshape(-1, layer.tp_q_head_num * layer.v_head_dim)
+
+    def _update_summaries(self, layer: RadixAttention, loc: torch.Tensor) -> None:
+        k_cache = self.kv_pool.get_key_buffer(layer.layer_id)
+        self.summaries.update(layer.layer_id, k_cache, loc, self.ops.update_page_summaries)
+
+    def _psa_decode(self, q, layer, forward_batch, meta: DecodeMeta) -> torch.Tensor:
+        bs = q.shape[0]
+        lid = layer.layer_id
+        k_cache = self.kv_pool.get_key_buffer(lid)
+        v_cache = self.kv_pool.get_value_buffer(lid)
+        kmin, kmax = self.summaries.get(lid)
+        rpi = forward_batch.req_pool_indices[:bs]
+        seq_lens = forward_batch.seq_lens[:bs]
+        ops = self.ops
+        bounds = ops.page_bounds(
+            q, kmin, kmax, self.req_to_token, rpi, seq_lens, self.page_size, self.block_size,
+            layer.scaling, self.max_pages_ctx,
+        )  # fmt: skip
+        if self.cfg.mode == "certified":
+            out, _lse, counts, _order = ops.certified_decode(
+                q, k_cache, v_cache, self.req_to_token, rpi, seq_lens, bounds, self.page_size,
+                layer.scaling, float(self.cfg.tau), self.cfg.sink_pages, self.cfg.local_pages,
+                self.cfg.first_round_pages,
+            )  # fmt: skip
+        else:
+            page_idx, counts = ops.select_pages(bounds, seq_lens, self.page_size, self.params)
+            page_idx, counts = force_dense(page_idx, counts, meta)
+            out, _lse = ops.sparse_decode(
+                q, k_cache, v_cache, self.req_to_token, rpi, seq_lens, page_idx, counts,
+                self.page_size, layer.scaling,
+            )  # fmt: skip
+        if self.stats is not None:
+            self.stats.add_layer(lid, counts)
+        return out
+
+    def support_triton(self):
+        return self.dense.support_triton()

@@ -1,0 +1,261 @@
+"""PSA options: one dataclass, one validation path.
+
+The same `PSAConfig` is built from `--psa-*` flags (CLI or `--config` YAML), from
+`Engine(psa_tau=...)` keyword arguments, or from the environment. `validate()` checks the options
+alone, `validate_against_server()` against the rest of the server configuration. Every error is a
+ValueError naming the offending option and the fix, so the server stops at start with one clear
+line instead of failing deep inside a kernel.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+MODES = ("estimated", "certified", "topk")
+# Page sizes the kernels are written for (tl.arange needs powers of two; 16 keeps the bound cost
+# at 1/16 of the K+V bytes, 128 is the largest tile the decode kernel keeps in registers).
+MIN_PAGE_SIZE = 16
+MAX_PAGE_SIZE = 128
+ENV_VAR = "SGLANG_PSA_CONFIG"
+# Attribute attached to ServerArgs. A leading underscore: SGLang's ServerArgs.__setattr__ only
+# freezes public fields after resolution, and pickling (spawn of the scheduler) keeps __dict__.
+SERVER_ARGS_ATTR = "_psa_config"
+
+
+def _is_pow2(x: int) -> bool:
+    return x > 0 and x & (x - 1) == 0
+
+
+@dataclasses.dataclass
+class PSAConfig:
+    """PSA decode options. Field `foo_bar` is the CLI flag `--psa-foo-bar`."""
+
+    tau: float = 0.9  # attention-mass threshold; 1.0 selects every page (dense result)
+    mode: str = "estimated"  # estimated | certified | topk
+    topk: int = 64  # pages per (request, kv head) in topk mode
+    min_pages: int = 0
+    max_pages: int = 256  # budget cap per (request, kv head); also the width of page arrays
+    sink_pages: int = 1
+    local_pages: int = 4
+    page_size: int = 32  # used as --page-size when the user gives none
+    block_size: int = 0  # logical sub-page for the bounds; 0 means the page size (no sub-pages)
+    reuse_steps: int = 1  # keep a selection for this many decode steps (1 = select every step)
+    dense_below: int = 2048  # requests shorter than this (tokens) decode densely
+    first_round_pages: int = 16  # certified mode: pages in the first round
+    stats: bool = False  # accumulate per-layer selection statistics on the device
+    stats_interval: int = 256  # decode steps between two read-outs (the only host sync)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> PSAConfig:
+        d = dict(d or {})
+        unknown = sorted(set(d) - set(cls.field_names()))
+        if unknown:
+            raise ValueError(
+                f"unknown PSA option(s) {unknown}; known: "
+                + ", ".join(f"--psa-{n.replace('_', '-')}" for n in cls.field_names())
+            )
+        return cls(**d)
+
+    @classmethod
+    def from_namespace(cls, ns: Any) -> PSAConfig:
+        """From a Namespace holding `psa_<field>` attributes (missing ones keep defaults)."""
+        d = {}
+        for name in cls.field_names():
+            key = f"psa_{name}"
+            if hasattr(ns, key) and getattr(ns, key) is not None:
+                d[name] = getattr(ns, key)
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_env(cls) -> PSAConfig | None:
+        raw = os.environ.get(ENV_VAR)
+        return cls.from_dict(json.loads(raw)) if raw else None
+
+    @classmethod
+    def from_server_args(cls, server_args: Any) -> PSAConfig:
+        """The config the launcher attached to ServerArgs; else the environment; else defaults."""
+        d = getattr(server_args, SERVER_ARGS_ATTR, None)
+        if d is not None:
+            return d if isinstance(d, PSAConfig) else cls.from_dict(d)
+        return cls.from_env() or cls()
+
+    # ------------------------------------------------------------------ derived values
+    def effective_block_size(self, page_size: int) -> int:
+        return self.block_size or page_size
+
+    def select_width(self) -> int:
+        """Static width W of the page_idx arrays select_pages returns."""
+        return self.topk if self.mode == "topk" else self.max_pages
+
+    def dense_pages(self, page_size: int) -> int:
+        """Pages a request just below dense_below spans."""
+        return -(-max(self.dense_below - 1, 0) // page_size)
+
+    # ------------------------------------------------------------------ validation
+    def validate(self, page_size: int | None = None) -> PSAConfig:
+        """Check the options alone (and against page_size when given). Returns self."""
+
+        def bad(flag: str, want: str, got: Any) -> ValueError:
+            return ValueError(f"--psa-{flag} must be {want}, got {got!r}")
+
+        if isinstance(self.tau, bool) or not isinstance(self.tau, (int, float)):
+            raise bad("tau", "a number in (0, 1]", self.tau)
+        if not (0.0 < float(self.tau) <= 1.0):
+            raise bad("tau", "in (0, 1]", self.tau)
+        if self.mode not in MODES:
+            raise bad("mode", f"one of {', '.join(MODES)}", self.mode)
+        for name in ("min_pages", "sink_pages", "local_pages", "dense_below"):
+            if int(getattr(self, name)) < 0:
+                raise bad(name.replace("_", "-"), ">= 0", getattr(self, name))
+        for name in ("max_pages", "topk", "reuse_steps", "first_round_pages", "stats_interval"):
+            if int(getattr(self, name)) < 1:
+                raise bad(name.replace("_", "-"), ">= 1", getattr(self, name))
+        if self.min_pages > self.max_pages:
+            raise ValueError(
+                f"--psa-min-pages ({self.min_pages}) must not exceed --psa-max-pages "
+                f"({self.max_pages}); raise --psa-max-pages or lower --psa-min-pages"
+            )
+        if self.sink_pages + self.local_pages > self.select_width():
+            flag = "topk" if self.mode == "topk" else "max-pages"
+            raise ValueError(
+                f"--psa-sink-pages + --psa-local-pages ({self.sink_pages + self.local_pages}) must "
+                f"fit in --psa-{flag} ({self.select_width()}); raise --psa-{flag}"
+            )
+        if not _is_pow2(self.page_size) or not (MIN_PAGE_SIZE <= self.page_size <= MAX_PAGE_SIZE):
+            raise bad("page-size", f"a power of two in {MIN_PAGE_SIZE}..{MAX_PAGE_SIZE}", self.page_size)
+        if self.block_size and not _is_pow2(self.block_size):
+            raise bad("block-size", "0 (= page size) or a power of two", self.block_size)
+        if self.reuse_steps > 1:
+            # Reusing a selection needs a device-side skip of bounds+select in the kernels (see
+            # docs); until then accepting the flag would silently do nothing.
+            raise ValueError(
+                f"--psa-reuse-steps {self.reuse_steps} is not supported yet (selection reuse needs "
+                "kernel support); use --psa-reuse-steps 1"
+            )
+        if page_size is not None:
+            self.validate_page_size(page_size)
+        return self
+
+    def validate_page_size(self, page_size: int | None) -> None:
+        if page_size is None or not _is_pow2(page_size) or not (MIN_PAGE_SIZE <= page_size <= MAX_PAGE_SIZE):
+            raise ValueError(
+                f"--attention-backend psa needs --page-size a power of two in "
+                f"{MIN_PAGE_SIZE}..{MAX_PAGE_SIZE} (PSA scores whole pages), got --page-size "
+                f"{page_size}; pass e.g. --page-size 32 or omit it (PSA then uses --psa-page-size)"
+            )
+        blk = self.effective_block_size(page_size)
+        if blk > page_size or page_size % blk:
+            raise ValueError(
+                f"--psa-block-size ({self.block_size}) must divide --page-size ({page_size}); "
+                f"use a power of two <= {page_size} or 0"
+            )
+        if self.dense_pages(page_size) > self.select_width():
+            flag = "topk" if self.mode == "topk" else "max-pages"
+            raise ValueError(
+                f"--psa-dense-below {self.dense_below} spans {self.dense_pages(page_size)} "
+                f"pages of {page_size} tokens, more than --psa-{flag} ({self.select_width()}) "
+                "can hold; "
+                f"raise --psa-{flag} to >= {self.dense_pages(page_size)} or lower --psa-dense-below"
+            )
+
+
+def uses_psa(server_args: Any) -> bool:
+    """True when any attention phase of this server is served by PSA."""
+    names = (
+        getattr(server_args, "attention_backend", None),
+        getattr(server_args, "decode_attention_backend", None),
+        getattr(server_args, "prefill_attention_backend", None),
+    )
+    return "psa" in names
+
+
+def validate_against_server(cfg: PSAConfig, server_args: Any, model_config: Any = None) -> None:
+    """Combinations of SGLang options PSA cannot serve. One ValueError naming option and fix."""
+    sa = server_args
+    prefill = getattr(sa, "prefill_attention_backend", None)
+    decode = getattr(sa, "decode_attention_backend", None)
+    if prefill not in (None, "psa") or decode not in (None, "psa"):
+        raise ValueError(
+            "--attention-backend psa serves prefill and decode itself (prefill runs FlashInfer "
+            "and keeps PSA's page summaries); drop --prefill-attention-backend / "
+            f"--decode-attention-backend (got prefill={prefill!r}, decode={decode!r})"
+        )
+    cfg.validate_page_size(getattr(sa, "page_size", None))
+    if getattr(sa, "speculative_algorithm", None):
+        raise ValueError(
+            "--attention-backend psa does not support speculative decoding "
+            f"(--speculative-algorithm {sa.speculative_algorithm}); remove --speculative-algorithm "
+            "or use --attention-backend flashinfer"
+        )
+    kv_dtype = getattr(sa, "kv_cache_dtype", "auto")
+    if kv_dtype not in ("auto", "bfloat16", "float16", "bf16", "fp16", None):
+        raise ValueError(
+            f"--attention-backend psa needs a 16-bit KV cache, got --kv-cache-dtype {kv_dtype}; "
+            "use --kv-cache-dtype auto"
+        )
+    if getattr(sa, "enable_hierarchical_cache", False):
+        # HiCache loads pages back from host memory without set_kv_buffer: summaries would go stale.
+        raise ValueError(
+            "--attention-backend psa does not support --enable-hierarchical-cache yet (pages "
+            "loaded back from host skip PSA's page summaries); remove --enable-hierarchical-cache"
+        )
+    if getattr(sa, "enable_hisparse", False):
+        raise ValueError(
+            "--attention-backend psa and --enable-hisparse are two sparse decoders; remove --enable-hisparse"
+        )
+    if getattr(sa, "enable_two_batch_overlap", False) or getattr(sa, "enable_pdmux", False):
+        raise ValueError(
+            "--attention-backend psa does not support --enable-two-batch-overlap / "
+            "--enable-pdmux; remove the flag"
+        )
+    if getattr(sa, "enable_dp_attention", False):
+        raise ValueError("--attention-backend psa does not support --enable-dp-attention yet; remove it")
+    if model_config is not None:
+        validate_model(cfg, model_config)
+
+
+def validate_model(cfg: PSAConfig, model_config: Any) -> None:
+    arch = getattr(model_config, "attention_arch", None)
+    if getattr(arch, "name", str(arch)) == "MLA" or getattr(model_config, "use_mla", False):
+        raise ValueError(
+            "--attention-backend psa serves GQA/MHA models; this model uses MLA "
+            "(DeepSeek-style latent attention); use --attention-backend flashinfer or flashmla, "
+            "or SGLang's --enable-hisparse for DSA models"
+        )
+    if getattr(model_config, "is_encoder_decoder", False):
+        raise ValueError(
+            "--attention-backend psa does not support encoder-decoder models (cross attention); "
+            "use --attention-backend flashinfer"
+        )
+    if getattr(model_config, "is_hybrid_swa", False):
+        raise ValueError(
+            "--attention-backend psa does not support sliding-window (hybrid SWA) models yet; "
+            "use --attention-backend flashinfer"
+        )
+    hf = getattr(model_config, "hf_text_config", None) or getattr(model_config, "hf_config", None)
+    cap = getattr(hf, "attn_logit_softcapping", None) if hf is not None else None
+    if cap:
+        raise ValueError(
+            f"--attention-backend psa does not support attention logit soft-capping "
+            f"(attn_logit_softcapping={cap}); use --attention-backend flashinfer"
+        )
+    head_dim = getattr(model_config, "head_dim", None)
+    if head_dim is not None and head_dim not in (64, 128, 256):
+        raise ValueError(
+            f"--attention-backend psa supports head_dim 64, 128 or 256, this model has {head_dim}; "
+            "use --attention-backend flashinfer"
+        )

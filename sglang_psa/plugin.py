@@ -1,0 +1,171 @@
+"""SGLang plugin entry point (`sglang.srt.plugins` group, see pyproject.toml).
+
+SGLang calls `register()` through `load_plugins()` in every process that builds a server: the
+launcher (`launch_server`, `sglang serve`, `Engine`) before it parses arguments, and each scheduler
+subprocess before it builds the model runner. `register()` therefore only records things and never
+imports heavy modules (FlashInfer, kernels) itself: the backend factory imports them lazily.
+
+How PSA options reach the scheduler: the `--psa-*` values become a `PSAConfig` that is attached to
+the `ServerArgs` instance as `_psa_config` (a plain dict; ServerArgs is pickled to the scheduler
+with spawn, and pickling keeps `__dict__`), and is also exported as `SGLANG_PSA_CONFIG` (inherited
+by every child process) as a fallback for code paths that rebuild ServerArgs from its fields.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextvars
+import logging
+import os
+from typing import Any
+
+from .config import ENV_VAR, SERVER_ARGS_ATTR, PSAConfig, uses_psa, validate_against_server
+
+logger = logging.getLogger(__name__)
+
+BACKEND_NAME = "psa"
+_SA = "sglang.srt.server_args.ServerArgs"
+# Config parsed from the CLI, visible to the ServerArgs.__init__ hook while from_cli_args runs.
+_cli_config: contextvars.ContextVar[PSAConfig | None] = contextvars.ContextVar("psa_cli_config", default=None)
+_registered = False
+
+
+# ---------------------------------------------------------------------------------- CLI flags
+_FLAG_HELP = {
+    "tau": "PSA attention-mass threshold in (0, 1]; 1.0 selects every page (dense result).",
+    "mode": "PSA selection: estimated (mass predicted from page bounds), certified (progressive "
+    "rounds until the captured mass provably reaches tau) or topk (fixed page budget).",
+    "topk": "PSA pages per request and kv head in --psa-mode topk.",
+    "min_pages": "PSA lower bound on selected pages per request and kv head.",
+    "max_pages": "PSA budget cap: most pages selected per request and kv head.",
+    "sink_pages": "PSA pages at the start of the context that are always kept.",
+    "local_pages": "PSA most recent pages that are always kept.",
+    "page_size": "--page-size PSA uses when none is given (power of two in 16..128).",
+    "block_size": "PSA logical sub-page size for the page bounds (0 = page size).",
+    "reuse_steps": "PSA: reuse a page selection for this many decode steps (1 = every step).",
+    "dense_below": "PSA: requests shorter than this many tokens decode densely.",
+    "first_round_pages": "PSA certified mode: pages visited in the first round.",
+    "stats": "PSA: collect per-layer selection statistics (logged; Prometheus with --enable-metrics).",
+    "stats_interval": "PSA: decode steps between two statistics read-outs.",
+}
+
+
+def add_psa_cli_args(parser: argparse.ArgumentParser) -> None:
+    """Add the `--psa-*` flags (store / store_true only, so SGLang's --config YAML maps to them)."""
+    defaults = PSAConfig()
+    group = parser.add_argument_group("PSA (sglang-psa plugin)")
+    existing = {a.dest for a in parser._actions}
+    for name in PSAConfig.field_names():
+        dest = f"psa_{name}"
+        if dest in existing:  # add_cli_args called twice on one parser
+            continue
+        flag = "--psa-" + name.replace("_", "-")
+        default = getattr(defaults, name)
+        if isinstance(default, bool):
+            group.add_argument(flag, dest=dest, action="store_true", help=_FLAG_HELP[name])
+            continue
+        kwargs: dict[str, Any] = {"type": type(default), "default": default}
+        if name == "mode":
+            kwargs["choices"] = ["estimated", "certified", "topk"]
+        group.add_argument(flag, dest=dest, help=_FLAG_HELP[name] + f" Default {default}.", **kwargs)
+
+
+# ---------------------------------------------------------------------------------- hooks
+def _around_add_cli_args(original, parser, *args, **kwargs):
+    result = original(parser, *args, **kwargs)
+    add_psa_cli_args(parser)
+    return result
+
+
+def _around_from_cli_args(original, cls, args, *rest, **kwargs):
+    cfg = PSAConfig.from_namespace(args)
+    token = _cli_config.set(cfg)
+    try:
+        return original(cls, args, *rest, **kwargs)
+    finally:
+        _cli_config.reset(token)
+
+
+def _around_init(original, self, *args, **kwargs):
+    """ServerArgs(...): take psa_* keyword arguments (Engine path), default the page size."""
+    psa_kwargs = {k[4:]: kwargs.pop(k) for k in list(kwargs) if k.startswith("psa_")}
+    cfg = _cli_config.get()
+    if psa_kwargs:
+        base = cfg.to_dict() if cfg is not None else {}
+        base.update(psa_kwargs)
+        cfg = PSAConfig.from_dict(base)
+    if cfg is None:
+        cfg = PSAConfig.from_env() or PSAConfig()
+    wants_psa = "psa" in (
+        kwargs.get("attention_backend"),
+        kwargs.get("decode_attention_backend"),
+        kwargs.get("prefill_attention_backend"),
+    )
+    if wants_psa:
+        cfg.validate()  # before SGLang resolves anything: bad flags fail first, by name
+        if kwargs.get("page_size") is None and not args:
+            # PSA cannot serve SGLang's default page size 1; pick ours rather than fail.
+            kwargs["page_size"] = cfg.page_size
+    original(self, *args, **kwargs)
+    attach_config(self, cfg)
+    if uses_psa(self):
+        model_config = None
+        try:
+            model_config = self.get_model_config()
+        except Exception as e:  # the backend re-checks with the runner's model config
+            logger.debug("PSA: model config not available at argument time: %s", e)
+        validate_against_server(cfg, self, model_config)
+        os.environ[ENV_VAR] = cfg.to_json()
+        logger.info("PSA config: %s", cfg.to_json())
+
+
+def attach_config(server_args: Any, cfg: PSAConfig) -> None:
+    # object.__setattr__: ServerArgs freezes public fields after resolution; ours is private.
+    object.__setattr__(server_args, SERVER_ARGS_ATTR, cfg.to_dict())
+
+
+# ---------------------------------------------------------------------------------- factories
+def create_psa_backend(runner):
+    from .backend import PSAAttnBackend
+
+    return PSAAttnBackend(runner)
+
+
+def psa_radix_cache_factory(ctx):
+    from .radix_cache import build_psa_radix_cache
+
+    return build_psa_radix_cache(ctx)
+
+
+def register() -> None:
+    """Entry point: register the backend, the radix cache backend, the CLI flags. Idempotent."""
+    global _registered
+    if _registered:
+        return
+    from sglang.srt.layers.attention.attention_registry import register_attention_backend
+    from sglang.srt.mem_cache.registry import (
+        register_radix_cache_backend,
+        registered_radix_cache_backends,
+    )
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+    from sglang.srt.server_args import ATTENTION_BACKEND_CHOICES, add_attention_backend_choices
+
+    register_attention_backend(BACKEND_NAME)(create_psa_backend)
+    if BACKEND_NAME not in ATTENTION_BACKEND_CHOICES:
+        add_attention_backend_choices([BACKEND_NAME])
+    if BACKEND_NAME not in registered_radix_cache_backends():
+        register_radix_cache_backend(BACKEND_NAME, psa_radix_cache_factory)
+    HookRegistry.register(f"{_SA}.add_cli_args", _around_add_cli_args, HookType.AROUND)
+    HookRegistry.register(f"{_SA}.from_cli_args", _around_from_cli_args, HookType.AROUND)
+    HookRegistry.register(f"{_SA}.__init__", _around_init, HookType.AROUND)
+    _registered = True
+
+
+def ensure_registered() -> None:
+    """register() + apply the hooks: for scripts and tests that do not go through load_plugins()."""
+    from sglang.srt.plugins import load_plugins
+    from sglang.srt.plugins.hook_registry import HookRegistry
+
+    load_plugins()  # runs our entry point when the package is installed
+    register()
+    HookRegistry.apply_hooks()

@@ -1,0 +1,168 @@
+"""PSAAttnBackend glue on CPU: SGLang's real pools, the kernels' torch references, a stub prefill.
+
+FlashInfer needs a GPU, so prefill runs through a stub with FlashInfer's contract (store K/V at
+out_cache_loc). What is checked is the backend's own work: summaries after every write, decode
+through bounds -> select -> sparse attention, the dense path for short requests, statistics.
+"""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+pytest.importorskip("sglang")
+
+from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool  # noqa: E402
+from sglang.srt.model_executor.forward_batch_info import ForwardMode  # noqa: E402
+from sglang_psa.kernels import dense_decode_ref  # noqa: E402
+
+from sglang_psa.backend import PSAAttnBackend  # noqa: E402
+from sglang_psa.config import PSAConfig  # noqa: E402
+
+P, HQ, HKV, D, LAYERS = 16, 4, 2, 64, 2
+SLOTS, CTX = P * 64, P * 16
+
+
+class StubPrefill:
+    """FlashInfer's side of the contract: forward_extend stores K/V at out_cache_loc."""
+
+    def __init__(self, kv_pool):
+        self.kv_pool = kv_pool
+        self.calls = []
+
+    def init_forward_metadata(self, fb):
+        self.calls.append("init")
+
+    def forward_extend(self, q, k, v, layer, fb, save_kv_cache=True, **kw):
+        if save_kv_cache:
+            self.kv_pool.set_kv_buffer(layer, fb.out_cache_loc, k, v)
+        return torch.zeros(q.shape[0], HQ * D)
+
+    def support_triton(self):
+        return True
+
+
+def make_backend(**cfg):
+    r2t = ReqToTokenPool(size=8, max_context_len=CTX, device="cpu", enable_memory_saver=False)
+    kv = MHATokenToKVPool(size=SLOTS, page_size=P, dtype=torch.float32, head_num=HKV,
+                          head_dim=D, layer_num=LAYERS, device="cpu", enable_memory_saver=False,
+                          enable_alt_stream=False)  # fmt: skip
+    sa = types.SimpleNamespace(
+        attention_backend="psa", prefill_attention_backend=None, decode_attention_backend=None,
+        page_size=P, speculative_algorithm=None, kv_cache_dtype="auto", enable_metrics=False,
+        _psa_config=PSAConfig(page_size=P, **cfg).to_dict(),
+    )  # fmt: skip
+    runner = types.SimpleNamespace(
+        server_args=sa, page_size=P, device="cpu", use_mla_backend=False, tp_rank=0,
+        model_config=types.SimpleNamespace(head_dim=D), req_to_token_pool=r2t,
+        token_to_kv_pool=kv,
+    )  # fmt: skip
+    return PSAAttnBackend(runner, dense_backend=StubPrefill(kv))
+
+
+def layer(i):
+    return types.SimpleNamespace(
+        layer_id=i, tp_q_head_num=HQ, tp_k_head_num=HKV, head_dim=D, v_head_dim=D,
+        scaling=D**-0.5, k_scale=None, v_scale=None,
+    )  # fmt: skip
+
+
+class Batch:
+    """Requests laid out the way SGLang's paged allocator does: page-contiguous slots."""
+
+    def __init__(self, backend, lens, gen):
+        self.b, self.gen, self.lens = backend, gen, list(lens)
+        self.rows = list(range(1, len(lens) + 1))
+        self.slots = []
+        next_page = 1
+        for row in self.rows:
+            pages = torch.arange(next_page, next_page + CTX // P)
+            next_page += CTX // P
+            slots = (pages[:, None] * P + torch.arange(P)).reshape(-1)
+            self.slots.append(slots)
+            backend.req_to_token[row, : len(slots)] = slots.to(torch.int32)
+
+    def _kv(self, n):
+        return (torch.randn(n, HKV, D, generator=self.gen),
+                torch.randn(n, HKV, D, generator=self.gen))  # fmt: skip
+
+    def prefill(self):
+        loc = torch.cat([s[:n] for s, n in zip(self.slots, self.lens)])
+        fb = types.SimpleNamespace(forward_mode=ForwardMode.EXTEND, out_cache_loc=loc,
+                                   batch_size=len(self.lens))  # fmt: skip
+        self.b.init_forward_metadata(fb)
+        for i in range(LAYERS):
+            k, v = self._kv(len(loc))
+            self.b.forward_extend(torch.zeros(len(loc), HQ * D), k, v, layer(i), fb)
+
+    def decode(self):
+        loc = torch.stack([s[n] for s, n in zip(self.slots, self.lens)])
+        self.lens = [n + 1 for n in self.lens]
+        fb = types.SimpleNamespace(
+            forward_mode=ForwardMode.DECODE, out_cache_loc=loc, batch_size=len(self.lens),
+            seq_lens=torch.tensor(self.lens), req_pool_indices=torch.tensor(self.rows),
+        )  # fmt: skip
+        self.b.init_forward_metadata(fb)
+        outs = []
+        for i in range(LAYERS):
+            q = torch.randn(len(self.lens), HQ * D, generator=self.gen)
+            k, v = self._kv(len(self.lens))
+            o = self.b.forward_decode(q, k, v, layer(i), fb)
+            ref, _ = dense_decode_ref(
+                q.view(-1, HQ, D), self.b.kv_pool.get_key_buffer(i),
+                self.b.kv_pool.get_value_buffer(i), self.b.req_to_token, fb.req_pool_indices,
+                fb.seq_lens, page_size=P, sm_scale=D**-0.5,
+            )  # fmt: skip
+            outs.append((o.view(-1, HQ, D), ref.to(o.dtype)))
+        return outs
+
+    def check_summaries(self):
+        for i in range(LAYERS):
+            k = self.b.kv_pool.get_key_buffer(i)
+            kmin, kmax = self.b.summaries.get(i)
+            for s, n in zip(self.slots, self.lens):
+                for j in range(0, n, self.b.block_size):
+                    blk = s[j].item() // self.b.block_size
+                    keys = k[s[j : min(n, j + self.b.block_size)]]
+                    assert torch.equal(kmin[blk], keys.amin(0))
+                    assert torch.equal(kmax[blk], keys.amax(0))
+
+
+def test_tau_one_equals_dense_and_summaries_follow_writes():
+    b = make_backend(tau=1.0, max_pages=CTX // P, dense_below=0, block_size=8)
+    batch = Batch(b, [40, 100, 7], torch.Generator().manual_seed(0))
+    batch.prefill()
+    batch.check_summaries()
+    for _ in range(20):  # crosses page boundaries for every request
+        for o, ref in batch.decode():
+            torch.testing.assert_close(o, ref, rtol=1e-5, atol=1e-5)
+        batch.check_summaries()
+
+
+def test_short_requests_decode_densely_even_with_a_tiny_budget():
+    # topk 6 pages; a 48-token request has 4 pages, dense_below 96 covers it; 200 tokens does not.
+    b = make_backend(mode="topk", topk=6, sink_pages=1, local_pages=1, dense_below=96)
+    batch = Batch(b, [48, 200], torch.Generator().manual_seed(1))
+    batch.prefill()
+    outs = batch.decode()
+    for o, ref in outs:
+        torch.testing.assert_close(o[0], ref[0], rtol=1e-5, atol=1e-5)  # dense request
+        assert not torch.allclose(o[1], ref[1], atol=1e-4)  # 6 of 13 pages: sparse
+
+
+def test_stats_count_selected_and_dense_pages():
+    b = make_backend(mode="topk", topk=5, sink_pages=1, local_pages=1, dense_below=0,
+                     stats=True, stats_interval=3)  # fmt: skip
+    batch = Batch(b, [160, 30], torch.Generator().manual_seed(2))
+    batch.prefill()
+    for _ in range(3):
+        batch.decode()
+    snap = b.stats.last
+    assert snap is not None and snap.steps == 3
+    # the read-out happens at the start of step 3 (before its kernels): two steps are counted
+    dense = 2 * HKV * ((161 + P - 1) // P + (31 + P - 1) // P + 1)
+    assert snap.dense_pages == pytest.approx(dense, abs=2 * HKV)
+    assert all(0 < s < snap.dense_pages for s in snap.selected_pages)
+    assert 0 < snap.read_fraction < 1

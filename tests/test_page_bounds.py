@@ -1,0 +1,91 @@
+import pytest
+import torch
+from kernel_cases import CASE_IDS, CASES, build
+from sglang_psa.kernels import page_bounds, page_bounds_ref
+
+
+def _args(sb, kmin, kmax, block, max_pages):
+    return (
+        sb.q,
+        kmin,
+        kmax,
+        sb.req_to_token,
+        sb.req_pool_indices,
+        sb.seq_lens,
+        sb.page_size,
+        block,
+        sb.sm_scale,
+        max_pages,
+    )
+
+
+@pytest.mark.parametrize("page_size,group,d,dtype", CASES, ids=CASE_IDS)
+def test_kernel_equals_reference(page_size, group, d, dtype, device):
+    sb, kmin, kmax = build(page_size, group, d, dtype, device)
+    got = page_bounds(*_args(sb, kmin, kmax, page_size, 12))
+    ref = page_bounds_ref(*_args(sb, kmin, kmax, page_size, 12))
+    fin = torch.isfinite(ref)
+    assert torch.equal(fin, torch.isfinite(got))
+    assert torch.allclose(got[fin], ref[fin], rtol=1e-5, atol=1e-4)
+    assert got.shape == (3, 2, 12) and got.dtype == torch.float32
+
+
+def _true_logit_max(sb, page_size, max_pages):
+    """Brute force: the max scaled logit over each page's valid tokens and the GQA group."""
+    bs, hq, d = sb.q.shape
+    hkv = sb.k_cache.shape[1]
+    g = hq // hkv
+    out = torch.full((bs, hkv, max_pages), float("-inf"), dtype=torch.float64)
+    for b in range(bs):
+        n = int(sb.seq_lens[b])
+        slots = sb.req_to_token[b, :n].long()
+        k = sb.k_cache[slots].double().cpu()  # [n, Hkv, D]
+        qb = sb.q[b].double().cpu().view(hkv, g, d)
+        s = torch.einsum("hgd,nhd->hgn", qb, k).amax(1) * sb.sm_scale  # [Hkv, n]
+        for j in range(min(-(-n // page_size), max_pages)):
+            out[b, :, j] = s[:, j * page_size : (j + 1) * page_size].amax(-1)
+    return out
+
+
+@pytest.mark.parametrize("page_size,group,d,dtype", CASES[::2], ids=CASE_IDS[::2])
+def test_no_key_logit_above_its_page_bound(page_size, group, d, dtype, device):
+    sb, kmin, kmax = build(page_size, group, d, dtype, device, seed=5)
+    got = page_bounds(*_args(sb, kmin, kmax, page_size, 12)).double().cpu()
+    true = _true_logit_max(sb, page_size, 12)
+    fin = torch.isfinite(true)
+    # fp32 accumulation order may differ by rounding only
+    assert bool((got[fin] >= true[fin] - 1e-4 * true[fin].abs().clamp(min=1)).all())
+
+
+def test_sub_pages_are_tighter_and_still_bounds(device):
+    sb, kmin8, kmax8 = build(32, 4, 64, torch.float32, device, block=8)
+    _, kmin32, kmax32 = build(32, 4, 64, torch.float32, device, block=32)
+    fine = page_bounds(*_args(sb, kmin8, kmax8, 8, 12))
+    coarse = page_bounds(*_args(sb, kmin32, kmax32, 32, 12))
+    assert torch.allclose(fine, page_bounds_ref(*_args(sb, kmin8, kmax8, 8, 12)), rtol=1e-5, atol=1e-4)
+    fin = torch.isfinite(coarse)
+    assert bool((fine[fin] <= coarse[fin] + 1e-4).all())
+    assert bool((fine[fin] < coarse[fin] - 1e-3).any())  # strictly tighter somewhere
+    true = _true_logit_max(sb, 32, 12)
+    assert bool((fine.double().cpu()[fin.cpu()] >= true[fin.cpu()] - 1e-4).all())
+
+
+def test_pages_past_the_end_are_minus_inf(device):
+    sb, kmin, kmax = build(16, 1, 64, torch.float32, device, lens=[17, 16])
+    got = page_bounds(*_args(sb, kmin, kmax, 16, 4))
+    assert torch.isfinite(got[0, :, :2]).all() and torch.isinf(got[0, :, 2:]).all()
+    assert torch.isfinite(got[1, :, :1]).all() and torch.isinf(got[1, :, 1:]).all()
+
+
+def test_bad_inputs_raise(device):
+    sb, kmin, kmax = build(16, 2, 64, torch.float32, device)
+    with pytest.raises(ValueError, match="page_size"):
+        page_bounds(*_args(sb, kmin, kmax, 16, 4)[:6], 24, 8, sb.sm_scale, 4)
+    with pytest.raises(ValueError, match="block_size"):
+        page_bounds(*_args(sb, kmin, kmax, 16, 4)[:6], 16, 3, sb.sm_scale, 4)
+    with pytest.raises(TypeError, match="dtype"):
+        page_bounds(sb.q.half(), *_args(sb, kmin, kmax, 16, 4)[1:])
+    with pytest.raises(ValueError, match="shape"):
+        page_bounds(sb.q[0], *_args(sb, kmin, kmax, 16, 4)[1:])
+    with pytest.raises(ValueError, match="seq_lens"):
+        page_bounds(*_args(sb, kmin, kmax, 16, 4)[:5], sb.seq_lens[:1], 16, 16, sb.sm_scale, 4)

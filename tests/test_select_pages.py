@@ -1,0 +1,126 @@
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sglang_psa.kernels import SelectParams, select_pages, select_pages_ref
+
+P = 16
+
+
+def _random_bounds(bs, hkv, n, seed, ties=False):
+    gen = torch.Generator().manual_seed(seed)
+    b = torch.randn(bs, hkv, n, generator=gen) * 3
+    if ties:  # few distinct values: many ties at the threshold
+        b = torch.round(b)
+    return b
+
+
+def _check_invariants(bounds, seq_lens, params, idx, counts):
+    bs, hkv, n = bounds.shape
+    for b in range(bs):
+        npages = min(-(-int(seq_lens[b]) // P), n)
+        forced = {j for j in range(npages) if j < params.sink_pages or j >= npages - params.local_pages}
+        for h in range(hkv):
+            c = int(counts[b, h])
+            sel = idx[b, h, :c].tolist()
+            assert sel == sorted(set(sel)), "ascending, no duplicates"
+            assert all(0 <= j < npages for j in sel)
+            assert forced <= set(sel), "sinks and local window always kept"
+            assert bool((idx[b, h, c:] == -1).all())
+            assert c <= params.width
+            if params.topk is not None:
+                assert c == min(max(params.topk, len(forced)), npages)
+            else:
+                assert c >= min(params.min_pages, npages)
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SelectParams(tau=0.9, sink_pages=1, local_pages=2, max_pages=24),
+        SelectParams(tau=0.5, sink_pages=0, local_pages=0, min_pages=3, max_pages=24),
+        SelectParams(tau=0.99, sink_pages=2, local_pages=1, max_pages=5),  # the cap binds
+        SelectParams(tau=1.0, sink_pages=1, local_pages=1, max_pages=40),
+        SelectParams(topk=6, sink_pages=1, local_pages=2),
+        SelectParams(topk=3, sink_pages=0, local_pages=0),
+    ],
+    ids=["tau0.9", "tau0.5-min3", "cap", "tau1", "topk6", "topk3-nosink"],
+)
+@pytest.mark.parametrize("ties", [False, True])
+def test_kernel_equals_reference(params, ties, device):
+    bounds = _random_bounds(3, 4, 40, seed=1, ties=ties)
+    seq_lens = torch.tensor([40 * P, 13 * P + 2, 5], dtype=torch.int32)
+    bounds[1, :, 14:] = float("-inf")
+    bounds[2, :, 1:] = float("-inf")
+    ref = select_pages_ref(bounds, seq_lens, P, params)
+    got = select_pages(bounds.to(device), seq_lens.to(device), P, params)
+    assert torch.equal(got[1].cpu(), ref[1]), (got[1], ref[1])
+    assert torch.equal(got[0].cpu(), ref[0])
+    _check_invariants(bounds, seq_lens, params, got[0].cpu(), got[1].cpu())
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    n=st.integers(1, 70),
+    tau=st.sampled_from([0.3, 0.8, 0.95, 1.0]),
+    sink=st.integers(0, 2),
+    local=st.integers(0, 3),
+    min_pages=st.integers(0, 6),
+    extra=st.integers(0, 30),
+    ties=st.booleans(),
+)
+def test_kernel_equals_reference_fuzz(seed, n, tau, sink, local, min_pages, extra, ties):
+    max_pages = max(sink + local, min_pages, 1) + extra
+    params = SelectParams(
+        tau=tau, sink_pages=sink, local_pages=local, min_pages=min_pages, max_pages=max_pages
+    )
+    gen = torch.Generator().manual_seed(seed)
+    bounds = _random_bounds(2, 2, n, seed, ties)
+    seq_lens = torch.randint(1, n * P + 1, (2,), generator=gen, dtype=torch.int32)
+    for b in range(2):
+        bounds[b, :, -(-int(seq_lens[b]) // P) :] = float("-inf")
+    ref = select_pages_ref(bounds, seq_lens, P, params)
+    got = select_pages(bounds, seq_lens, P, params)
+    assert torch.equal(got[1], ref[1]) and torch.equal(got[0], ref[0])
+    _check_invariants(bounds, seq_lens, params, got[0], got[1])
+
+
+def test_tau_one_selects_every_page_even_when_masses_underflow():
+    bounds = torch.full((1, 2, 20), -500.0)
+    bounds[0, :, 3] = 100.0  # every other page has exp(bound - max) == 0 in fp32
+    seq_lens = torch.tensor([20 * P], dtype=torch.int32)
+    idx, counts = select_pages(bounds, seq_lens, P, SelectParams(tau=1.0, max_pages=20))
+    assert counts.tolist() == [[20, 20]]
+    assert idx[0, 0].tolist() == list(range(20))
+
+
+def test_estimated_mass_reaches_tau_when_uncapped():
+    bounds = _random_bounds(2, 3, 64, seed=7)
+    seq_lens = torch.tensor([64 * P, 64 * P], dtype=torch.int32)
+    params = SelectParams(tau=0.9, sink_pages=1, local_pages=1, max_pages=64)
+    idx, counts = select_pages(bounds, seq_lens, P, params)
+    w = torch.exp(bounds.double() - bounds.amax(-1, keepdim=True))
+    for b in range(2):
+        for h in range(3):
+            sel = idx[b, h, : counts[b, h]].long()
+            assert w[b, h, sel].sum() / w[b, h].sum() >= 0.9 - 1e-6
+
+
+def test_params_validation_names_the_option():
+    with pytest.raises(ValueError, match="tau"):
+        SelectParams(tau=1.5)
+    with pytest.raises(ValueError, match="tau"):
+        SelectParams(tau=0.0)
+    with pytest.raises(ValueError, match="sink_pages"):
+        SelectParams(sink_pages=-1)
+    with pytest.raises(ValueError, match="local_pages"):
+        SelectParams(sink_pages=4, local_pages=8, max_pages=10)
+    with pytest.raises(ValueError, match="min_pages"):
+        SelectParams(min_pages=20, max_pages=10)
+    with pytest.raises(ValueError, match="topk"):
+        SelectParams(topk=0)
+    with pytest.raises(ValueError, match="bounds"):
+        select_pages(torch.zeros(2, 3), torch.ones(2, dtype=torch.int32), P, SelectParams())
+    with pytest.raises(ValueError, match="seq_lens"):
+        select_pages(torch.zeros(2, 1, 3), torch.ones(3, dtype=torch.int32), P, SelectParams())

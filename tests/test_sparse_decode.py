@@ -1,0 +1,158 @@
+import pytest
+import torch
+from kernel_cases import CASE_IDS, CASES, TOL, build, rel_err
+from sglang_psa.kernels import (
+    SelectParams,
+    certified_decode,
+    dense_decode_ref,
+    page_bounds,
+    psa_decode,
+    select_pages,
+    sparse_decode,
+    sparse_decode_ref,
+)
+
+MAXP = 12
+
+
+def _cache(sb):
+    return (sb.q, sb.k_cache, sb.v_cache, sb.req_to_token, sb.req_pool_indices, sb.seq_lens)
+
+
+def _bounds(sb, kmin, kmax):
+    return page_bounds(
+        sb.q,
+        kmin,
+        kmax,
+        sb.req_to_token,
+        sb.req_pool_indices,
+        sb.seq_lens,
+        sb.page_size,
+        sb.page_size,
+        sb.sm_scale,
+        MAXP,
+    )
+
+
+@pytest.mark.parametrize("page_size,group,d,dtype", CASES, ids=CASE_IDS)
+def test_kernel_equals_reference(page_size, group, d, dtype, device):
+    sb, kmin, kmax = build(page_size, group, d, dtype, device)
+    idx, counts = select_pages(
+        _bounds(sb, kmin, kmax),
+        sb.seq_lens,
+        page_size,
+        SelectParams(tau=0.8, sink_pages=1, local_pages=1, max_pages=8),
+    )
+    out, lse = sparse_decode(*_cache(sb), idx, counts, page_size, sb.sm_scale)
+    ref, ref_lse = sparse_decode_ref(*_cache(sb), idx, counts, page_size, sb.sm_scale)
+    assert out.dtype == dtype and out.shape == sb.q.shape
+    assert rel_err(out, ref) < TOL[dtype]
+    assert torch.allclose(lse.cpu(), ref_lse.cpu(), atol=1e-3, rtol=1e-4)
+
+
+@pytest.mark.parametrize("page_size,group,d,dtype", CASES[::2], ids=CASE_IDS[::2])
+def test_tau_one_equals_dense(page_size, group, d, dtype, device):
+    sb, kmin, kmax = build(page_size, group, d, dtype, device, seed=2)
+    res = psa_decode(
+        sb.q,
+        sb.k_cache,
+        sb.v_cache,
+        kmin,
+        kmax,
+        sb.req_to_token,
+        sb.req_pool_indices,
+        sb.seq_lens,
+        page_size,
+        page_size,
+        sb.sm_scale,
+        SelectParams(tau=1.0, sink_pages=1, local_pages=1, max_pages=MAXP),
+        MAXP,
+    )
+    dense, dense_lse = dense_decode_ref(*_cache(sb), page_size, sb.sm_scale)
+    assert rel_err(res.out, dense) < TOL[dtype]
+    assert torch.allclose(res.lse.cpu(), dense_lse.cpu(), atol=1e-3, rtol=1e-4)
+
+
+@pytest.mark.parametrize("splits", [1, 3, 7])
+def test_split_count_does_not_change_the_result(splits, device):
+    sb, kmin, kmax = build(16, 4, 64, torch.float32, device)
+    idx, counts = select_pages(
+        _bounds(sb, kmin, kmax), sb.seq_lens, 16, SelectParams(tau=1.0, max_pages=MAXP)
+    )
+    out, lse = sparse_decode(*_cache(sb), idx, counts, 16, sb.sm_scale, num_splits=splits)
+    ref, ref_lse = dense_decode_ref(*_cache(sb), 16, sb.sm_scale)
+    assert rel_err(out, ref) < 1e-5 and torch.allclose(lse.cpu(), ref_lse.cpu(), atol=1e-4)
+
+
+def _captured_mass(sb, order, visited):
+    """Exact fraction of each query head's softmax mass on the visited pages."""
+    bs, hq, d = sb.q.shape
+    hkv = sb.k_cache.shape[1]
+    g = hq // hkv
+    p = sb.page_size
+    frac = torch.zeros(bs, hq, dtype=torch.float64)
+    for b in range(bs):
+        n = int(sb.seq_lens[b])
+        slots = sb.req_to_token[b, :n].long()
+        for h in range(hkv):
+            s = (sb.q[b, h * g : (h + 1) * g].double() @ sb.k_cache[slots, h].double().T) * sb.sm_scale
+            w = torch.softmax(s, dim=-1)  # [G, n]
+            pages = order[b, h, : visited[b, h]].long().cpu()
+            tok = (pages[:, None] * p + torch.arange(p)).flatten()
+            tok = tok[tok < n]
+            frac[b, h * g : (h + 1) * g] = w[:, tok].sum(-1)
+    return frac
+
+
+@pytest.mark.parametrize("tau", [0.5, 0.9, 0.99])
+@pytest.mark.parametrize("page_size,group,d,dtype", CASES[1::3], ids=CASE_IDS[1::3])
+def test_certified_captures_tau_of_exact_mass(tau, page_size, group, d, dtype, device):
+    lens = [page_size * 11 + 7, page_size * 4, 2]
+    sb, kmin, kmax = build(page_size, group, d, dtype, device, lens=lens, seed=4, skew=0.5)
+    out, lse, visited, order = certified_decode(
+        *_cache(sb), _bounds(sb, kmin, kmax), page_size, sb.sm_scale, tau, 1, 1, 2
+    )
+    frac = _captured_mass(sb, order, visited)
+    assert bool((frac >= tau - 1e-6).all()), frac
+    # the attention it returns is exactly attention over the visited pages
+    idx = order.to(torch.int32).contiguous()
+    ref, _ = sparse_decode_ref(*_cache(sb), idx, visited.contiguous(), page_size, sb.sm_scale)
+    assert rel_err(out, ref) < TOL[dtype]
+
+
+def test_certified_tau_one_equals_dense(device):
+    sb, kmin, kmax = build(32, 4, 64, torch.float32, device, seed=6)
+    out, lse, visited, _ = certified_decode(
+        *_cache(sb), _bounds(sb, kmin, kmax), 32, sb.sm_scale, 1.0, 1, 1, 2
+    )
+    dense, dense_lse = dense_decode_ref(*_cache(sb), 32, sb.sm_scale)
+    assert rel_err(out, dense) < 1e-5
+    npages = (sb.seq_lens + 31) // 32
+    assert torch.equal(visited.cpu(), npages[:, None].expand_as(visited).int().cpu())
+
+
+def test_certified_stops_early_on_a_skewed_cache(device):
+    sb, kmin, kmax = build(16, 4, 64, torch.float32, device, lens=[16 * 40], skew=1.0, seed=8)
+    _, _, visited, _ = certified_decode(*_cache(sb), _bounds(sb, kmin, kmax), 16, sb.sm_scale, 0.9, 1, 1, 4)
+    assert int(visited.max()) < 12  # far fewer than the 40 pages
+
+
+def test_bad_inputs_raise(device):
+    sb, kmin, kmax = build(16, 2, 64, torch.float32, device)
+    idx, counts = select_pages(_bounds(sb, kmin, kmax), sb.seq_lens, 16, SelectParams(max_pages=8))
+    with pytest.raises(TypeError, match="dtype"):
+        sparse_decode(sb.q.half(), *_cache(sb)[1:], idx, counts, 16, sb.sm_scale)
+    with pytest.raises(ValueError, match="counts"):
+        sparse_decode(*_cache(sb), idx, counts.long(), 16, sb.sm_scale)
+    with pytest.raises(ValueError, match="page_idx"):
+        sparse_decode(*_cache(sb), idx[:1], counts, 16, sb.sm_scale)
+    with pytest.raises(ValueError, match="page_size"):
+        sparse_decode(*_cache(sb), idx, counts, 8, sb.sm_scale)
+    with pytest.raises(ValueError, match="v_cache"):
+        sparse_decode(sb.q, sb.k_cache, sb.v_cache[:5], *_cache(sb)[3:], idx, counts, 16, sb.sm_scale)
+    with pytest.raises(ValueError, match="tau"):
+        certified_decode(*_cache(sb), _bounds(sb, kmin, kmax), 16, sb.sm_scale, 0.0)
+    with pytest.raises(ValueError, match="head_dim"):
+        q = torch.zeros(3, 4, 48)
+        k = torch.zeros(64, 2, 48)
+        sparse_decode(q, k, k, *_cache(sb)[3:], idx, counts, 16, 1.0)
