@@ -2,7 +2,11 @@
 
 For query q and a block with elementwise key bounds [kmin, kmax], every key k in the block satisfies
     q.k <= sum_d max(q_d * kmin_d, q_d * kmax_d) = relu(q).kmax + min(q, 0).kmin
-so the bound of a page is two small matrix products. A kv head serves its whole GQA group, so a page's
+so the bound of a page is two small matrix products. Symmetrically every logit is at least
+relu(q).kmin + min(q, 0).kmax; the midpoint of that interval, q.(kmin + kmax) / 2 (the "center"), is
+what select_pages uses to *estimate* a page's mass: n * exp(upper bound) overstates pages by their
+bound slack, which differs by several logits from page to page, and under-selects badly.
+A kv head serves its whole GQA group, so a page's
 bound is the max over the group's query heads; with logical sub-pages (block_size < page_size) it is
 also the max over the page's valid sub-blocks (LServe hierarchical paging).
 
@@ -13,6 +17,7 @@ Shapes and dtypes:
     req_pool_indices   [bs] int32 / int64
     seq_lens           [bs] int32 / int64
     -> bounds          [bs, Hkv, max_pages] float32, scaled by sm_scale; -inf past the last page
+       centers         same shape (with_centers=True): max over the group of q.(kmin + kmax) / 2
 """
 
 from __future__ import annotations
@@ -53,11 +58,13 @@ def page_bounds_ref(
     block_size: int,
     sm_scale: float,
     max_pages: int,
-) -> torch.Tensor:
+    with_centers: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Pure-torch reference of page_bounds (float64 arithmetic)."""
     bs, hq, hkv, d, g = _check(q, kmin, kmax, req_to_token, req_pool_indices, seq_lens, page_size, block_size)
     nsub = page_size // block_size
     out = torch.full((bs, hkv, max_pages), float("-inf"), dtype=torch.float32, device=q.device)
+    centers = out.clone()
     npages = num_pages_of(seq_lens, page_size)
     for b in range(bs):
         n = min(int(npages[b]), max_pages)
@@ -80,7 +87,9 @@ def page_bounds_ref(
         ) * sm_scale
         u = u.masked_fill(~sub_valid[None, None], float("-inf"))
         out[b, :, :n] = u.amax(dim=(1, 3)).float()
-    return out
+        c = torch.einsum("hgd,nshd->hgns", qg, (lo + hi) / 2) * sm_scale
+        centers[b, :, :n] = c.masked_fill(~sub_valid[None, None], float("-inf")).amax(dim=(1, 3)).float()
+    return (out, centers) if with_centers else out
 
 
 @triton.jit
@@ -92,6 +101,7 @@ def _page_bounds_kernel(
     RPI,
     SEQ,
     OUT,
+    CENTERS,
     sm_scale,
     max_pages,
     stride_qb,
@@ -109,6 +119,7 @@ def _page_bounds_kernel(
     SUB: tl.constexpr,
     BLOCK_P: tl.constexpr,
     IEEE: tl.constexpr,
+    WITH_CENTERS: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -125,6 +136,7 @@ def _page_bounds_kernel(
     page_valid = (j * PAGE < seq_len) & (j < max_pages)
     first = tl.load(REQ_TO_TOKEN + rpi * stride_rt + j * PAGE, mask=page_valid, other=0).to(tl.int64)
     best = tl.full([BLOCK_P], float("-inf"), tl.float32)
+    best_center = tl.full([BLOCK_P], float("-inf"), tl.float32)
     for s in tl.static_range(PAGE // SUB):
         sub_valid = page_valid & (j * PAGE + s * SUB < seq_len)
         sidx = first // SUB + s
@@ -141,7 +153,17 @@ def _page_bounds_kernel(
         u = tl.where((gi < G)[:, None], u, float("-inf"))
         u_page = tl.max(u, axis=0) * sm_scale
         best = tl.maximum(best, tl.where(sub_valid, u_page, float("-inf")))
+        if WITH_CENTERS:
+            mid = (lo.to(tl.float32) + hi.to(tl.float32)) * 0.5
+            if IEEE:
+                c = tl.dot(q.to(tl.float32), tl.trans(mid), input_precision="ieee")
+            else:
+                c = tl.dot(q, tl.trans(mid.to(q.dtype)))
+            c = tl.max(tl.where((gi < G)[:, None], c, float("-inf")), axis=0) * sm_scale
+            best_center = tl.maximum(best_center, tl.where(sub_valid, c, float("-inf")))
     tl.store(OUT + b * stride_ob + h * stride_oh + j, best, mask=j < max_pages)
+    if WITH_CENTERS:
+        tl.store(CENTERS + b * stride_ob + h * stride_oh + j, best_center, mask=j < max_pages)
 
 
 def page_bounds(
@@ -156,7 +178,9 @@ def page_bounds(
     sm_scale: float,
     max_pages: int,
     out: torch.Tensor | None = None,
-) -> torch.Tensor:
+    with_centers: bool = False,
+    centers: torch.Tensor | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Bound every page's logits for a decode batch (Triton). See the module docstring.
 
     Graph-safe: grid is (bs, Hkv, ceil(max_pages / BLOCK_P)); page counts are read on device.
@@ -166,8 +190,12 @@ def page_bounds(
         out = torch.empty((bs, hkv, max_pages), dtype=torch.float32, device=q.device)
     elif out.shape != (bs, hkv, max_pages) or out.dtype != torch.float32:
         raise ValueError(f"out must be [{bs}, {hkv}, {max_pages}] float32")
+    if with_centers and centers is None:
+        centers = torch.empty_like(out)
+    if with_centers and (centers.shape != out.shape or centers.stride() != out.stride()):
+        raise ValueError(f"centers must be [{bs}, {hkv}, {max_pages}] float32 like out")
     if bs == 0 or max_pages == 0:
-        return out
+        return (out, centers) if with_centers else out
     if q.stride(2) != 1 or kmin.stride(2) != 1 or kmin.stride() != kmax.stride():
         raise ValueError("q, kmin and kmax must be contiguous in head_dim")
     block_p = 64 if max_pages >= 64 else max(16, next_pow2(max_pages))
@@ -180,6 +208,7 @@ def page_bounds(
         req_pool_indices,
         seq_lens,
         out,
+        centers if with_centers else out,
         sm_scale,
         max_pages,
         q.stride(0),
@@ -197,6 +226,7 @@ def page_bounds(
         SUB=block_size,
         BLOCK_P=block_p,
         IEEE=f32_dot(q.dtype),
+        WITH_CENTERS=with_centers,
         num_warps=4,
     )
-    return out
+    return (out, centers) if with_centers else out

@@ -38,18 +38,10 @@ def psa_decode(
     first_round_pages: int = 16,
 ) -> PSADecodeResult:
     """Bounds for max_pages logical pages per request, then selection and exact sparse attention."""
-    bounds = page_bounds(
-        q,
-        kmin,
-        kmax,
-        req_to_token,
-        req_pool_indices,
-        seq_lens,
-        page_size,
-        block_size,
-        sm_scale,
-        max_pages,
-    )
+    bounds, centers = page_bounds(
+        q, kmin, kmax, req_to_token, req_pool_indices, seq_lens, page_size, block_size, sm_scale,
+        max_pages, with_centers=True,
+    )  # fmt: skip
     if certified:
         out, lse, visited, order = certified_decode(
             q,
@@ -67,7 +59,7 @@ def psa_decode(
             first_round_pages,
         )
         return PSADecodeResult(out, lse, order, visited, bounds)
-    page_idx, counts = select_pages(bounds, seq_lens, page_size, params)
+    page_idx, counts = select_pages(bounds, seq_lens, page_size, params, mass_logits=centers)
     out, lse = sparse_decode(
         q,
         k_cache,

@@ -2,7 +2,10 @@
 
 Threshold mode (PSA): sink pages and the local window are always kept; the other pages are taken in
 descending bound until the *estimated* attention mass reaches tau, where a page's estimated mass is
-n_tokens * exp(bound). The count is then clamped to [min_pages, max_pages]. Top-k mode (Quest-style,
+n_tokens * exp(e) with e the page's mass logit: the center of its Quest interval when page_bounds
+gives centers (recommended: calibrated), else the upper bound itself (conservative ranking, but it
+overstates every page by its own slack and under-selects). The count is then clamped to
+[min_pages, max_pages]. Top-k mode (Quest-style,
 for comparison): exactly `topk` pages, sinks and local window included.
 
 No sort: the per-row threshold is found by bisection over the order-preserving integer image of the
@@ -12,6 +15,7 @@ device with fixed shapes, so the step is CUDA-graph capturable.
 Shapes and dtypes:
     bounds    [bs, Hkv, N] float32 (page_bounds output; -inf past the last page)
     seq_lens  [bs] int32 / int64
+    mass_logits  optional [bs, Hkv, N] float32 (page_bounds centers), same layout as bounds
     -> page_idx [bs, Hkv, W] int32  selected logical page indices, ascending in [:count], -1 after
        counts   [bs, Hkv]    int32
     W = params.topk in top-k mode, else params.max_pages.
@@ -71,7 +75,11 @@ def _forced_mask(npages: torch.Tensor, n: int, params: SelectParams) -> tuple:
 
 
 def select_pages_ref(
-    bounds: torch.Tensor, seq_lens: torch.Tensor, page_size: int, params: SelectParams
+    bounds: torch.Tensor,
+    seq_lens: torch.Tensor,
+    page_size: int,
+    params: SelectParams,
+    mass_logits: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pure-torch reference of select_pages: a stable descending sort and a cumulative sum."""
     bs, hkv, n = bounds.shape
@@ -92,8 +100,10 @@ def select_pages_ref(
             if params.topk is not None:
                 k = min(max(params.topk - nf, 0), nc)
             else:
-                m = u[valid[b]].max() if bool(valid[b].any()) else torch.tensor(0.0)
-                w = ntok[b].double() * torch.exp(u - m)
+                e = (mass_logits if mass_logits is not None else bounds)[b, h].double()
+                m = e[valid[b]].max() if bool(valid[b].any()) else torch.tensor(0.0)
+                w = ntok[b].double() * torch.exp(e - m)
+                w = torch.where(valid[b], w, torch.zeros_like(w))
                 wf, wc = float(w[f].sum()), float(w[c].sum())
                 target = params.tau * (wf + wc) - wf
                 if params.tau >= 1.0:
@@ -129,6 +139,7 @@ def _sortable_key(u):
 @triton.jit
 def _select_pages_kernel(
     BOUNDS,
+    MASS_LOGITS,
     SEQ,
     OUT,
     COUNTS,
@@ -163,10 +174,11 @@ def _select_pages_kernel(
     if TOPK > 0:
         k = tl.minimum(tl.maximum(TOPK - n_forced, 0), n_cand)
     else:
-        m = tl.max(tl.where(valid, u, float("-inf")), axis=0)
+        e = tl.load(MASS_LOGITS + b * stride_bb + h * stride_bh + j, mask=valid, other=float("-inf"))
+        m = tl.max(tl.where(valid, e, float("-inf")), axis=0)
         m = tl.where(npages > 0, m, 0.0)
         ntok = tl.minimum(tl.maximum(seq_len - j * PAGE, 0), PAGE).to(tl.float32)
-        w = tl.where(valid, ntok * tl.exp(u - m), 0.0)
+        w = tl.where(valid, ntok * tl.exp(e - m), 0.0)
         w_forced = tl.sum(tl.where(forced, w, 0.0), axis=0)
         w_cand = tl.sum(tl.where(cand, w, 0.0), axis=0)
         target = tau * (w_forced + w_cand) - w_forced
@@ -216,6 +228,7 @@ def select_pages(
     params: SelectParams,
     page_idx: torch.Tensor | None = None,
     counts: torch.Tensor | None = None,
+    mass_logits: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Select pages per (request, kv head) on device (Triton). See the module docstring."""
     if bounds.dim() != 3 or bounds.dtype != torch.float32:
@@ -226,6 +239,10 @@ def select_pages(
         raise ValueError(f"seq_lens must have shape [{bs}], got {list(seq_lens.shape)}")
     if bounds.stride(2) != 1:
         raise ValueError("bounds must be contiguous in its last dimension")
+    if mass_logits is None:
+        mass_logits = bounds
+    elif mass_logits.shape != bounds.shape or mass_logits.stride() != bounds.stride():
+        raise ValueError(f"mass_logits must match bounds {list(bounds.shape)} in shape and layout")
     width = params.width
     if page_idx is None:
         page_idx = torch.empty((bs, hkv, width), dtype=torch.int32, device=bounds.device)
@@ -239,6 +256,7 @@ def select_pages(
     block_n = next_pow2(max(n, 16))
     _select_pages_kernel[(bs, hkv)](
         bounds,
+        mass_logits,
         seq_lens,
         page_idx,
         counts,

@@ -7,6 +7,11 @@ attention relies on. Each (request, kv head) gets:
   * attention sinks: the first tokens carry a large logit boost;
   * recency: the last tokens carry a boost that decays with distance;
   * a few heavy-hitter regions (a page or a few) anywhere in the context;
+  * length-aware boosts: the logits of the relevant tokens (sinks, heavy hitters) grow by ln(n / 4096)
+    past 4k tokens, as long-context models sharpen with length (the log-n scaling behind YaRN's and
+    scalable-softmax's temperature). Without it the mass of the flat background would grow linearly
+    with n and no length-independent budget could exist, against LServe's and DuoAttention's
+    observation that a roughly constant token budget suffices at any length;
   * a per-head skew in [0, 1] that scales all boosts: ~0 gives nearly flat attention (a head that
     needs many pages), ~1 a head that needs very few. Per-layer profiles are drawn by `layer_skews`.
 Boosts are placed along the group's mean query direction, so they raise every query head of a GQA
@@ -137,12 +142,13 @@ def _boost_profile(n, hkv, skew, num_heavy, page_size, gen, device) -> torch.Ten
     """Logit boosts [n, Hkv] for sinks, recency and heavy hitters, scaled by each head's skew."""
     pos = torch.arange(n, device=device, dtype=torch.float32)
     boost = torch.zeros(n, hkv, device=device)
-    boost[: min(4, n)] += 12.0  # attention sinks
+    sharpen = max(0.0, math.log(n / 4096))  # length-aware: see the module docstring
+    boost[: min(4, n)] += 12.0 + sharpen  # attention sinks
     dist = (n - 1) - pos
     boost += (6.0 * torch.exp(-dist / 48.0))[:, None]  # recency
     for _ in range(num_heavy):
         length = int(torch.randint(page_size // 2, 3 * page_size, (1,), generator=gen, device=device))
         start = int(torch.randint(0, max(1, n - length), (1,), generator=gen, device=device))
-        height = 7.0 + 4.0 * torch.rand(hkv, generator=gen, device=device)
+        height = 7.0 + sharpen + 4.0 * torch.rand(hkv, generator=gen, device=device)
         boost[start : start + length] += height
     return boost * (skew * 1.1)[None, :]

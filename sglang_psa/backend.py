@@ -230,9 +230,10 @@ class PSAAttnBackend(AttentionBackend):
         rpi = forward_batch.req_pool_indices[:bs]
         seq_lens = forward_batch.seq_lens[:bs]
         ops = self.ops
-        bounds = ops.page_bounds(
+        # centers: the calibrated per-page mass estimate select_pages stops on (see page_bounds)
+        bounds, centers = ops.page_bounds(
             q, kmin, kmax, self.req_to_token, rpi, seq_lens, self.page_size, self.block_size,
-            layer.scaling, self.max_pages_ctx,
+            layer.scaling, self.max_pages_ctx, with_centers=True,
         )  # fmt: skip
         if self.cfg.mode == "certified":
             out, _lse, counts, _order = ops.certified_decode(
@@ -241,7 +242,9 @@ class PSAAttnBackend(AttentionBackend):
                 self.cfg.first_round_pages,
             )  # fmt: skip
         else:
-            page_idx, counts = ops.select_pages(bounds, seq_lens, self.page_size, self.params)
+            page_idx, counts = ops.select_pages(
+                bounds, seq_lens, self.page_size, self.params, mass_logits=centers
+            )
             page_idx, counts = force_dense(page_idx, counts, meta)
             out, _lse = ops.sparse_decode(
                 q, k_cache, v_cache, self.req_to_token, rpi, seq_lens, page_idx, counts,

@@ -89,3 +89,16 @@ def test_bad_inputs_raise(device):
         page_bounds(sb.q[0], *_args(sb, kmin, kmax, 16, 4)[1:])
     with pytest.raises(ValueError, match="seq_lens"):
         page_bounds(*_args(sb, kmin, kmax, 16, 4)[:5], sb.seq_lens[:1], 16, 16, sb.sm_scale, 4)
+
+
+@pytest.mark.parametrize("page_size,group,d,dtype", CASES[::3], ids=CASE_IDS[::3])
+def test_centers_equal_reference_and_lie_inside_the_interval(page_size, group, d, dtype, device):
+    sb, kmin, kmax = build(page_size, group, d, dtype, device, seed=9)
+    got_u, got_c = page_bounds(*_args(sb, kmin, kmax, page_size, 12), with_centers=True)
+    ref_u, ref_c = page_bounds_ref(*_args(sb, kmin, kmax, page_size, 12), with_centers=True)
+    fin = torch.isfinite(ref_c)
+    assert torch.equal(fin, torch.isfinite(got_c))
+    # bf16/fp16 round (kmin + kmax) / 2 before the product
+    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    assert torch.allclose(got_c[fin], ref_c[fin], rtol=tol, atol=tol)
+    assert bool((got_c[fin] <= got_u[fin] + tol).all())

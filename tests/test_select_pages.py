@@ -124,3 +124,19 @@ def test_params_validation_names_the_option():
         select_pages(torch.zeros(2, 3), torch.ones(2, dtype=torch.int32), P, SelectParams())
     with pytest.raises(ValueError, match="seq_lens"):
         select_pages(torch.zeros(2, 1, 3), torch.ones(3, dtype=torch.int32), P, SelectParams())
+
+
+@pytest.mark.parametrize("tau", [0.5, 0.9, 1.0])
+def test_mass_logits_kernel_equals_reference(tau, device):
+    bounds = _random_bounds(2, 3, 30, seed=11)
+    centers = bounds - torch.rand(bounds.shape, generator=torch.Generator().manual_seed(3)) * 4
+    seq_lens = torch.tensor([30 * P, 17 * P + 3], dtype=torch.int32)
+    bounds[1, :, 18:] = float("-inf")
+    centers[1, :, 18:] = float("-inf")
+    params = SelectParams(tau=tau, sink_pages=1, local_pages=2, max_pages=30)
+    ref = select_pages_ref(bounds, seq_lens, P, params, mass_logits=centers)
+    got = select_pages(bounds.to(device), seq_lens.to(device), P, params, mass_logits=centers.to(device))
+    assert torch.equal(got[1].cpu(), ref[1]) and torch.equal(got[0].cpu(), ref[0])
+    plain = select_pages_ref(bounds, seq_lens, P, params)
+    if tau < 1.0:  # a different estimate changes how many pages are needed
+        assert not torch.equal(plain[1], ref[1])
