@@ -71,6 +71,7 @@ def test_kernel_equals_reference(params, ties, device):
     ties=st.booleans(),
 )
 def test_kernel_equals_reference_fuzz(seed, n, tau, sink, local, min_pages, extra, ties):
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
     max_pages = max(sink + local, min_pages, 1) + extra
     params = SelectParams(
         tau=tau, sink_pages=sink, local_pages=local, min_pages=min_pages, max_pages=max_pages
@@ -81,7 +82,7 @@ def test_kernel_equals_reference_fuzz(seed, n, tau, sink, local, min_pages, extr
     for b in range(2):
         bounds[b, :, -(-int(seq_lens[b]) // P) :] = float("-inf")
     ref = select_pages_ref(bounds, seq_lens, P, params)
-    got = select_pages(bounds, seq_lens, P, params)
+    got = [t.cpu() for t in select_pages(bounds.to(dev), seq_lens.to(dev), P, params)]
     assert torch.equal(got[1], ref[1]) and torch.equal(got[0], ref[0])
     _check_invariants(bounds, seq_lens, params, got[0], got[1])
 
@@ -91,6 +92,7 @@ def test_tau_one_selects_every_page_even_when_masses_underflow():
     bounds[0, :, 3] = 100.0  # every other page has exp(bound - max) == 0 in fp32
     seq_lens = torch.tensor([20 * P], dtype=torch.int32)
     idx, counts = select_pages(bounds, seq_lens, P, SelectParams(tau=1.0, max_pages=20))
+    idx, counts = idx.cpu(), counts.cpu()
     assert counts.tolist() == [[20, 20]]
     assert idx[0, 0].tolist() == list(range(20))
 
