@@ -36,28 +36,23 @@ def psa_decode(
     max_pages: int,
     certified: bool = False,
     first_round_pages: int = 16,
+    progressive: bool = False,
 ) -> PSADecodeResult:
-    """Bounds for max_pages logical pages per request, then selection and exact sparse attention."""
+    """Bounds for max_pages logical pages per request, then selection and exact sparse attention.
+
+    certified: rounds in bound order until the exact mass certifies tau against the bound on the rest.
+    progressive: the same rounds, with the rest *estimated* from the centers (no guarantee, calibrated).
+    """
     bounds, centers = page_bounds(
         q, kmin, kmax, req_to_token, req_pool_indices, seq_lens, page_size, block_size, sm_scale,
         max_pages, with_centers=True,
     )  # fmt: skip
-    if certified:
+    if certified or progressive:
         out, lse, visited, order = certified_decode(
-            q,
-            k_cache,
-            v_cache,
-            req_to_token,
-            req_pool_indices,
-            seq_lens,
-            bounds,
-            page_size,
-            sm_scale,
-            params.tau,
-            params.sink_pages,
-            params.local_pages,
-            first_round_pages,
-        )
+            q, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens, bounds, page_size,
+            sm_scale, params.tau, params.sink_pages, params.local_pages, first_round_pages,
+            rest_logits=None if certified else centers,
+        )  # fmt: skip
         return PSADecodeResult(out, lse, order, visited, bounds)
     page_idx, counts = select_pages(bounds, seq_lens, page_size, params, mass_logits=centers)
     out, lse = sparse_decode(

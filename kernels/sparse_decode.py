@@ -8,7 +8,10 @@ Progressive (certified) mode visits pages in descending bound order, in rounds o
 stops a (request, kv head) once every query head of its group has captured mass Z with
     Z >= tau * (Z + R),   R = sum over unvisited pages of n_tokens * exp(bound) >= their true mass,
 which guarantees that at least tau of the exact softmax mass was attended. Rounds past the stop are
-no-ops on device, so there is no host sync either.
+no-ops on device, so there is no host sync either. With Quest's box bounds at head_dim 128 the bound
+on R is loose by several logits per page, so certification often needs most pages; passing
+rest_logits=centers (page_bounds' interval midpoints) instead estimates R, which gives the
+progressive mode: exact mass for what was visited, a calibrated estimate only for the tail.
 
 Shapes and dtypes:
     q                 [bs, Hq, D]            fp16 / bf16 / fp32
@@ -488,8 +491,12 @@ def certified_decode(
     sink_pages: int = 1,
     local_pages: int = 4,
     first_round_pages: int = 16,
+    rest_logits: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Progressive attention with a certified mass threshold (see the module docstring).
+
+    rest_logits: per-page logits [bs, Hkv, N] used to bound (default: bounds, certified) or estimate
+    (centers: progressive mode) the mass of the pages not visited yet.
 
     Returns (out, lse, visited [bs, Hkv] int32 pages attended, order [bs, Hkv, N] int64 visiting order).
     Sinks and the local window are visited first. The number of rounds is static (log2 of N).
@@ -512,7 +519,10 @@ def certified_decode(
     prio = bounds.masked_fill(forced[:, None], float("inf")).masked_fill(~valid[:, None], float("-inf"))
     order = torch.sort(prio, dim=-1, descending=True, stable=True).indices  # [bs, Hkv, N]
     ntok = (seq_lens.to(torch.int64)[:, None] - j[None, :] * page_size).clamp(0, page_size)
-    log_w = bounds + torch.log(ntok.float())[:, None]  # -inf for empty pages
+    if rest_logits is not None and rest_logits.shape != bounds.shape:
+        raise ValueError(f"rest_logits must have the shape of bounds {list(bounds.shape)}")
+    rest = bounds if rest_logits is None else rest_logits
+    log_w = rest + torch.log(ntok.float())[:, None]  # -inf for empty pages
     log_w = torch.gather(log_w.masked_fill(~valid[:, None], float("-inf")), 2, order)
     # log_rest[..., i]: log of the bound on the mass of pages order[i:], -inf once none is left
     log_rest = torch.logcumsumexp(log_w.flip(-1), dim=-1).flip(-1)

@@ -26,6 +26,7 @@ import time
 
 import torch
 import triton
+
 from sglang_psa.kernels import (
     SelectParams,
     alloc_summaries,
@@ -115,9 +116,10 @@ def kv_bytes(tokens_per_head_sum: int) -> int:
 
 # ----------------------------------------------------------------------------- one point
 def bench_point(
-    ctx: int, bs: int, p: int, tau: float, skew: torch.Tensor, copy_gbs: float, seed: int
+    ctx: int, bs: int, p: int, tau: float, skew: torch.Tensor, copy_gbs: float, seed: int, prog_tau: float
 ) -> dict:
     torch.manual_seed(seed)
+    args_prog_tau = prog_tau
     n_pages = ctx // p
     sb = make_skewed_batch(bs, HQ, HKV, D, ctx, p, dtype=DTYPE, device=DEV, skew=skew, seed=seed)
     kmin, kmax = alloc_summaries(sb.k_cache.shape[0], HKV, D, p, DTYPE, DEV)
@@ -180,10 +182,20 @@ def bench_point(
     t["certified_attend"] = bench_ms(cert_fn)
     _, _, visited, order = cert_fn()
 
+    # progressive mode: exact mass of the visited pages, the tail estimated from the centers
+    def prog_step():
+        b_, c_ = bounds_fn()
+        return certified_decode(*cache, b_, p, sb.sm_scale, args_prog_tau, 1, 4, 8, rest_logits=c_)
+
+    t["progressive_total"] = bench_ms(prog_step)
+    _, _, pvisited, porder = prog_step()
+
     # accounting
     mass = page_mass(sb, n_pages)
     mask = selection_mask(page_idx, counts, n_pages)
     cmask = selection_mask(order.to(torch.int32), visited, n_pages)
+    pmask = selection_mask(porder.to(torch.int32), pvisited, n_pages)
+    prog_tokens = tokens_in(pmask, sb.seq_lens, p)
     psa_tokens = tokens_in(mask, sb.seq_lens, p)
     dense_tokens = bs * HKV * ctx
     bound_bytes = bs * HKV * n_pages * 2 * D * ELEM
@@ -228,6 +240,13 @@ def bench_point(
         "certified": {
             "visited_page_fraction": float(visited.float().mean() / n_pages),
             "recall": recall_of(mass, cmask),
+        },
+        "progressive": {
+            "tau": prog_tau,
+            "visited_page_fraction": float(pvisited.float().mean() / n_pages),
+            "recall": recall_of(mass, pmask),
+            "kv_bytes": bound_bytes + kv_bytes(prog_tokens),
+            "speedup_vs_flashinfer_dense": t["flashinfer_dense"]["ms"] / t["progressive_total"]["ms"],
         },
         "topk_at_equal_recall": {"k": k, "recall": rk, "page_fraction": k / n_pages},
         "check": {"tau1_vs_flashinfer_rel_err": tau1_err, "fi_sparse_vs_psa_rel_err": fi_sparse_err},
@@ -297,7 +316,12 @@ def recall_study(ctx: int, bs: int, p: int, num_layers: int, taus: list[float], 
             break
         k = min(n_pages, int(math.ceil(k * 1.15)))
     rows = []
-    for mode, sel, mode_taus in (("estimated", psa_sel, taus), ("certified", cert_sel, taus[:3])):
+    modes = (
+        ("estimated", psa_sel, taus),
+        ("progressive", lambda t: cert_sel(t, progressive=True), [0.8, 0.9, 0.95, 0.98]),
+        ("certified", cert_sel, taus[:2]),
+    )
+    for mode, sel, mode_taus in modes:
         for tau in mode_taus:
             r = {"mode": mode, "tau": tau, **evaluate(sel(tau))}
             match = next((c for c in topk_curve if c["recall_mean"] >= r["recall_mean"]), topk_curve[-1])
@@ -325,7 +349,9 @@ def _row(ctx: int, bs: int, p: int, r: dict) -> str:
         f"{r['speedup_vs_flashinfer_dense']:5.1f} {tm['flashinfer_sparse_total']['ms']:7.3f} | "
         f"{100 * r['selected_page_fraction']:5.1f} {r['recall']['mean']:6.3f} "
         f"{100 * r['topk_at_equal_recall']['page_fraction']:5.1f} "
-        f"{100 * r['attend_fraction_of_copy_bw']:4.0f}"
+        f"{100 * r['attend_fraction_of_copy_bw']:4.0f} | {tm['progressive_total']['ms']:6.3f} "
+        f"{r['progressive']['speedup_vs_flashinfer_dense']:5.1f} "
+        f"{100 * r['progressive']['visited_page_fraction']:5.1f} {r['progressive']['recall']['mean']:6.3f}"
     )
 
 
@@ -337,6 +363,7 @@ def main() -> None:
     ap.add_argument(
         "--tau", type=float, default=0.98, help="estimated mode needs tau above the recall target"
     )
+    ap.add_argument("--prog-tau", type=float, default=0.9, help="tau of the progressive mode")
     ap.add_argument("--layer-skew", type=int, default=20, help="which of 32 layers' skew profile to use")
     ap.add_argument("--recall-study", default="32768,4,32,8", help="ctx,batch,page,layers ('' = skip)")
     ap.add_argument("--out", default="benchmarks/results")
@@ -364,7 +391,8 @@ def main() -> None:
     print(f"device {prop.name}, copy bandwidth {copy_gbs:.0f} GB/s (read+write)", flush=True)
     hdr = (
         f"{'ctx':>7} {'bs':>3} {'P':>3} | {'bounds':>7} {'select':>7} {'attend':>7} {'psa':>7} "
-        f"{'fi_dense':>8} {'x':>5} {'fi_sp':>7} | {'sel%':>5} {'recall':>6} {'topk%':>5} {'bw%':>4}"
+        f"{'fi_dense':>8} {'x':>5} {'fi_sp':>7} | {'sel%':>5} {'recall':>6} {'topk%':>5} {'bw%':>4} | "
+        f"{'prog':>6} {'x':>5} {'sel%':>5} {'recall':>6}"
     )
     print(hdr, flush=True)
     seed = 0
@@ -373,7 +401,7 @@ def main() -> None:
             for bs in args.batches:
                 t0 = time.time()
                 try:
-                    r = bench_point(ctx, bs, p, args.tau, skew, copy_gbs, seed)
+                    r = bench_point(ctx, bs, p, args.tau, skew, copy_gbs, seed, args.prog_tau)
                 except torch.cuda.OutOfMemoryError as e:
                     r = {"context": ctx, "batch": bs, "page_size": p, "error": f"OOM: {e}"[:200]}
                     torch.cuda.empty_cache()

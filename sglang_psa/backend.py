@@ -235,11 +235,13 @@ class PSAAttnBackend(AttentionBackend):
             q, kmin, kmax, self.req_to_token, rpi, seq_lens, self.page_size, self.block_size,
             layer.scaling, self.max_pages_ctx, with_centers=True,
         )  # fmt: skip
-        if self.cfg.mode == "certified":
+        if self.cfg.mode in ("certified", "progressive"):
             out, _lse, counts, _order = ops.certified_decode(
                 q, k_cache, v_cache, self.req_to_token, rpi, seq_lens, bounds, self.page_size,
                 layer.scaling, float(self.cfg.tau), self.cfg.sink_pages, self.cfg.local_pages,
                 self.cfg.first_round_pages,
+                # progressive: estimate the unvisited tail from the centers; certified: bound it
+                rest_logits=centers if self.cfg.mode == "progressive" else None,
             )  # fmt: skip
         else:
             page_idx, counts = ops.select_pages(

@@ -14,7 +14,7 @@ import json
 import os
 from typing import Any
 
-MODES = ("estimated", "certified", "topk")
+MODES = ("estimated", "progressive", "certified", "topk")
 # Page sizes the kernels are written for (tl.arange needs powers of two; 16 keeps the bound cost
 # at 1/16 of the K+V bytes, 128 is the largest tile the decode kernel keeps in registers).
 MIN_PAGE_SIZE = 16
@@ -34,7 +34,7 @@ class PSAConfig:
     """PSA decode options. Field `foo_bar` is the CLI flag `--psa-foo-bar`."""
 
     tau: float = 0.9  # attention-mass threshold; 1.0 selects every page (dense result)
-    mode: str = "estimated"  # estimated | certified | topk
+    mode: str = "estimated"  # estimated | progressive | certified | topk
     topk: int = 64  # pages per (request, kv head) in topk mode
     min_pages: int = 0
     max_pages: int = 256  # budget cap per (request, kv head); also the width of page arrays
@@ -44,7 +44,7 @@ class PSAConfig:
     block_size: int = 0  # logical sub-page for the bounds; 0 means the page size (no sub-pages)
     reuse_steps: int = 1  # keep a selection for this many decode steps (1 = select every step)
     dense_below: int = 2048  # requests shorter than this (tokens) decode densely
-    first_round_pages: int = 16  # certified mode: pages in the first round
+    first_round_pages: int = 16  # progressive / certified modes: pages in the first round
     stats: bool = False  # accumulate per-layer selection statistics on the device
     stats_interval: int = 256  # decode steps between two read-outs (the only host sync)
 

@@ -19,7 +19,7 @@ import logging
 import os
 from typing import Any
 
-from .config import ENV_VAR, SERVER_ARGS_ATTR, PSAConfig, uses_psa, validate_against_server
+from .config import ENV_VAR, MODES, SERVER_ARGS_ATTR, PSAConfig, uses_psa, validate_against_server
 
 logger = logging.getLogger(__name__)
 
@@ -33,8 +33,9 @@ _registered = False
 # ---------------------------------------------------------------------------------- CLI flags
 _FLAG_HELP = {
     "tau": "PSA attention-mass threshold in (0, 1]; 1.0 selects every page (dense result).",
-    "mode": "PSA selection: estimated (mass predicted from page bounds), certified (progressive "
-    "rounds until the captured mass provably reaches tau) or topk (fixed page budget).",
+    "mode": "PSA selection: estimated (one pass; mass predicted from page summaries), progressive "
+    "(rounds in bound order, exact mass of visited pages, tail estimated), certified (rounds until "
+    "the captured mass provably reaches tau) or topk (fixed page budget).",
     "topk": "PSA pages per request and kv head in --psa-mode topk.",
     "min_pages": "PSA lower bound on selected pages per request and kv head.",
     "max_pages": "PSA budget cap: most pages selected per request and kv head.",
@@ -44,7 +45,7 @@ _FLAG_HELP = {
     "block_size": "PSA logical sub-page size for the page bounds (0 = page size).",
     "reuse_steps": "PSA: reuse a page selection for this many decode steps (1 = every step).",
     "dense_below": "PSA: requests shorter than this many tokens decode densely.",
-    "first_round_pages": "PSA certified mode: pages visited in the first round.",
+    "first_round_pages": "PSA progressive/certified modes: pages visited in the first round.",
     "stats": "PSA: collect per-layer selection statistics (logged; Prometheus with --enable-metrics).",
     "stats_interval": "PSA: decode steps between two statistics read-outs.",
 }
@@ -66,7 +67,7 @@ def add_psa_cli_args(parser: argparse.ArgumentParser) -> None:
             continue
         kwargs: dict[str, Any] = {"type": type(default), "default": default}
         if name == "mode":
-            kwargs["choices"] = ["estimated", "certified", "topk"]
+            kwargs["choices"] = list(MODES)
         group.add_argument(flag, dest=dest, help=_FLAG_HELP[name] + f" Default {default}.", **kwargs)
 
 

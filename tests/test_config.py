@@ -14,7 +14,7 @@ from sglang_psa.config import PSAConfig, validate_against_server, validate_model
     [
         ({"tau": 1.5}, r"--psa-tau must be in \(0, 1\], got 1.5"),
         ({"tau": 0.0}, r"--psa-tau must be in \(0, 1\]"),
-        ({"mode": "fast"}, "--psa-mode must be one of estimated, certified, topk"),
+        ({"mode": "fast"}, "--psa-mode must be one of estimated, progressive, certified, topk"),
         ({"max_pages": 0}, "--psa-max-pages must be >= 1"),
         ({"topk": 0}, "--psa-topk must be >= 1"),
         ({"min_pages": -1}, "--psa-min-pages must be >= 0"),

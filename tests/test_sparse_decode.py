@@ -1,6 +1,7 @@
 import pytest
 import torch
 from kernel_cases import CASE_IDS, CASES, TOL, build, rel_err
+
 from sglang_psa.kernels import (
     SelectParams,
     certified_decode,
@@ -156,3 +157,20 @@ def test_bad_inputs_raise(device):
         q = torch.zeros(3, 4, 48)
         k = torch.zeros(64, 2, 48)
         sparse_decode(q, k, k, *_cache(sb)[3:], idx, counts, 16, 1.0)
+
+
+def test_progressive_attends_exactly_its_visited_pages_and_stops_early(device):
+    """Progressive mode (tail estimated from centers) is exact over what it visits, and visits less."""
+    sb, kmin, kmax = build(16, 4, 64, torch.float32, device, lens=[16 * 40, 16 * 23 + 5], skew=1.0, seed=8)
+    bounds, centers = page_bounds(
+        sb.q, kmin, kmax, sb.req_to_token, sb.req_pool_indices, sb.seq_lens, 16, 16, sb.sm_scale, 40,
+        with_centers=True,
+    )  # fmt: skip
+    out, _, visited, order = certified_decode(
+        *_cache(sb), bounds, 16, sb.sm_scale, 0.9, 1, 1, 2, rest_logits=centers
+    )
+    _, _, cert_visited, _ = certified_decode(*_cache(sb), bounds, 16, sb.sm_scale, 0.9, 1, 1, 2)
+    ref, _ = sparse_decode_ref(*_cache(sb), order.to(torch.int32).contiguous(), visited, 16, sb.sm_scale)
+    assert rel_err(out, ref) < 1e-5
+    assert bool((visited <= cert_visited).all())
+    assert float(_captured_mass(sb, order, visited).mean()) >= 0.85
