@@ -116,7 +116,15 @@ def kv_bytes(tokens_per_head_sum: int) -> int:
 
 # ----------------------------------------------------------------------------- one point
 def bench_point(
-    ctx: int, bs: int, p: int, tau: float, skew: torch.Tensor, copy_gbs: float, seed: int, prog_tau: float
+    ctx: int,
+    bs: int,
+    p: int,
+    tau: float,
+    skew: torch.Tensor,
+    copy_gbs: float,
+    seed: int,
+    prog_tau: float,
+    max_frac: float = 1.0,
 ) -> dict:
     torch.manual_seed(seed)
     args_prog_tau = prog_tau
@@ -126,7 +134,8 @@ def bench_point(
     update_page_summaries(sb.k_cache, kmin, kmax, sb.written_slots, p)
     cache = (sb.q, sb.k_cache, sb.v_cache, sb.req_to_token, sb.req_pool_indices, sb.seq_lens)
     meta = (sb.req_to_token, sb.req_pool_indices, sb.seq_lens)
-    params = SelectParams(tau=tau, sink_pages=1, local_pages=4, max_pages=n_pages)
+    cap = n_pages if max_frac >= 1.0 else max(8, int(n_pages * max_frac))
+    params = SelectParams(tau=tau, sink_pages=1, local_pages=4, max_pages=cap)
     step_loc = sb.req_to_token[:, ctx - 1].long().contiguous()  # one decode token per request
 
     def bounds_fn():
@@ -217,7 +226,7 @@ def bench_point(
 
     attend_bytes = kv_bytes(psa_tokens)
     res = {
-        "context": ctx, "batch": bs, "page_size": p, "tau": tau, "n_pages": n_pages,
+        "context": ctx, "batch": bs, "page_size": p, "tau": tau, "n_pages": n_pages, "max_pages": cap,
         "times": t,
         "speedup_vs_flashinfer_dense": t["flashinfer_dense"]["ms"] / t["psa_total"]["ms"],
         "speedup_fi_sparse_vs_dense": t["flashinfer_dense"]["ms"] / t["flashinfer_sparse_total"]["ms"],
@@ -295,10 +304,11 @@ def recall_study(ctx: int, bs: int, p: int, num_layers: int, taus: list[float], 
             *select_pages(lay["bounds"], lay["seq_lens"], p, prm, mass_logits=lay["centers"]), n_pages
         )
 
-    def cert_sel(tau):
+    def cert_sel(tau, progressive=False):
         def f(lay):
+            rest = lay["centers"] if progressive else None
             _, _, vis, order = certified_decode(
-                *lay["cache"], lay["bounds"], p, lay["sm_scale"], tau, 1, 4, 16
+                *lay["cache"], lay["bounds"], p, lay["sm_scale"], tau, 1, 4, 8, rest_logits=rest
             )
             return selection_mask(order.to(torch.int32), vis, n_pages)
 
@@ -363,6 +373,12 @@ def main() -> None:
     ap.add_argument(
         "--tau", type=float, default=0.98, help="estimated mode needs tau above the recall target"
     )
+    ap.add_argument(
+        "--max-pages-frac",
+        type=float,
+        default=1.0,
+        help="budget cap (max_pages) as a fraction of the context's pages; 1 = uncapped",
+    )
     ap.add_argument("--prog-tau", type=float, default=0.9, help="tau of the progressive mode")
     ap.add_argument("--layer-skew", type=int, default=20, help="which of 32 layers' skew profile to use")
     ap.add_argument("--recall-study", default="32768,4,32,8", help="ctx,batch,page,layers ('' = skip)")
@@ -384,6 +400,7 @@ def main() -> None:
         "versions": {"torch": torch.__version__, "triton": triton.__version__,
                      "flashinfer": __import__("flashinfer").__version__},
         "config": {"hq": HQ, "hkv": HKV, "head_dim": D, "dtype": "bf16", "tau": args.tau,
+                   "max_pages_frac": args.max_pages_frac,
                    "sink_pages": 1, "local_pages": 4, "skew_profile_layer": args.layer_skew,
                    "skew": skew.tolist(), "cache": "kernels.synthetic.make_skewed_batch"},
         "points": [],
@@ -401,7 +418,9 @@ def main() -> None:
             for bs in args.batches:
                 t0 = time.time()
                 try:
-                    r = bench_point(ctx, bs, p, args.tau, skew, copy_gbs, seed, args.prog_tau)
+                    r = bench_point(
+                        ctx, bs, p, args.tau, skew, copy_gbs, seed, args.prog_tau, args.max_pages_frac
+                    )
                 except torch.cuda.OutOfMemoryError as e:
                     r = {"context": ctx, "batch": bs, "page_size": p, "error": f"OOM: {e}"[:200]}
                     torch.cuda.empty_cache()

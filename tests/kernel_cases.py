@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+
 from sglang_psa.kernels import alloc_summaries, make_skewed_batch, update_page_summaries_ref
 
 # Pairwise cover of page size x GQA group x head_dim x dtype (CI runs these on the interpreter).

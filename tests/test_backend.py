@@ -16,10 +16,10 @@ pytest.importorskip("sglang")
 
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool  # noqa: E402
 from sglang.srt.model_executor.forward_batch_info import ForwardMode  # noqa: E402
-from sglang_psa.kernels import dense_decode_ref  # noqa: E402
 
 from sglang_psa.backend import PSAAttnBackend  # noqa: E402
 from sglang_psa.config import PSAConfig  # noqa: E402
+from sglang_psa.kernels import dense_decode_ref  # noqa: E402
 
 P, HQ, HKV, D, LAYERS = 16, 4, 2, 64, 2
 SLOTS, CTX = P * 64, P * 16

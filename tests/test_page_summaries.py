@@ -1,6 +1,7 @@
 import pytest
 import torch
 from kernel_cases import CASE_IDS, CASES, build
+
 from sglang_psa.kernels import (
     alloc_summaries,
     make_skewed_batch,

@@ -2,6 +2,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from sglang_psa.kernels import SelectParams, select_pages, select_pages_ref
 
 P = 16
@@ -87,21 +88,21 @@ def test_kernel_equals_reference_fuzz(seed, n, tau, sink, local, min_pages, extr
     _check_invariants(bounds, seq_lens, params, got[0], got[1])
 
 
-def test_tau_one_selects_every_page_even_when_masses_underflow():
+def test_tau_one_selects_every_page_even_when_masses_underflow(device):
     bounds = torch.full((1, 2, 20), -500.0)
     bounds[0, :, 3] = 100.0  # every other page has exp(bound - max) == 0 in fp32
     seq_lens = torch.tensor([20 * P], dtype=torch.int32)
-    idx, counts = select_pages(bounds, seq_lens, P, SelectParams(tau=1.0, max_pages=20))
+    idx, counts = select_pages(bounds.to(device), seq_lens.to(device), P, SelectParams(tau=1.0, max_pages=20))
     idx, counts = idx.cpu(), counts.cpu()
     assert counts.tolist() == [[20, 20]]
     assert idx[0, 0].tolist() == list(range(20))
 
 
-def test_estimated_mass_reaches_tau_when_uncapped():
+def test_estimated_mass_reaches_tau_when_uncapped(device):
     bounds = _random_bounds(2, 3, 64, seed=7)
     seq_lens = torch.tensor([64 * P, 64 * P], dtype=torch.int32)
     params = SelectParams(tau=0.9, sink_pages=1, local_pages=1, max_pages=64)
-    idx, counts = select_pages(bounds, seq_lens, P, params)
+    idx, counts = (t.cpu() for t in select_pages(bounds.to(device), seq_lens.to(device), P, params))
     w = torch.exp(bounds.double() - bounds.amax(-1, keepdim=True))
     for b in range(2):
         for h in range(3):

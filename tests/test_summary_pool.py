@@ -28,9 +28,9 @@ from sglang.srt.mem_cache.base_prefix_cache import (  # noqa: E402
 from sglang.srt.mem_cache.cache_init_params import CacheInitParams  # noqa: E402
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool  # noqa: E402
 from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey  # noqa: E402
+
 from sglang_psa.kernels import update_page_summaries_ref  # noqa: E402
 from sglang_psa.memory.summary_pool import SummaryPool, set_active_pool  # noqa: E402
-
 from sglang_psa.radix_cache import wrap_cache  # noqa: E402
 
 P = 16
