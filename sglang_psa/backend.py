@@ -14,6 +14,7 @@ their pages (elementwise overrides, graph-safe), which equals dense attention.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -125,10 +126,28 @@ class PSAAttnBackend(AttentionBackend):
                 enable_metrics=bool(getattr(sa, "enable_metrics", False)),
             )
 
+        self.access_log = self._make_access_log(model_runner) if self.cfg.access_log else None
+        self._log_step = 0
+
+    def _make_access_log(self, model_runner: Any):
+        """Opt-in selection log (--psa-access-log DIR): bounded, rotated .npz files per tp rank."""
+        from .access_log import AccessLogger
+
+        k0 = self.kv_pool.get_key_buffer(self.kv_pool.start_layer)
+        rank = getattr(model_runner, "tp_rank", 0)
+        return AccessLogger(
+            os.path.join(self.cfg.access_log, f"tp{rank}"), source=self.cfg.access_log_source,
+            num_layers=self.kv_pool.layer_num, num_kv_heads=self.kv_pool.head_num,
+            width=self.width, page_size=self.page_size, head_dim=k0.shape[2],
+            elem_bytes=k0.element_size(), start_layer=self.kv_pool.start_layer, device=self.device,
+            max_requests=self.cfg.access_log_requests, meta=self.cfg.to_dict(),
+        )  # fmt: skip
+
     # ------------------------------------------------------------------ metadata
     def init_forward_metadata(self, forward_batch: ForwardBatch):
         if forward_batch.forward_mode.is_decode_or_idle():
             self._on_decode_step(in_capture=False)
+            self._log_begin_step(forward_batch)
             self._set_decode_meta(forward_batch)
         else:
             self.dense.init_forward_metadata(forward_batch)
@@ -137,6 +156,8 @@ class PSAAttnBackend(AttentionBackend):
         if forward_batch.forward_mode.is_decode_or_idle():
             # Host-side per-step work only (no FlashInfer plan: PSA decode does not use it).
             self._on_decode_step(in_capture)
+            if not in_capture:
+                self._log_begin_step(forward_batch)
         else:
             self.dense.init_forward_metadata_out_graph(forward_batch, in_capture=in_capture)
 
@@ -145,6 +166,12 @@ class PSAAttnBackend(AttentionBackend):
             self._set_decode_meta(forward_batch)
         else:
             self.dense.init_forward_metadata_in_graph(forward_batch)
+
+    def _log_begin_step(self, forward_batch: ForwardBatch) -> None:
+        # The next begin_step closes the previous step, so no after-forward hook is needed.
+        if self.access_log is not None:
+            self.access_log.begin_step(self._log_step, getattr(forward_batch, "rids", None) or [])
+            self._log_step += 1
 
     def _set_decode_meta(self, forward_batch: ForwardBatch) -> None:
         bs = forward_batch.batch_size
@@ -236,7 +263,7 @@ class PSAAttnBackend(AttentionBackend):
             layer.scaling, self.max_pages_ctx, with_centers=True,
         )  # fmt: skip
         if self.cfg.mode in ("certified", "progressive"):
-            out, _lse, counts, _order = ops.certified_decode(
+            out, _lse, counts, logged = ops.certified_decode(
                 q, k_cache, v_cache, self.req_to_token, rpi, seq_lens, bounds, self.page_size,
                 layer.scaling, float(self.cfg.tau), self.cfg.sink_pages, self.cfg.local_pages,
                 self.cfg.first_round_pages,
@@ -248,12 +275,16 @@ class PSAAttnBackend(AttentionBackend):
                 bounds, seq_lens, self.page_size, self.params, mass_logits=centers
             )
             page_idx, counts = force_dense(page_idx, counts, meta)
+            logged = page_idx
             out, _lse = ops.sparse_decode(
                 q, k_cache, v_cache, self.req_to_token, rpi, seq_lens, page_idx, counts,
                 self.page_size, layer.scaling,
             )  # fmt: skip
         if self.stats is not None:
             self.stats.add_layer(lid, counts)
+        if self.access_log is not None:
+            # progressive/certified log their visiting order; pages past the log width are dropped
+            self.access_log.record_layer(lid, logged[..., : self.width], counts, seq_lens)
         return out
 
     def support_triton(self):

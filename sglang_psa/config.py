@@ -47,6 +47,9 @@ class PSAConfig:
     first_round_pages: int = 16  # progressive / certified modes: pages in the first round
     stats: bool = False  # accumulate per-layer selection statistics on the device
     stats_interval: int = 256  # decode steps between two read-outs (the only host sync)
+    access_log: str = ""  # directory for the selection access log ("" = off); see access_log.py
+    access_log_requests: int = 4  # requests traced at a time when the access log is on
+    access_log_source: str = "server"  # label stored in the log (e.g. dummy-weights-server)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -121,7 +124,9 @@ class PSAConfig:
         for name in ("min_pages", "sink_pages", "local_pages", "dense_below"):
             if int(getattr(self, name)) < 0:
                 raise bad(name.replace("_", "-"), ">= 0", getattr(self, name))
-        for name in ("max_pages", "topk", "reuse_steps", "first_round_pages", "stats_interval"):
+        for name in (
+            "max_pages", "topk", "reuse_steps", "first_round_pages", "stats_interval", "access_log_requests",
+        ):  # fmt: skip
             if int(getattr(self, name)) < 1:
                 raise bad(name.replace("_", "-"), ">= 1", getattr(self, name))
         if self.min_pages > self.max_pages:

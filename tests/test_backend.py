@@ -103,6 +103,7 @@ class Batch:
         fb = types.SimpleNamespace(
             forward_mode=ForwardMode.DECODE, out_cache_loc=loc, batch_size=len(self.lens),
             seq_lens=torch.tensor(self.lens), req_pool_indices=torch.tensor(self.rows),
+            rids=[f"req{r}" for r in self.rows],
         )  # fmt: skip
         self.b.init_forward_metadata(fb)
         outs = []
@@ -166,3 +167,24 @@ def test_stats_count_selected_and_dense_pages():
     assert snap.dense_pages == pytest.approx(dense, abs=2 * HKV)
     assert all(0 < s < snap.dense_pages for s in snap.selected_pages)
     assert 0 < snap.read_fraction < 1
+
+
+def test_access_log_records_what_decode_selected(tmp_path):
+    from sglang_psa.access_log import load_access_log
+
+    b = make_backend(mode="topk", topk=5, sink_pages=1, local_pages=1, dense_below=0,
+                     access_log=str(tmp_path), access_log_source="cpu-test")  # fmt: skip
+    batch = Batch(b, [160, 70], torch.Generator().manual_seed(3))
+    batch.prefill()
+    for _ in range(3):
+        batch.decode()
+    b.access_log.close()
+    trace = load_access_log(str(tmp_path / "tp0"))
+    assert trace.source == "cpu-test"
+    n = len(trace)
+    assert n == 3 * LAYERS * HKV * 2  # steps x layers x kv heads x requests
+    for i in range(n):
+        pages = trace.pages_of(i)
+        npages = -(-int(trace.seq_len[i]) // P)
+        assert len(pages) == min(5, npages)
+        assert 0 in list(pages) and npages - 1 in list(pages)  # sink and local window kept
