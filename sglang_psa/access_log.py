@@ -500,7 +500,9 @@ class AccessLogger:
         self._dev_idx[li, :, :, :w].copy_(page_idx[..., :w].index_select(0, self._rows))
         self._dev_cnt[li].copy_(counts.index_select(0, self._rows))
         self._dev_len[li].copy_(seq_lens.index_select(0, self._rows))
-        self._dev_seen[li] = True
+        # fill_ is a kernel with a scalar argument; `[li] = True` would copy from an unpinned CPU
+        # tensor, which CUDA-graph capture rejects (seen on the H100).
+        self._dev_seen[li : li + 1].fill_(True)
 
     def end_step(self) -> None:
         """Enqueue the step's staging buffer to a host slot (non-blocking on CUDA)."""

@@ -52,7 +52,7 @@ def make_backend(**cfg):
     sa = types.SimpleNamespace(
         attention_backend="psa", prefill_attention_backend=None, decode_attention_backend=None,
         page_size=P, speculative_algorithm=None, kv_cache_dtype="auto", enable_metrics=False,
-        _psa_config=PSAConfig(page_size=P, **cfg).to_dict(),
+        disable_cuda_graph=True, _psa_config=PSAConfig(page_size=P, **cfg).to_dict(),
     )  # fmt: skip
     runner = types.SimpleNamespace(
         server_args=sa, page_size=P, device="cpu", use_mla_backend=False, tp_rank=0,

@@ -98,6 +98,12 @@ def test_server_combinations(kw, match):
         validate_against_server(PSAConfig(), _server(**kw))
 
 
+def test_access_log_needs_eager_decode_for_now():
+    with pytest.raises(ValueError, match="--psa-access-log .* --disable-cuda-graph"):
+        validate_against_server(PSAConfig(access_log="/tmp/x"), _server())
+    validate_against_server(PSAConfig(access_log="/tmp/x"), _server(disable_cuda_graph=True))
+
+
 def test_server_ok():
     validate_against_server(PSAConfig(), _server())
 
