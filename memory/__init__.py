@@ -1,1 +1,2 @@
-"""PSA memory: summary pool (resident mode); hot-page pool and host tier come later."""
+"""PSA memory: summary pool, hot-page pool with LRU and host tier (hot_pool), hot-pool cache simulator and
+access statistics."""
