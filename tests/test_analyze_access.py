@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 
@@ -10,19 +9,13 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from script_loader import load_script
 
 from sglang_psa.access_log import load_access_log, trace_from_records
 from sglang_psa.memory import access_stats as S
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 P = 4
-
-
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "scripts", f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @st.composite

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
 import random
-from pathlib import Path
 
 import pytest
+from script_loader import load_script
 
 from sglang_psa.longctx_tasks import (
     TASK_KINDS,
@@ -20,15 +19,6 @@ from sglang_psa.longctx_tasks import (
     score_answer,
 )
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "train_small_model.py"
-
-
-def _load_trainer():
-    spec = importlib.util.spec_from_file_location("train_small_model", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
 
 @pytest.fixture(scope="module")
 def texts() -> list[str]:
@@ -39,7 +29,7 @@ def texts() -> list[str]:
 
 @pytest.fixture(scope="module")
 def tokenizer(texts):
-    return _load_trainer().train_tokenizer(texts[:20], vocab_size=512)
+    return load_script("train_small_model").train_tokenizer(texts[:20], vocab_size=512)
 
 
 @pytest.fixture(scope="module")

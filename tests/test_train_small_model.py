@@ -2,26 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import torch
-
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "train_small_model.py"
-
-
-def _load_trainer():
-    spec = importlib.util.spec_from_file_location("train_small_model", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from script_loader import load_script
 
 
 def test_default_size_fits_budget():
     from transformers import LlamaForCausalLM
 
-    trainer = _load_trainer()
+    trainer = load_script("train_small_model")
     args = trainer.parse_args([])
     ids = {t: i for i, t in enumerate(trainer.SPECIAL_TOKENS)}
     model = LlamaForCausalLM(trainer.make_config(args, args.vocab, ids))
@@ -36,7 +26,7 @@ def test_default_size_fits_budget():
 def test_smoke_train_and_load(tmp_path):
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-    trainer = _load_trainer()
+    trainer = load_script("train_small_model")
     out = tmp_path / "model"
     report = trainer.main(
         ["--device", "cpu", "--tiny", "--steps", "3", "--out", str(out), "--final-eval-samples", "1"]
