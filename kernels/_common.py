@@ -84,3 +84,19 @@ def check_kv(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor | Non
 def num_pages_of(seq_lens: torch.Tensor, page_size: int) -> torch.Tensor:
     """Pages per request: ceil(seq_len / page_size) as int64."""
     return (seq_lens.to(torch.int64) + page_size - 1) // page_size
+
+
+def page_layout(
+    seq_lens: torch.Tensor, n_pages: int, page_size: int, sink_pages: int = 0, local_pages: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per request over N logical pages: (npages [bs], valid [bs, N], forced [bs, N], ntok [bs, N]).
+
+    npages is clamped to N; forced marks the sink pages and the local window (always kept); ntok is
+    each page's number of valid tokens (page_size, fewer on a partial last page, 0 past the end).
+    """
+    npages = num_pages_of(seq_lens, page_size).clamp(max=n_pages)
+    j = torch.arange(n_pages, device=seq_lens.device)
+    valid = j[None, :] < npages[:, None]
+    forced = valid & ((j[None, :] < sink_pages) | (j[None, :] >= npages[:, None] - local_pages))
+    ntok = (seq_lens.to(torch.int64)[:, None] - j[None, :] * page_size).clamp(0, page_size)
+    return npages, valid, forced, ntok

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_int, next_pow2, num_pages_of
+from ._common import check_int, next_pow2, page_layout
 
 
 @dataclass(frozen=True)
@@ -67,13 +67,6 @@ class SelectParams:
         return self.topk if self.topk is not None else self.max_pages
 
 
-def _forced_mask(npages: torch.Tensor, n: int, params: SelectParams) -> tuple:
-    j = torch.arange(n, device=npages.device)
-    valid = j[None, :] < npages[:, None]
-    forced = valid & ((j[None, :] < params.sink_pages) | (j[None, :] >= npages[:, None] - params.local_pages))
-    return j, valid, forced
-
-
 def select_pages_ref(
     bounds: torch.Tensor,
     seq_lens: torch.Tensor,
@@ -83,12 +76,10 @@ def select_pages_ref(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pure-torch reference of select_pages: a stable descending sort and a cumulative sum."""
     bs, hkv, n = bounds.shape
-    npages = num_pages_of(seq_lens, page_size).clamp(max=n)
-    j, valid, forced = _forced_mask(npages, n, params)
+    _, valid, forced, ntok = page_layout(seq_lens, n, page_size, params.sink_pages, params.local_pages)
     width = params.width
     page_idx = torch.full((bs, hkv, width), -1, dtype=torch.int32, device=bounds.device)
     counts = torch.zeros((bs, hkv), dtype=torch.int32, device=bounds.device)
-    ntok = (seq_lens.to(torch.int64)[:, None] - j[None, :] * page_size).clamp(0, page_size)
     for b in range(bs):
         for h in range(hkv):
             u = bounds[b, h].double()

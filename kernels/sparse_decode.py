@@ -38,6 +38,7 @@ from ._common import (
     interpret_mode,
     next_pow2,
     num_pages_of,
+    page_layout,
 )
 
 _LOG2E = 1.4426950408889634
@@ -512,13 +513,9 @@ def certified_decode(
         raise ValueError(f"bounds must be [{bs}, {hkv}, N] float32, got {list(bounds.shape)}")
     dev = q.device
     n = bounds.shape[2]
-    npages = num_pages_of(seq_lens, page_size).clamp(max=n)  # [bs]
-    j = torch.arange(n, device=dev)
-    valid = j[None, :] < npages[:, None]
-    forced = valid & ((j[None, :] < sink_pages) | (j[None, :] >= npages[:, None] - local_pages))
+    npages, valid, forced, ntok = page_layout(seq_lens, n, page_size, sink_pages, local_pages)
     prio = bounds.masked_fill(forced[:, None], float("inf")).masked_fill(~valid[:, None], float("-inf"))
     order = torch.sort(prio, dim=-1, descending=True, stable=True).indices  # [bs, Hkv, N]
-    ntok = (seq_lens.to(torch.int64)[:, None] - j[None, :] * page_size).clamp(0, page_size)
     if rest_logits is not None and rest_logits.shape != bounds.shape:
         raise ValueError(f"rest_logits must have the shape of bounds {list(bounds.shape)}")
     rest = bounds if rest_logits is None else rest_logits

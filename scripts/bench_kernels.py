@@ -38,6 +38,7 @@ from sglang_psa.kernels import (
     sparse_decode,
     update_page_summaries,
 )
+from sglang_psa.kernels._common import page_layout
 from sglang_psa.kernels.flashinfer_decode import FlashInferDenseDecode, FlashInferSparseDecode
 
 HQ, HKV, D = 32, 8, 128
@@ -104,9 +105,7 @@ def recall_of(mass: torch.Tensor, mask: torch.Tensor) -> dict:
 
 
 def tokens_in(mask: torch.Tensor, seq_lens: torch.Tensor, p: int) -> int:
-    n_pages = mask.shape[-1]
-    j = torch.arange(n_pages, device=mask.device)
-    ntok = (seq_lens.long()[:, None] - j * p).clamp(0, p)  # [bs, N]
+    ntok = page_layout(seq_lens, mask.shape[-1], p)[3]  # [bs, N]
     return int((mask * ntok[:, None, :]).sum())
 
 
