@@ -43,10 +43,12 @@ def psa_decode(
     certified: rounds in bound order until the exact mass certifies tau against the bound on the rest.
     progressive: the same rounds, with the rest *estimated* from the centers (no guarantee, calibrated).
     """
-    bounds, centers = page_bounds(
+    use_centers = not certified  # certified bounds the tail with the upper bounds alone
+    res = page_bounds(
         q, kmin, kmax, req_to_token, req_pool_indices, seq_lens, page_size, block_size, sm_scale,
-        max_pages, with_centers=True,
+        max_pages, with_centers=use_centers,
     )  # fmt: skip
+    bounds, centers = res if use_centers else (res, None)
     if certified or progressive:
         out, lse, visited, order = certified_decode(
             q, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens, bounds, page_size,

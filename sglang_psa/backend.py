@@ -109,6 +109,7 @@ class PSAAttnBackend(AttentionBackend):
         )
         self._arange_w = torch.arange(max(self.width, 1), dtype=torch.int32, device=self.device)
         self.decode_meta: DecodeMeta | None = None
+        self._use_centers = self.cfg.mode in ("estimated", "progressive")
         self._capturing = False
         self.stats: DecodeStats | None = None
         if self.cfg.stats:
@@ -257,11 +258,13 @@ class PSAAttnBackend(AttentionBackend):
         rpi = forward_batch.req_pool_indices[:bs]
         seq_lens = forward_batch.seq_lens[:bs]
         ops = self.ops
-        # centers: the calibrated per-page mass estimate select_pages stops on (see page_bounds)
-        bounds, centers = ops.page_bounds(
+        # centers: the calibrated per-page mass estimate that estimated mode stops on and progressive
+        # mode estimates the tail with (see page_bounds); topk and certified never read them
+        res = ops.page_bounds(
             q, kmin, kmax, self.req_to_token, rpi, seq_lens, self.page_size, self.block_size,
-            layer.scaling, self.max_pages_ctx, with_centers=True,
+            layer.scaling, self.max_pages_ctx, with_centers=self._use_centers,
         )  # fmt: skip
+        bounds, centers = res if self._use_centers else (res, None)
         if self.cfg.mode in ("certified", "progressive"):
             out, _lse, counts, logged = ops.certified_decode(
                 q, k_cache, v_cache, self.req_to_token, rpi, seq_lens, bounds, self.page_size,
