@@ -17,6 +17,7 @@ Shapes and dtypes:
     req_pool_indices   [bs] int32 / int64
     seq_lens           [bs] int32 / int64
     -> bounds          [bs, Hkv, max_pages] float32, scaled by sm_scale; -inf past the last page
+                       (and for every page of a request shorter than skip_below)
        centers         same shape (with_centers=True): max over the group of q.(kmin + kmax) / 2
 """
 
@@ -59,6 +60,7 @@ def page_bounds_ref(
     sm_scale: float,
     max_pages: int,
     with_centers: bool = False,
+    skip_below: int = 0,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Pure-torch reference of page_bounds (float64 arithmetic)."""
     bs, hq, hkv, d, g = _check(q, kmin, kmax, req_to_token, req_pool_indices, seq_lens, page_size, block_size)
@@ -68,7 +70,7 @@ def page_bounds_ref(
     npages = num_pages_of(seq_lens, page_size)
     for b in range(bs):
         n = min(int(npages[b]), max_pages)
-        if n == 0:
+        if n == 0 or int(seq_lens[b]) < skip_below:
             continue
         r = int(req_pool_indices[b])
         first = req_to_token[r, torch.arange(n, device=q.device) * page_size].to(torch.int64)
@@ -104,6 +106,7 @@ def _page_bounds_kernel(
     CENTERS,
     sm_scale,
     max_pages,
+    skip_below,
     stride_qb,
     stride_qh,
     stride_sb,
@@ -126,14 +129,36 @@ def _page_bounds_kernel(
     pblk = tl.program_id(2)
     seq_len = tl.load(SEQ + b).to(tl.int64)
     rpi = tl.load(RPI + b).to(tl.int64)
+    j = pblk * BLOCK_P + tl.arange(0, BLOCK_P)
+    page_valid = (j * PAGE < seq_len) & (j < max_pages)
+    best = tl.full([BLOCK_P], float("-inf"), tl.float32)
+    best_center = tl.full([BLOCK_P], float("-inf"), tl.float32)
+    # The grid spans the longest context the server admits; blocks past this request's last page
+    # (and requests that decode densely) only write -inf.
+    if (pblk * BLOCK_P * PAGE < seq_len) & (seq_len >= skip_below):
+        best, best_center = _bound_block(
+            Q, KMIN, KMAX, REQ_TO_TOKEN, b, h, rpi, seq_len, j, page_valid, sm_scale, stride_qb, stride_qh,
+            stride_sb, stride_sh, stride_rt, G, G_PAD, D, BLOCK_D, PAGE, SUB, BLOCK_P, IEEE, WITH_CENTERS,
+        )  # fmt: skip
+    tl.store(OUT + b * stride_ob + h * stride_oh + j, best, mask=j < max_pages)
+    if WITH_CENTERS:
+        tl.store(CENTERS + b * stride_ob + h * stride_oh + j, best_center, mask=j < max_pages)
+
+
+@triton.jit
+def _bound_block(
+    Q, KMIN, KMAX, REQ_TO_TOKEN, b, h, rpi, seq_len, j, page_valid, sm_scale, stride_qb, stride_qh,
+    stride_sb, stride_sh, stride_rt, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
+    BLOCK_D: tl.constexpr, PAGE: tl.constexpr, SUB: tl.constexpr, BLOCK_P: tl.constexpr,
+    IEEE: tl.constexpr, WITH_CENTERS: tl.constexpr,
+):  # fmt: skip
+    """Bounds (and centers) of the BLOCK_P pages j of request b, kv head h."""
     gi = tl.arange(0, G_PAD)
     d = tl.arange(0, BLOCK_D)
     qmask = (gi < G)[:, None] & (d < D)[None, :]
     q = tl.load(Q + b * stride_qb + (h * G + gi)[:, None] * stride_qh + d[None, :], mask=qmask)
     q_pos = tl.maximum(q, 0.0).to(q.dtype)  # exact: relu of a bf16 value is a bf16 value
     q_neg = tl.minimum(q, 0.0).to(q.dtype)
-    j = pblk * BLOCK_P + tl.arange(0, BLOCK_P)
-    page_valid = (j * PAGE < seq_len) & (j < max_pages)
     first = tl.load(REQ_TO_TOKEN + rpi * stride_rt + j * PAGE, mask=page_valid, other=0).to(tl.int64)
     best = tl.full([BLOCK_P], float("-inf"), tl.float32)
     best_center = tl.full([BLOCK_P], float("-inf"), tl.float32)
@@ -161,9 +186,7 @@ def _page_bounds_kernel(
                 c = tl.dot(q, tl.trans(mid.to(q.dtype)))
             c = tl.max(tl.where((gi < G)[:, None], c, float("-inf")), axis=0) * sm_scale
             best_center = tl.maximum(best_center, tl.where(sub_valid, c, float("-inf")))
-    tl.store(OUT + b * stride_ob + h * stride_oh + j, best, mask=j < max_pages)
-    if WITH_CENTERS:
-        tl.store(CENTERS + b * stride_ob + h * stride_oh + j, best_center, mask=j < max_pages)
+    return best, best_center
 
 
 def page_bounds(
@@ -180,10 +203,13 @@ def page_bounds(
     out: torch.Tensor | None = None,
     with_centers: bool = False,
     centers: torch.Tensor | None = None,
+    skip_below: int = 0,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Bound every page's logits for a decode batch (Triton). See the module docstring.
 
-    Graph-safe: grid is (bs, Hkv, ceil(max_pages / BLOCK_P)); page counts are read on device.
+    Graph-safe: grid is (bs, Hkv, ceil(max_pages / BLOCK_P)); page counts are read on device, and
+    blocks past a request's last page cost only their -inf store.
+    skip_below: requests with seq_len < skip_below get -inf everywhere (they decode densely).
     """
     bs, hq, hkv, d, g = _check(q, kmin, kmax, req_to_token, req_pool_indices, seq_lens, page_size, block_size)
     if out is None:
@@ -211,6 +237,7 @@ def page_bounds(
         centers if with_centers else out,
         sm_scale,
         max_pages,
+        int(skip_below),
         q.stride(0),
         q.stride(1),
         kmin.stride(0),

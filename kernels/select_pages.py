@@ -9,8 +9,13 @@ overstates every page by its own slack and under-selects). The count is then cla
 for comparison): exactly `topk` pages, sinks and local window included.
 
 No sort: the per-row threshold is found by bisection over the order-preserving integer image of the
-fp32 bounds (33 steps pin it exactly), the way top-p samplers search a threshold. Everything stays on
-device with fixed shapes, so the step is CUDA-graph capturable.
+fp32 bounds, the way top-p samplers search a threshold, over the candidates' own key range (at most
+33 steps pin it exactly). The budget cap is tested first: when even the cap's best pages miss the
+target, they are the answer and the mass bisection is skipped; a request that takes every page
+(below dense_below, or a budget covering it) needs no bisection at all. Everything stays on device
+with fixed shapes, so the step is CUDA-graph capturable.
+
+dense_below: requests with seq_len < dense_below select every page (when they fit the width W).
 
 Shapes and dtypes:
     bounds    [bs, Hkv, N] float32 (page_bounds output; -inf past the last page)
@@ -73,6 +78,7 @@ def select_pages_ref(
     page_size: int,
     params: SelectParams,
     mass_logits: torch.Tensor | None = None,
+    dense_below: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pure-torch reference of select_pages: a stable descending sort and a cumulative sum."""
     bs, hkv, n = bounds.shape
@@ -88,7 +94,9 @@ def select_pages_ref(
             # stable sort: ties keep ascending page order, as the kernel's tie-break does
             order = cand[torch.sort(-u[cand], stable=True).indices]
             nf, nc = int(f.sum()), int(c.sum())
-            if params.topk is not None:
+            if int(seq_lens[b]) < dense_below and nf + nc <= width:
+                k = nc  # short request: dense
+            elif params.topk is not None:
                 k = min(max(params.topk - nf, 0), nc)
             else:
                 e = (mass_logits if mass_logits is not None else bounds)[b, h].double()
@@ -128,6 +136,45 @@ def _sortable_key(u):
 
 
 @triton.jit
+def _kth_key(key, cand, k, lo, hi):
+    """Largest t with count(cand & key >= t) >= k, given count(lo) >= k > count(hi) (int64 lo, hi).
+
+    Bisection over [lo, hi) only: starting from the candidates' own key range (not the whole int32
+    line) saves the steps that would only narrow empty space. mid always lies in the int32 range of
+    the keys, so the per-element compare stays 32-bit.
+    """
+    while hi - lo > 1:
+        mid = (lo + hi) >> 1
+        cnt = tl.sum((cand & (key >= mid.to(tl.int32))).to(tl.int32), axis=0)
+        ok = cnt >= k
+        lo = tl.where(ok, mid, lo)
+        hi = tl.where(ok, hi, mid)
+    return lo
+
+
+@triton.jit
+def _mass_key(key, cand, w, target, lo, hi):
+    """Largest t with mass(cand & key >= t) >= target, given mass(lo) >= target > mass(hi)."""
+    while hi - lo > 1:
+        mid = (lo + hi) >> 1
+        mass = tl.sum(tl.where(cand & (key >= mid.to(tl.int32)), w, 0.0), axis=0)
+        ok = mass >= target
+        lo = tl.where(ok, mid, lo)
+        hi = tl.where(ok, hi, mid)
+    return lo
+
+
+@triton.jit
+def _top_k_mask(key, cand, k, thr):
+    """The k largest candidates when thr is the k-th largest key; ties broken by page index."""
+    above = cand & (key > thr)
+    tied = cand & (key == thr)
+    n_above = tl.sum(above.to(tl.int32), axis=0)
+    tie_rank = tl.cumsum(tied.to(tl.int32), axis=0)
+    return (above | (tied & (tie_rank <= k - n_above))) & (k > 0)
+
+
+@triton.jit
 def _select_pages_kernel(
     BOUNDS,
     MASS_LOGITS,
@@ -141,6 +188,7 @@ def _select_pages_kernel(
     stride_oh,
     hkv,
     tau,
+    dense_below,
     PAGE: tl.constexpr,
     SINK: tl.constexpr,
     LOCAL: tl.constexpr,
@@ -148,67 +196,71 @@ def _select_pages_kernel(
     MAX_PAGES: tl.constexpr,
     TOPK: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    BLOCK_W: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
     seq_len = tl.load(SEQ + b).to(tl.int64)
     npages = tl.minimum((seq_len + PAGE - 1) // PAGE, n_pages_max)
+    # a request below dense_below takes every page (it fits: the config checks dense_below's pages)
+    short = (seq_len < dense_below) & (npages <= MAX_PAGES)
     j = tl.arange(0, BLOCK_N)
     valid = j < npages
-    u = tl.load(BOUNDS + b * stride_bb + h * stride_bh + j, mask=valid, other=float("-inf"))
     forced = valid & ((j < SINK) | (j >= npages - LOCAL))
     cand = valid & ~forced
     n_forced = tl.sum(forced.to(tl.int32), axis=0)
     n_cand = tl.sum(cand.to(tl.int32), axis=0)
-    key = _sortable_key(u).to(tl.int64)
+    row_in = b * stride_bb + h * stride_bh
+    u = tl.load(BOUNDS + row_in + j, mask=cand, other=float("-inf"))
+    key = _sortable_key(u)
+    lo0 = tl.min(tl.where(cand, key, 2147483647), axis=0).to(tl.int64)  # count(lo0) = n_cand
+    hi0 = tl.max(tl.where(cand, key, -2147483647 - 1), axis=0).to(tl.int64) + 1  # count(hi0) = 0
 
+    # k_cap: the most candidates the budget allows (top-k: exactly that many); the final selection is
+    # the top k candidates by (bound desc, page asc), thr the k-th largest key.
     if TOPK > 0:
-        k = tl.minimum(tl.maximum(TOPK - n_forced, 0), n_cand)
+        k_cap = tl.minimum(tl.maximum(TOPK - n_forced, 0), n_cand)
     else:
-        e = tl.load(MASS_LOGITS + b * stride_bb + h * stride_bh + j, mask=valid, other=float("-inf"))
-        m = tl.max(tl.where(valid, e, float("-inf")), axis=0)
-        m = tl.where(npages > 0, m, 0.0)
-        ntok = tl.minimum(tl.maximum(seq_len - j * PAGE, 0), PAGE).to(tl.float32)
-        w = tl.where(valid, ntok * tl.exp(e - m), 0.0)
-        w_forced = tl.sum(tl.where(forced, w, 0.0), axis=0)
-        w_cand = tl.sum(tl.where(cand, w, 0.0), axis=0)
-        target = tau * (w_forced + w_cand) - w_forced
-        # Largest threshold t whose candidate mass above t still reaches the target.
-        lo = tl.full([], -2147483649, tl.int64)  # mass(lo) = all candidates
-        hi = tl.full([], 2147483648, tl.int64)  # mass(hi) = 0
-        for _ in range(33):
-            mid = (lo + hi) >> 1
-            mass = tl.sum(tl.where(cand & (key >= mid), w, 0.0), axis=0)
-            ok = mass >= target
-            lo = tl.where(ok, mid, lo)
-            hi = tl.where(ok, hi, mid)
-        k_tau = tl.sum((cand & (key >= lo)).to(tl.int32), axis=0)
-        k_tau = tl.where((target <= 0.0) | (n_cand == 0), 0, k_tau)
-        k_tau = tl.where(tau >= 1.0, n_cand, k_tau)  # dense, even if masses underflow
-        k = tl.maximum(k_tau, MIN_PAGES - n_forced)
-        k = tl.minimum(tl.minimum(k, MAX_PAGES - n_forced), n_cand)
-        k = tl.maximum(k, 0)
+        k_cap = tl.minimum(tl.maximum(MAX_PAGES - n_forced, 0), n_cand)
+    k_cap = tl.where(short, n_cand, k_cap)
+    thr_cap = lo0
+    if (k_cap > 0) & (k_cap < n_cand):
+        thr_cap = _kth_key(key, cand, k_cap, lo0, hi0)
+    k = k_cap
+    thr = thr_cap
 
-    # Exact top-k among candidates: the k-th largest key by bisection, then ties by page index.
-    lo = tl.full([], -2147483649, tl.int64)
-    hi = tl.full([], 2147483648, tl.int64)
-    for _ in range(33):
-        mid = (lo + hi) >> 1
-        cnt = tl.sum((cand & (key >= mid)).to(tl.int32), axis=0)
-        ok = cnt >= k
-        lo = tl.where(ok, mid, lo)
-        hi = tl.where(ok, hi, mid)
-    above = cand & (key > lo)
-    tied = cand & (key == lo)
-    n_above = tl.sum(above.to(tl.int32), axis=0)
-    tie_rank = tl.cumsum(tied.to(tl.int32), axis=0)
-    take = above | (tied & (tie_rank <= k - n_above))
-    take = take & (k > 0)
-    sel = forced | take
+    if TOPK == 0:
+        if (tau < 1.0) & (n_cand > 0) & ~short:
+            e = tl.load(MASS_LOGITS + row_in + j, mask=valid, other=float("-inf"))
+            m = tl.max(e, axis=0)
+            ntok = tl.minimum(tl.maximum(seq_len - j * PAGE, 0), PAGE).to(tl.float32)
+            w = tl.where(valid, ntok * tl.exp(e - m), 0.0)
+            w_forced = tl.sum(tl.where(forced, w, 0.0), axis=0)
+            w_cand = tl.sum(tl.where(cand, w, 0.0), axis=0)
+            target = tau * (w_forced + w_cand) - w_forced
+            # The cap binds when even the k_cap best pages miss the target: then they are the answer
+            # and one bisection was enough. Otherwise find the tau threshold itself.
+            mass_cap = tl.sum(tl.where(_top_k_mask(key, cand, k_cap, thr_cap), w, 0.0), axis=0)
+            if mass_cap >= target:
+                thr_tau = hi0  # target <= 0: no candidate needed
+                if target > 0.0:
+                    thr_tau = _mass_key(key, cand, w, target, lo0, hi0)
+                k_tau = tl.sum((cand & (key >= thr_tau)).to(tl.int32), axis=0)  # ties all count
+                k = tl.minimum(tl.maximum(k_tau, MIN_PAGES - n_forced), k_cap)
+                k = tl.maximum(k, 0)
+                thr = thr_tau
+                if k == k_cap:  # ties past the cap: the cap's own threshold and tie-break
+                    thr = thr_cap
+                elif k != k_tau:  # min_pages raised it
+                    thr = _kth_key(key, cand, k, lo0, hi0)
+
+    sel = forced | _top_k_mask(key, cand, k, thr)
     pos = tl.cumsum(sel.to(tl.int32), axis=0) - 1
     row = OUT + b * stride_ob + h * stride_oh
     tl.store(row + pos, j.to(tl.int32), mask=sel)
     count = tl.sum(sel.to(tl.int32), axis=0)
+    wpos = tl.arange(0, BLOCK_W)
+    tl.store(row + wpos, tl.full([BLOCK_W], -1, tl.int32), mask=(wpos >= count) & (wpos < MAX_PAGES))
     tl.store(COUNTS + b * hkv + h, count)
 
 
@@ -220,6 +272,7 @@ def select_pages(
     page_idx: torch.Tensor | None = None,
     counts: torch.Tensor | None = None,
     mass_logits: torch.Tensor | None = None,
+    dense_below: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Select pages per (request, kv head) on device (Triton). See the module docstring."""
     if bounds.dim() != 3 or bounds.dtype != torch.float32:
@@ -241,7 +294,6 @@ def select_pages(
         counts = torch.empty((bs, hkv), dtype=torch.int32, device=bounds.device)
     if page_idx.shape != (bs, hkv, width) or counts.shape != (bs, hkv):
         raise ValueError(f"page_idx must be [{bs}, {hkv}, {width}] and counts [{bs}, {hkv}]")
-    page_idx.fill_(-1)
     if bs == 0:
         return page_idx, counts
     block_n = next_pow2(max(n, 16))
@@ -258,6 +310,7 @@ def select_pages(
         page_idx.stride(1),
         hkv,
         float(params.tau),
+        int(dense_below),
         PAGE=page_size,
         SINK=params.sink_pages,
         LOCAL=params.local_pages,
@@ -265,6 +318,7 @@ def select_pages(
         MAX_PAGES=params.max_pages if params.topk is None else params.topk,
         TOPK=params.topk or 0,
         BLOCK_N=block_n,
+        BLOCK_W=next_pow2(max(width, 16)),
         num_warps=4 if block_n <= 2048 else 8,
     )
     return page_idx, counts

@@ -478,6 +478,9 @@ def sparse_decode(
     return out, lse
 
 
+_NEVER_CERTIFIED = 1e4  # a log-mass no attention state reaches (finite: no inf - inf in logcumsumexp)
+
+
 def certified_decode(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -493,11 +496,14 @@ def certified_decode(
     local_pages: int = 4,
     first_round_pages: int = 16,
     rest_logits: torch.Tensor | None = None,
+    dense_below: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Progressive attention with a certified mass threshold (see the module docstring).
 
     rest_logits: per-page logits [bs, Hkv, N] used to bound (default: bounds, certified) or estimate
     (centers: progressive mode) the mass of the pages not visited yet.
+    dense_below: requests with seq_len < dense_below visit every page, in page order (their bounds
+    are not read, so page_bounds may skip them).
 
     Returns (out, lse, visited [bs, Hkv] int32 pages attended, order [bs, Hkv, N] int64 visiting order).
     Sinks and the local window are visited first. The number of rounds is static (log2 of N).
@@ -514,11 +520,15 @@ def certified_decode(
     dev = q.device
     n = bounds.shape[2]
     npages, valid, forced, ntok = page_layout(seq_lens, n, page_size, sink_pages, local_pages)
+    short = (seq_lens < dense_below)[:, None]  # [bs, 1]
+    forced = forced | (short & valid)
     prio = bounds.masked_fill(forced[:, None], float("inf")).masked_fill(~valid[:, None], float("-inf"))
     order = torch.sort(prio, dim=-1, descending=True, stable=True).indices  # [bs, Hkv, N]
     if rest_logits is not None and rest_logits.shape != bounds.shape:
         raise ValueError(f"rest_logits must have the shape of bounds {list(bounds.shape)}")
     rest = bounds if rest_logits is None else rest_logits
+    # a short request's unvisited pages count as unbounded mass, so it never stops before the end
+    rest = rest.masked_fill((short & valid)[:, None], _NEVER_CERTIFIED)
     log_w = rest + torch.log(ntok.float())[:, None]  # -inf for empty pages
     log_w = torch.gather(log_w.masked_fill(~valid[:, None], float("-inf")), 2, order)
     # log_rest[..., i]: log of the bound on the mass of pages order[i:], -inf once none is left

@@ -2,7 +2,7 @@
 # GPU end-to-end evidence for `--attention-backend psa` (issue 4). One stage per device call,
 # each well under 9 minutes. Run from the repo root on the device machine (carry .devbundle):
 #   bash scripts/gpu_e2e.sh STAGE
-# Stages: smoke | equal | serve | serve_fi | robust | bench_psa | bench_flashinfer | bench_triton
+# Stages: smoke | equal | serve | serve_fi | robust | bench | bench_triton | eval
 # Results: $OUT/*.json (+ server logs) and benchmarks/results/*.json.
 set -uo pipefail
 STAGE=${1:?stage}
@@ -13,7 +13,7 @@ source .devbundle/install.sh || exit 1
 python3 -m pip install --no-deps --no-build-isolation -e . > "$OUT/pip.log" 2>&1 \
   || { tail -20 "$OUT/pip.log"; exit 1; }
 python3 -c "import sglang_psa.plugin, sglang_psa.kernels" || exit 1
-COMMIT=$(git rev-parse --short HEAD 2>/dev/null || echo none)
+COMMIT=${PSA_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo none)}
 DEV=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
 PORT=30000; URL=http://127.0.0.1:$PORT
 M8=/tmp/m8b; M1=/tmp/m1b
@@ -40,6 +40,7 @@ stop_server() { kill $SERVER 2>/dev/null; wait $SERVER 2>/dev/null; sleep 3; }
 # tau alone would select almost everything; max_pages caps the budget at what the synthetic skewed
 # cache needs (pages of 32 tokens: 128 pages = 4k tokens, LServe's ~constant budget).
 PSA_ARGS=(--attention-backend psa --page-size 32 --psa-tau 0.9 --psa-max-pages 128 --psa-dense-below 4096 --psa-stats --psa-stats-interval 64)
+BENCH_PSA=(--attention-backend psa --page-size 32 --psa-tau 0.9 --psa-max-pages 160 --psa-dense-below 4608)
 
 case $STAGE in
 smoke)
@@ -82,30 +83,47 @@ robust)
   stop_server
   cp "$OUT/robust.json" benchmarks/results/e2e_robust.json
   exit $rc ;;
-bench_psa|bench_flashinfer|bench_triton)
-  # bench_one_batch decode throughput; sizes from the issue: 4 x 32k, 1 x 128k, 16 x 4k.
+bench|bench_triton)
+  # bench_one_batch decode throughput, one process per backend over the issue's sizes (bench_one_batch
+  # skips the combinations that do not fit the KV pool). Budget cap: 160 pages x 32 tokens (5k tokens,
+  # chosen from the synthetic skewed cache); requests below 4608 tokens decode densely (all pages).
   model $M8 llama3-8b 140000
-  B=${STAGE#bench_}
-  if [ $B = psa ]; then ARGS=("${PSA_ARGS[@]}"); else ARGS=(--attention-backend $B --page-size 32); fi
-  RES=$OUT/bench_$B.jsonl; rm -f "$RES"
-  for size in "4 32768" "1 131072" "16 4096"; do
-    set -- $size
-    timeout 200 python3 scripts/bench_e2e_one_batch.py --model-path $M8 --load-format dummy \
-      --mem-fraction-static 0.7 --cuda-graph-max-bs 16 "${ARGS[@]}" --batch-size $1 \
-      --input-len $2 --output-len 32 --run-name "$B" --result-filename "$RES" \
-      > "$OUT/bench_${B}_$1x$2.log" 2>&1 || { echo "bench $B $1x$2 failed"; tail -20 "$OUT/bench_${B}_$1x$2.log"; }
-    grep -E "Decode\.|median decode" "$OUT/bench_${B}_$1x$2.log" | tail -2
-  done
-  python3 - "$RES" "$B" "$COMMIT" "$DEV" <<'PY'
-import json, sys, time
-rows = [json.loads(l) for l in open(sys.argv[1])] if __import__("os").path.exists(sys.argv[1]) else []
+  if [ $STAGE = bench ]; then
+    timeout 120 python3 scripts/profile_decode_stages.py --max-pages 160 --out benchmarks/results > "$OUT/profile.log" 2>&1
+    RUNS="psa flashinfer psa_accesslog"
+  else
+    RUNS="triton"
+  fi
+  for B in $RUNS; do
+    SIZES=(--batch-size 1 4 16 --input-len 4096 32768 131072)
+    case $B in
+    psa) ARGS=("${BENCH_PSA[@]}") ;;
+    psa_accesslog) ARGS=("${BENCH_PSA[@]}" --psa-access-log "$OUT/accesslog" --psa-access-log-source dummy-weights-8b-bench)
+                   SIZES=(--batch-size 1 4 --input-len 32768 131072) ;;
+    triton) ARGS=(--attention-backend triton --page-size 32); SIZES=(--batch-size 1 4 16 --input-len 4096 32768 131072) ;;
+    *) ARGS=(--attention-backend $B --page-size 32) ;;
+    esac
+    RES=$OUT/bench_$B.jsonl; rm -f "$RES"
+    timeout 400 python3 scripts/bench_e2e_one_batch.py --model-path $M8 --load-format dummy \
+      --mem-fraction-static 0.7 --cuda-graph-max-bs 16 "${ARGS[@]}" "${SIZES[@]}" --output-len 32 \
+      --run-name "$B" --result-filename "$RES" > "$OUT/bench_$B.log" 2>&1 || { echo "bench $B failed"; tail -20 "$OUT/bench_$B.log"; }
+    python3 - "$RES" "$B" "$COMMIT" "$DEV" <<'PY'
+import json, os, sys, time
+rows = [json.loads(l) for l in open(sys.argv[1])] if os.path.exists(sys.argv[1]) else []
 out = {"backend": sys.argv[2], "commit": sys.argv[3], "device": sys.argv[4], "date": time.strftime("%Y-%m-%d"),
-       "model": "llama3-8b shape, dummy weights, mem 0.7", "tool": "sglang bench_one_batch",
-       "psa_budget": "tau 0.9, max_pages 128 x 32 tokens (cap chosen from the synthetic skewed cache)",
-       "results": rows}
+       "model": "llama3-8b shape, dummy weights, mem 0.7, page 32, CUDA graphs", "tool": "sglang bench_one_batch",
+       "psa_budget": "tau 0.9, max_pages 160 x 32 tokens (cap chosen from the synthetic skewed cache), "
+                     "dense below 4608 tokens, stats off", "results": rows}
 json.dump(out, open(f"benchmarks/results/bench_one_batch_{sys.argv[2]}.json", "w"), indent=1)
-print(json.dumps([{k: r.get(k) for k in ("batch_size", "input_len", "median_decode_latency", "median_decode_throughput")} for r in rows]))
+print(sys.argv[2], json.dumps([(r.get("batch_size"), r.get("input_len"), round(r.get("median_decode_latency", 0) * 1e3, 2)) for r in rows]))
 PY
+  done
+  ;;
+eval)
+  # Issue 7: accuracy of every backend setting on the trained small model (servers in parallel).
+  PSA_COMMIT=$COMMIT timeout 480 python3 scripts/eval_accuracy.py --model models/psa-llama-2m \
+    --lengths 4096,8192 --samples 20 --log-dir "$OUT/evallogs" --access-log "$OUT/accesslog_trained" \
+    2>&1 | tee "$OUT/eval.log"
   ;;
 *) echo "unknown stage $STAGE"; exit 2 ;;
 esac

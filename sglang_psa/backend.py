@@ -8,14 +8,13 @@ recorded there read each replay's values).
 
 Every KV write refreshes the page summaries of the written blocks: prefill/extend after FlashInfer
 stored K/V, decode after our own set_kv_buffer. Requests shorter than --psa-dense-below select all
-their pages (elementwise overrides, graph-safe), which equals dense attention.
+their pages inside the kernels (their bounds are skipped), which equals dense attention.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -25,6 +24,7 @@ from sglang_psa.memory.summary_pool import SummaryPool, set_active_pool
 
 from .config import PSAConfig, validate_against_server
 from .kernel_ops import KernelOps, select_params
+from .recall import selection_recall
 from .stats import DecodeStats
 
 if TYPE_CHECKING:
@@ -32,38 +32,6 @@ if TYPE_CHECKING:
     from sglang.srt.model_executor.forward_batch_info import ForwardBatch
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class DecodeMeta:
-    """Per-step tensors shared by all layers (computed once per step, inside the graph)."""
-
-    npages: torch.Tensor  # [bs] int32 pages of each request
-    short: torch.Tensor | None  # [bs] bool: decode densely (seq_len < dense_below)
-    dense_idx: torch.Tensor | None  # [bs, 1, W] int32: 0..npages-1 then -1
-
-
-def build_decode_meta(
-    seq_lens: torch.Tensor, page_size: int, dense_below: int, width: int, arange_w: torch.Tensor
-) -> DecodeMeta:
-    npages = ((seq_lens + (page_size - 1)) // page_size).to(torch.int32)
-    if dense_below <= 0:
-        return DecodeMeta(npages, None, None)
-    short = seq_lens < dense_below
-    ar = arange_w[:width]
-    dense_idx = torch.where(ar[None, :] < npages[:, None], ar[None, :], -1).to(torch.int32)
-    return DecodeMeta(npages, short, dense_idx[:, None, :])
-
-
-def force_dense(
-    page_idx: torch.Tensor, counts: torch.Tensor, meta: DecodeMeta
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Short requests attend to every page (page_idx ascending, like select_pages's output)."""
-    if meta.short is None:
-        return page_idx, counts
-    page_idx = torch.where(meta.short[:, None, None], meta.dense_idx, page_idx)
-    counts = torch.where(meta.short[:, None], meta.npages[:, None], counts)
-    return page_idx, counts
 
 
 class PSAAttnBackend(AttentionBackend):
@@ -107,8 +75,6 @@ class PSAAttnBackend(AttentionBackend):
             self.max_pages_ctx,
             self.summaries.mem_bytes() / 2**20,
         )
-        self._arange_w = torch.arange(max(self.width, 1), dtype=torch.int32, device=self.device)
-        self.decode_meta: DecodeMeta | None = None
         self._use_centers = self.cfg.mode in ("estimated", "progressive")
         self._capturing = False
         self.stats: DecodeStats | None = None
@@ -149,7 +115,7 @@ class PSAAttnBackend(AttentionBackend):
         if forward_batch.forward_mode.is_decode_or_idle():
             self._on_decode_step(in_capture=False)
             self._log_begin_step(forward_batch)
-            self._set_decode_meta(forward_batch)
+            self._count_dense_step(forward_batch)
         else:
             self.dense.init_forward_metadata(forward_batch)
 
@@ -164,7 +130,7 @@ class PSAAttnBackend(AttentionBackend):
 
     def init_forward_metadata_in_graph(self, forward_batch: ForwardBatch):
         if forward_batch.forward_mode.is_decode_or_idle():
-            self._set_decode_meta(forward_batch)
+            self._count_dense_step(forward_batch)
         else:
             self.dense.init_forward_metadata_in_graph(forward_batch)
 
@@ -174,13 +140,12 @@ class PSAAttnBackend(AttentionBackend):
             self.access_log.begin_step(self._log_step, getattr(forward_batch, "rids", None) or [])
             self._log_step += 1
 
-    def _set_decode_meta(self, forward_batch: ForwardBatch) -> None:
+    def _count_dense_step(self, forward_batch: ForwardBatch) -> None:
+        """Stats: the KV units a dense decode step would read (recorded in the graph, no sync)."""
         bs = forward_batch.batch_size
-        seq_lens = forward_batch.seq_lens[:bs]
-        meta = build_decode_meta(seq_lens, self.page_size, self.cfg.dense_below, self.width, self._arange_w)
-        self.decode_meta = meta
         if self.stats is not None and bs > 0:
-            self.stats.add_step(meta.npages.sum() * self.kv_pool.head_num)
+            npages = (forward_batch.seq_lens[:bs] + (self.page_size - 1)) // self.page_size
+            self.stats.add_step(npages.sum() * self.kv_pool.head_num)
 
     def _on_decode_step(self, in_capture: bool) -> None:
         self._capturing = in_capture
@@ -238,18 +203,14 @@ class PSAAttnBackend(AttentionBackend):
         q3 = q.reshape(-1, layer.tp_q_head_num, layer.head_dim)[:bs]
         if q3.stride(2) != 1:
             q3 = q3.contiguous()
-        meta = self.decode_meta
-        if meta is None or meta.npages.shape[0] != bs:
-            self._set_decode_meta(forward_batch)
-            meta = self.decode_meta
-        out = self._psa_decode(q3, layer, forward_batch, meta)
+        out = self._psa_decode(q3, layer, forward_batch)
         return out.reshape(-1, layer.tp_q_head_num * layer.v_head_dim)
 
     def _update_summaries(self, layer: RadixAttention, loc: torch.Tensor) -> None:
         k_cache = self.kv_pool.get_key_buffer(layer.layer_id)
         self.summaries.update(layer.layer_id, k_cache, loc, self.ops.update_page_summaries)
 
-    def _psa_decode(self, q, layer, forward_batch, meta: DecodeMeta) -> torch.Tensor:
+    def _psa_decode(self, q, layer, forward_batch) -> torch.Tensor:
         bs = q.shape[0]
         lid = layer.layer_id
         k_cache = self.kv_pool.get_key_buffer(lid)
@@ -258,11 +219,13 @@ class PSAAttnBackend(AttentionBackend):
         rpi = forward_batch.req_pool_indices[:bs]
         seq_lens = forward_batch.seq_lens[:bs]
         ops = self.ops
+        dense_below = self.cfg.dense_below
         # centers: the calibrated per-page mass estimate that estimated mode stops on and progressive
-        # mode estimates the tail with (see page_bounds); topk and certified never read them
+        # mode estimates the tail with (see page_bounds); topk and certified never read them.
+        # Requests below dense_below take every page, so their bounds are skipped.
         res = ops.page_bounds(
             q, kmin, kmax, self.req_to_token, rpi, seq_lens, self.page_size, self.block_size,
-            layer.scaling, self.max_pages_ctx, with_centers=self._use_centers,
+            layer.scaling, self.max_pages_ctx, with_centers=self._use_centers, skip_below=dense_below,
         )  # fmt: skip
         bounds, centers = res if self._use_centers else (res, None)
         if self.cfg.mode in ("certified", "progressive"):
@@ -271,13 +234,12 @@ class PSAAttnBackend(AttentionBackend):
                 layer.scaling, float(self.cfg.tau), self.cfg.sink_pages, self.cfg.local_pages,
                 self.cfg.first_round_pages,
                 # progressive: estimate the unvisited tail from the centers; certified: bound it
-                rest_logits=centers if self.cfg.mode == "progressive" else None,
+                rest_logits=centers if self.cfg.mode == "progressive" else None, dense_below=dense_below,
             )  # fmt: skip
         else:
             page_idx, counts = ops.select_pages(
-                bounds, seq_lens, self.page_size, self.params, mass_logits=centers
+                bounds, seq_lens, self.page_size, self.params, mass_logits=centers, dense_below=dense_below
             )
-            page_idx, counts = force_dense(page_idx, counts, meta)
             logged = page_idx
             out, _lse = ops.sparse_decode(
                 q, k_cache, v_cache, self.req_to_token, rpi, seq_lens, page_idx, counts,
@@ -285,6 +247,13 @@ class PSAAttnBackend(AttentionBackend):
             )  # fmt: skip
         if self.stats is not None:
             self.stats.add_layer(lid, counts)
+            if self.cfg.measure_recall:
+                self.stats.add_recall(
+                    selection_recall(
+                        q, k_cache, self.req_to_token, rpi, seq_lens, logged, counts, self.page_size,
+                        layer.scaling,
+                    )
+                )  # fmt: skip
         if self.access_log is not None:
             # progressive/certified log their visiting order; pages past the log width are dropped
             self.access_log.record_layer(lid, logged[..., : self.width], counts, seq_lens)

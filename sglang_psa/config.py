@@ -47,6 +47,7 @@ class PSAConfig:
     first_round_pages: int = 16  # progressive / certified modes: pages in the first round
     stats: bool = False  # accumulate per-layer selection statistics on the device
     stats_interval: int = 256  # decode steps between two read-outs (the only host sync)
+    measure_recall: bool = False  # stats also report attention-mass recall (dense pass; eval only)
     access_log: str = ""  # directory for the selection access log ("" = off); see access_log.py
     access_log_requests: int = 4  # requests traced at a time when the access log is on
     access_log_source: str = "server"  # label stored in the log (e.g. dummy-weights-server)
@@ -188,6 +189,15 @@ def uses_psa(server_args: Any) -> bool:
     return "psa" in names
 
 
+def decode_graphs_off(server_args: Any) -> bool:
+    """True when decode runs eagerly (--disable-cuda-graph or --cuda-graph-backend-decode disabled)."""
+    if getattr(server_args, "disable_cuda_graph", False):
+        return True
+    cfg = getattr(server_args, "cuda_graph_config", None)
+    backend = getattr(getattr(cfg, "decode", None), "backend", None)
+    return str(getattr(backend, "value", backend)).lower() in ("disabled", "none")
+
+
 def validate_against_server(cfg: PSAConfig, server_args: Any, model_config: Any = None) -> None:
     """Combinations of SGLang options PSA cannot serve. One ValueError naming option and fix."""
     sa = server_args
@@ -200,12 +210,11 @@ def validate_against_server(cfg: PSAConfig, server_args: Any, model_config: Any 
             f"--decode-attention-backend (got prefill={prefill!r}, decode={decode!r})"
         )
     cfg.validate_page_size(getattr(sa, "page_size", None))
-    if cfg.access_log and not getattr(sa, "disable_cuda_graph", False):
-        # The logger's per-layer staging failed decode-graph capture on the H100 (an unpinned
-        # CPU->GPU copy, since replaced by fill_); the fix is not yet verified on a GPU.
+    if cfg.measure_recall and not (cfg.stats and decode_graphs_off(sa)):
+        # recall needs a dense pass over every key with a host-side length: not graph-capturable
         raise ValueError(
-            "--psa-access-log is not yet verified under CUDA graphs; add --disable-cuda-graph "
-            "when logging, or drop --psa-access-log"
+            "--psa-measure-recall computes exact attention for every decode step (eval only); it needs "
+            "--psa-stats and --disable-cuda-graph, or drop --psa-measure-recall"
         )
     if getattr(sa, "speculative_algorithm", None):
         raise ValueError(

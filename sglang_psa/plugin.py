@@ -48,6 +48,8 @@ _FLAG_HELP = {
     "first_round_pages": "PSA progressive/certified modes: pages visited in the first round.",
     "stats": "PSA: collect per-layer selection statistics (logged; Prometheus with --enable-metrics).",
     "stats_interval": "PSA: decode steps between two statistics read-outs.",
+    "measure_recall": "PSA: also report the attention-mass recall of every selection against exact "
+    "softmax (a dense pass per layer; for evaluation, needs --psa-stats and --disable-cuda-graph).",
     "access_log": "PSA: directory for a bounded, rotated log of selected pages ('' = off).",
     "access_log_requests": "PSA: how many requests the access log traces at a time.",
     "access_log_source": "PSA: source label written into the access log.",

@@ -23,6 +23,13 @@ class StatsSnapshot:
     dense_pages: float  # per layer (same for every layer)
     kv_bytes_read: float  # all layers: selected pages' K+V plus the summaries scored
     kv_bytes_dense: float  # all layers: K+V of every page
+    recall_sum: float = 0.0  # --psa-measure-recall: sum over (request, q head, layer) of recall
+    recall_count: float = 0.0
+    recall_min: float = 1.0
+
+    @property
+    def recall_mean(self) -> float | None:
+        return self.recall_sum / self.recall_count if self.recall_count else None
 
     @property
     def read_fraction(self) -> float:
@@ -56,6 +63,7 @@ class DecodeStats:
         # float64: exact integer sums well beyond int32, and no dtype juggling in graphs.
         self.selected = torch.zeros(num_layers, dtype=torch.float64, device=device)
         self.dense = torch.zeros(1, dtype=torch.float64, device=device)
+        self.recall = torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64, device=device)  # sum, n, min
         self.steps = 0
         self._since_read = 0
         self.labels = labels or {}
@@ -70,10 +78,19 @@ class DecodeStats:
     def add_step(self, dense_units: torch.Tensor) -> None:
         self.dense += dense_units
 
+    def add_recall(self, recall: torch.Tensor) -> None:
+        """recall: [bs, Hq] of one layer (eval runs only; see sglang_psa.recall)."""
+        if recall.numel():
+            r = recall.double()
+            self.recall[0] += r.sum()
+            self.recall[1] += r.numel()
+            self.recall[2] = torch.minimum(self.recall[2], r.min())
+
     # ---- host side (outside graphs)
     def reset(self) -> None:
         self.selected.zero_()
         self.dense.zero_()
+        self.recall.copy_(torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64))
         self._since_read = 0
 
     def on_step(self) -> StatsSnapshot | None:
@@ -87,12 +104,16 @@ class DecodeStats:
     def read(self) -> StatsSnapshot:
         sel = self.selected.tolist()
         dense = float(self.dense.item())
+        rsum, rn, rmin = self.recall.tolist()
         snap = StatsSnapshot(
             steps=self._since_read,
             selected_pages=sel,
             dense_pages=dense,
             kv_bytes_read=sum(sel) * self.page_bytes + dense * self.num_layers * self.summary_bytes,
             kv_bytes_dense=dense * self.num_layers * self.page_bytes,
+            recall_sum=rsum,
+            recall_count=rn,
+            recall_min=rmin,
         )
         self.reset()
         self.last = snap
@@ -112,6 +133,8 @@ class DecodeStats:
             sum(frac) / len(frac) if frac else 0.0,
             max(frac) if frac else 0.0,
         )
+        if snap.recall_mean is not None:
+            logger.info("PSA attention-mass recall: mean %.4f min %.4f", snap.recall_mean, snap.recall_min)
         if self.enable_metrics:
             self._emit_prometheus(snap, frac)
 
@@ -139,6 +162,26 @@ class DecodeStats:
                     labelnames=names,
                     multiprocess_mode="mostrecent",
                 ),
+                "sel_pages": Counter(
+                    "sglang:psa_selected_pages",
+                    "(request, kv head, page) units PSA decode attended, summed over layers.",
+                    labelnames=names,
+                ),
+                "dense_pages": Counter(
+                    "sglang:psa_dense_pages",
+                    "(request, kv head, page) units a dense decode would attend, summed over layers.",
+                    labelnames=names,
+                ),
+                "recall_sum": Counter(
+                    "sglang:psa_recall_sum",
+                    "Sum of attention-mass recall over (request, q head, layer) (--psa-measure-recall).",
+                    labelnames=names,
+                ),
+                "recall_count": Counter(
+                    "sglang:psa_recall_count",
+                    "Number of recall samples summed in sglang:psa_recall_sum.",
+                    labelnames=names,
+                ),
                 "layer": Gauge(
                     "sglang:psa_selected_page_fraction",
                     "Selected pages / all pages per layer, last read-out window.",
@@ -150,5 +193,10 @@ class DecodeStats:
         p["read"].labels(**self.labels).inc(snap.kv_bytes_read)
         p["dense"].labels(**self.labels).inc(snap.kv_bytes_dense)
         p["frac"].labels(**self.labels).set(snap.read_fraction)
+        p["sel_pages"].labels(**self.labels).inc(sum(snap.selected_pages))
+        p["dense_pages"].labels(**self.labels).inc(snap.dense_pages * self.num_layers)
+        if snap.recall_count:
+            p["recall_sum"].labels(**self.labels).inc(snap.recall_sum)
+            p["recall_count"].labels(**self.labels).inc(snap.recall_count)
         for i, f in enumerate(frac):
             p["layer"].labels(**self.labels, layer=str(i + self.start_layer)).set(f)

@@ -98,10 +98,17 @@ def test_server_combinations(kw, match):
         validate_against_server(PSAConfig(), _server(**kw))
 
 
-def test_access_log_needs_eager_decode_for_now():
-    with pytest.raises(ValueError, match="--psa-access-log .* --disable-cuda-graph"):
-        validate_against_server(PSAConfig(access_log="/tmp/x"), _server())
+def test_access_log_runs_with_and_without_cuda_graphs():
+    validate_against_server(PSAConfig(access_log="/tmp/x"), _server())
     validate_against_server(PSAConfig(access_log="/tmp/x"), _server(disable_cuda_graph=True))
+
+
+def test_measure_recall_needs_stats_and_eager_decode():
+    with pytest.raises(ValueError, match="--psa-measure-recall .* --disable-cuda-graph"):
+        validate_against_server(PSAConfig(measure_recall=True, stats=True), _server())
+    with pytest.raises(ValueError, match="--psa-stats"):
+        validate_against_server(PSAConfig(measure_recall=True), _server(disable_cuda_graph=True))
+    validate_against_server(PSAConfig(measure_recall=True, stats=True), _server(disable_cuda_graph=True))
 
 
 def test_server_ok():

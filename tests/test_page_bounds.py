@@ -103,3 +103,16 @@ def test_centers_equal_reference_and_lie_inside_the_interval(page_size, group, d
     tol = 1e-4 if dtype == torch.float32 else 5e-2
     assert torch.allclose(got_c[fin], ref_c[fin], rtol=tol, atol=tol)
     assert bool((got_c[fin] <= got_u[fin] + tol).all())
+
+
+def test_skip_below_leaves_short_requests_minus_inf(device):
+    sb, kmin, kmax = build(16, 4, 64, torch.float32, device)
+    cut = int(sb.seq_lens.max())  # the longest request keeps its bounds, shorter ones are skipped
+    got = page_bounds(*_args(sb, kmin, kmax, 16, 12), skip_below=cut)
+    ref = page_bounds_ref(*_args(sb, kmin, kmax, 16, 12), skip_below=cut)
+    full = page_bounds(*_args(sb, kmin, kmax, 16, 12))
+    for b in range(3):
+        if int(sb.seq_lens[b]) < cut:
+            assert bool(torch.isneginf(got[b]).all()) and bool(torch.isneginf(ref[b]).all())
+        else:
+            assert torch.equal(got[b], full[b])

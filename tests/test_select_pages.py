@@ -143,3 +143,43 @@ def test_mass_logits_kernel_equals_reference(tau, device):
     plain = select_pages_ref(bounds, seq_lens, P, params)
     if tau < 1.0:  # a different estimate changes how many pages are needed
         assert not torch.equal(plain[1], ref[1])
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SelectParams(tau=0.9, sink_pages=1, local_pages=2, max_pages=24),
+        SelectParams(topk=10, sink_pages=1, local_pages=2),
+        SelectParams(tau=1.0, sink_pages=1, local_pages=1, max_pages=8),
+    ],
+    ids=["tau0.9", "topk10", "tau1-cap8"],
+)
+def test_dense_below_takes_every_page_of_short_requests(params, device):
+    # request 0 is long (sparse), 1 is short and fits the width (dense), 2 is short but spans more
+    # pages than the width holds (so it is selected as usual rather than overflowing)
+    bounds = _random_bounds(3, 2, 40, seed=5)
+    seq_lens = torch.tensor([40 * P, 7 * P + 3, 30 * P], dtype=torch.int32)
+    for b, n in enumerate((40, 8, 30)):
+        bounds[b, :, n:] = float("-inf")
+    dense_below = 31 * P
+    ref = select_pages_ref(bounds, seq_lens, P, params, dense_below=dense_below)
+    got = [t.cpu() for t in select_pages(bounds.to(device), seq_lens.to(device), P, params,
+                                         dense_below=dense_below)]  # fmt: skip
+    assert torch.equal(got[1], ref[1]) and torch.equal(got[0], ref[0])
+    assert got[1][1].tolist() == [8, 8]
+    assert got[0][1, 0, :8].tolist() == list(range(8))
+    plain = select_pages_ref(bounds, seq_lens, P, params)
+    assert torch.equal(plain[0][0], ref[0][0]) and torch.equal(plain[0][2], ref[0][2])
+
+
+def test_output_rows_are_fully_written(device):
+    """The kernel writes the -1 tail itself: garbage in a reused output buffer never survives."""
+    bounds = _random_bounds(2, 2, 30, seed=9)
+    seq_lens = torch.tensor([30 * P, 9 * P], dtype=torch.int32)
+    bounds[1, :, 9:] = float("-inf")
+    params = SelectParams(tau=0.8, sink_pages=1, local_pages=1, max_pages=12)
+    page_idx = torch.full((2, 2, 12), 77, dtype=torch.int32, device=device)
+    counts = torch.full((2, 2), 77, dtype=torch.int32, device=device)
+    got = select_pages(bounds.to(device), seq_lens.to(device), P, params, page_idx=page_idx, counts=counts)
+    ref = select_pages_ref(bounds, seq_lens, P, params)
+    assert torch.equal(got[0].cpu(), ref[0]) and torch.equal(got[1].cpu(), ref[1])

@@ -174,3 +174,19 @@ def test_progressive_attends_exactly_its_visited_pages_and_stops_early(device):
     assert rel_err(out, ref) < 1e-5
     assert bool((visited <= cert_visited).all())
     assert float(_captured_mass(sb, order, visited).mean()) >= 0.85
+
+
+@pytest.mark.parametrize("mode", ["certified", "progressive"])
+def test_dense_below_visits_every_page_of_short_requests(mode, device):
+    page = 16
+    lens = [page * 11 + 7, page * 4, 2]
+    sb, kmin, kmax = build(page, 4, 64, torch.float32, device, lens=lens, seed=4, skew=0.9)
+    bounds = page_bounds(*_cache(sb)[:1], kmin, kmax, *_cache(sb)[3:], page, page, sb.sm_scale, MAXP,
+                         with_centers=True, skip_below=page * 5)  # fmt: skip
+    b_, c_ = bounds
+    rest = c_ if mode == "progressive" else None
+    out, _, visited, _ = certified_decode(*_cache(sb), b_, page, sb.sm_scale, 0.5, 1, 1, 2, rest_logits=rest,
+                                          dense_below=page * 5)  # fmt: skip
+    assert visited[1].tolist() == [4] * visited.shape[1] and visited[2].tolist() == [1] * visited.shape[1]
+    dense, _ = dense_decode_ref(*_cache(sb), page, sb.sm_scale)
+    assert rel_err(out[1:], dense[1:]) < 1e-5

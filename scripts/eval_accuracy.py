@@ -1,0 +1,312 @@
+#!/usr/bin/env python3
+"""Task accuracy of sparse decode through the real SGLang server: dense vs PSA vs top-k vs streaming.
+
+For every backend setting a stock `python -m sglang.launch_server` is started on the trained small
+model (scripts/train_small_model.py), the long-context tasks of sglang_psa.longctx_tasks are sent
+as input_ids with greedy decoding, answers are scored by exact match, and PSA's own statistics
+(--psa-stats --psa-measure-recall, read from Prometheus /metrics) give the fraction of KV pages
+read and the attention-mass recall of each selection. Servers run several at a time on one GPU
+(the model is tiny); CUDA graphs are off because recall needs a dense pass.
+
+    python scripts/eval_accuracy.py --model models/psa-llama-2m --lengths 4096,8192 --samples 20
+
+Writes benchmarks/results/eval-accuracy-<date>.json and a plot of accuracy vs pages read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import datetime
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from sglang_psa.longctx_tasks import (  # noqa: E402
+    TASK_KINDS,
+    FillerCorpus,
+    as_encoders,
+    find_local_text,
+    make_tasks,
+    score_answer,
+)
+
+PAGE = 16  # Quest's page size; 8k tokens = 512 pages
+SINK, LOCAL = 1, 4  # pages always kept by every PSA / top-k setting (streaming uses its own)
+
+
+def backend_settings(taus: list[float], topks: list[int], stream_pages: int) -> dict[str, list[str]]:
+    """name -> server flags for every setting compared."""
+    psa = ["--attention-backend", "psa", "--psa-max-pages", "2048", "--psa-dense-below", "0",
+           "--psa-sink-pages", str(SINK), "--psa-local-pages", str(LOCAL), "--psa-stats",
+           "--psa-stats-interval", "1", "--psa-measure-recall"]  # fmt: skip
+    out: dict[str, list[str]] = {"dense": ["--attention-backend", "flashinfer"]}
+    for mode in ("estimated", "certified"):
+        for tau in taus:
+            out[f"psa-{mode}-{tau:g}"] = [*psa, "--psa-mode", mode, "--psa-tau", str(tau)]
+    for k in topks:
+        out[f"topk-{k}"] = [*psa, "--psa-mode", "topk", "--psa-topk", str(k)]
+    # streaming: sinks + local window only (LServe's streaming heads): top-k with no free slot
+    sink = max(1, stream_pages // 8)
+    out[f"streaming-{stream_pages}"] = [*psa, "--psa-mode", "topk", "--psa-topk", str(stream_pages),
+                                        "--psa-sink-pages", str(sink), "--psa-local-pages",
+                                        str(stream_pages - sink)]  # fmt: skip
+    return out
+
+
+def _post(url: str, body: dict, timeout: float = 600) -> dict | None:
+    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return json.loads(r.read())
+    except (urllib.error.URLError, TimeoutError, ConnectionError):
+        return None
+
+
+def _metrics(url: str) -> dict[str, float]:
+    """Sum of every sglang:psa_* sample by metric name (labels dropped)."""
+    out: dict[str, float] = {}
+    with urllib.request.urlopen(f"{url}/metrics", timeout=30) as r:
+        text = r.read().decode()
+    for line in text.splitlines():
+        m = re.match(r"^(sglang:psa_\w+?)(?:_total)?(?:\{[^}]*\})?\s+([-\d.e+]+)$", line)
+        if m:
+            out[m.group(1)] = out.get(m.group(1), 0.0) + float(m.group(2))
+    return out
+
+
+class Server:
+    """One launch_server process on its own port."""
+
+    def __init__(self, model: str, port: int, flags: list[str], log: Path, mem: float):
+        self.url = f"http://127.0.0.1:{port}"
+        cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", model, "--port", str(port),
+               "--page-size", str(PAGE), "--context-length", "32768", "--max-total-tokens", "300000",
+               "--max-running-requests", "32", "--mem-fraction-static", str(mem), "--disable-cuda-graph",
+               "--disable-piecewise-cuda-graph", "--enable-metrics", *flags]  # fmt: skip
+        env = dict(os.environ, SGLANG_FLASHINFER_USE_TENSOR_CORE="true")
+        self.log = log
+        self.proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
+
+    def wait_ready(self, timeout: float = 400) -> bool:
+        t = time.time()
+        while time.time() - t < timeout:
+            if self.proc.poll() is not None:
+                return False
+            try:
+                urllib.request.urlopen(f"{self.url}/health", timeout=2)
+                return True
+            except Exception:
+                time.sleep(2)
+        return False
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def run_setting(name: str, flags: list[str], prompts: list[dict], a: argparse.Namespace, port: int) -> dict:
+    log = Path(a.log_dir) / f"server-{name}.log"
+    srv = Server(a.model, port, flags, log, a.mem_fraction)
+    t0 = time.time()
+    try:
+        if not srv.wait_ready():
+            tail = log.read_text()[-3000:] if log.exists() else ""
+            return {"name": name, "flags": flags, "error": "server did not start", "log_tail": tail}
+        ready_s = time.time() - t0
+
+        def one(p: dict) -> dict:
+            body = {"input_ids": p["input_ids"], "sampling_params": {"max_new_tokens": p["max_new"],
+                                                                      "temperature": 0}}  # fmt: skip
+            d = _post(f"{srv.url}/generate", body)
+            text = d.get("text", "") if isinstance(d, dict) else None
+            score = score_answer(text, p["answer"]) if text is not None else 0.0
+            return {"kind": p["kind"], "length": p["length"], "score": score, "ok": text is not None}
+
+        with cf.ThreadPoolExecutor(a.concurrency) as ex:
+            results = list(ex.map(one, prompts))
+        met = _metrics(srv.url)
+    finally:
+        srv.stop()
+    acc: dict[str, dict[str, float]] = {}
+    for kind in sorted({r["kind"] for r in results}):
+        acc[kind] = {}
+        for length in sorted({r["length"] for r in results}):
+            rs = [r["score"] for r in results if r["kind"] == kind and r["length"] == length]
+            acc[kind][str(length)] = sum(rs) / max(1, len(rs))
+    sel, dense = met.get("sglang:psa_selected_pages", 0.0), met.get("sglang:psa_dense_pages", 0.0)
+    rsum, rn = met.get("sglang:psa_recall_sum", 0.0), met.get("sglang:psa_recall_count", 0.0)
+    is_psa = "psa" in flags
+    return {
+        "name": name,
+        "flags": flags,
+        "accuracy": acc,
+        "mean_accuracy": sum(r["score"] for r in results) / max(1, len(results)),
+        "failed_requests": sum(not r["ok"] for r in results),
+        "page_fraction": (sel / dense if dense else None) if is_psa else 1.0,
+        "recall": (rsum / rn if rn else None) if is_psa else 1.0,
+        "server_ready_s": round(ready_s, 1),
+        "seconds": round(time.time() - t0, 1),
+    }
+
+
+def build_prompts(model: str, kinds: list[str], lengths: list[int], n: int) -> list[dict]:
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast.from_pretrained(model)
+    encode, encode_batch = as_encoders(tok)
+    corpus = FillerCorpus(find_local_text(max_bytes=16_000_000), encode=encode, encode_batch=encode_batch)
+    prompts = []
+    for kind in kinds:
+        for length in lengths:
+            for task in make_tasks(kind, corpus, length, n, seed=100_000):
+                ids = tok(task.prompt, add_special_tokens=True)["input_ids"]
+                max_new = len(encode(task.answer)) + 4
+                prompts.append({"kind": kind, "length": length, "input_ids": ids, "answer": task.answer,
+                                "max_new": max_new})  # fmt: skip
+    return prompts
+
+
+def plot(rows: list[dict], path: Path, length: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    groups = {"PSA estimated": "psa-estimated", "PSA certified": "psa-certified", "top-k": "topk",
+              "streaming": "streaming"}  # fmt: skip
+    for label, prefix in groups.items():
+        pts = sorted(
+            (r["page_fraction"], sum(v[length] for v in r["accuracy"].values()) / len(r["accuracy"]))
+            for r in rows
+            if r["name"].startswith(prefix) and r.get("page_fraction") is not None
+        )
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+    dense = [r for r in rows if r["name"] == "dense" and "accuracy" in r]
+    if dense:
+        acc = sum(v[length] for v in dense[0]["accuracy"].values()) / len(dense[0]["accuracy"])
+        ax.axhline(acc, color="k", ls="--", label="dense")
+    ax.set_xscale("log")
+    ax.set_xlabel("fraction of KV pages read per decode step")
+    ax.set_ylabel(f"mean exact-match accuracy ({length} tokens)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="models/psa-llama-2m")
+    ap.add_argument("--lengths", default="4096,8192")
+    ap.add_argument("--samples", type=int, default=20, help="prompts per task and length")
+    ap.add_argument("--tasks", default="all")
+    ap.add_argument("--taus", default="0.8,0.9,0.95,0.99")
+    ap.add_argument("--topks", default="8,16,32,64,128", help="top-k budgets in pages of 16 tokens")
+    ap.add_argument("--stream-pages", type=int, default=32)
+    ap.add_argument("--only", default="", help="comma-separated setting names (default: all)")
+    ap.add_argument("--parallel", type=int, default=6, help="servers at a time on the GPU")
+    ap.add_argument("--concurrency", type=int, default=32, help="requests in flight per server")
+    ap.add_argument("--mem-fraction", type=float, default=0.3)
+    ap.add_argument("--port", type=int, default=31000)
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--log-dir", default="/tmp/eval_logs")
+    ap.add_argument("--access-log", default="", help="record the selections of --access-log-setting here")
+    ap.add_argument("--access-log-setting", default="psa-estimated-0.95")
+    a = ap.parse_args(argv)
+    os.makedirs(a.log_dir, exist_ok=True)
+    os.makedirs(a.out, exist_ok=True)
+
+    kinds = list(TASK_KINDS) if a.tasks == "all" else a.tasks.split(",")
+    lengths = [int(x) for x in a.lengths.split(",")]
+    settings = backend_settings([float(t) for t in a.taus.split(",")], [int(k) for k in a.topks.split(",")],
+                                a.stream_pages)  # fmt: skip
+    if a.only:
+        settings = {k: v for k, v in settings.items() if k in a.only.split(",")}
+    if a.access_log and a.access_log_setting in settings:
+        src = f"trained-{Path(a.model).name}-{a.access_log_setting}"
+        settings[a.access_log_setting] += ["--psa-access-log", a.access_log, "--psa-access-log-source", src]
+    prompts = build_prompts(a.model, kinds, lengths, a.samples)
+    print(f"{len(prompts)} prompts x {len(settings)} settings", flush=True)
+
+    rows = []
+    with cf.ThreadPoolExecutor(a.parallel) as ex:
+        futs = {}
+        for i, (name, flags) in enumerate(settings.items()):
+            futs[ex.submit(run_setting, name, flags, prompts, a, a.port + i)] = name
+            time.sleep(5 if i < a.parallel else 0)  # stagger the first wave's memory profiling
+        for f in cf.as_completed(futs):
+            r = f.result()
+            rows.append(r)
+            keys = ("name", "mean_accuracy", "page_fraction", "recall", "failed_requests", "error", "seconds")
+            print(json.dumps({k: r.get(k) for k in keys}), flush=True)
+    order = list(settings)
+    rows.sort(key=lambda r: order.index(r["name"]))
+    dense = next((r for r in rows if r["name"] == "dense" and "accuracy" in r), None)
+    for r in rows:
+        if dense and "accuracy" in r:
+            base = dense["accuracy"]
+            r["accuracy_vs_dense"] = {
+                k: {n: (v / base[k][n] if base[k][n] else None) for n, v in d.items()}
+                for k, d in r["accuracy"].items()
+            }
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    res = {
+        "benchmark": "eval_accuracy",
+        "date": stamp,
+        "commit": os.environ.get("PSA_COMMIT") or _git_commit(),
+        "device": _device(),
+        "model": a.model,
+        "config": {
+            "lengths": lengths,
+            "samples": a.samples,
+            "tasks": kinds,
+            "page_size": PAGE,
+            "sink_pages": SINK,
+            "local_pages": LOCAL,
+            "cuda_graph": False,
+        },  # fmt: skip
+        "rows": rows,
+    }
+    path = Path(a.out) / f"eval-accuracy-{stamp}.json"
+    path.write_text(json.dumps(res, indent=1))
+    try:
+        plot([r for r in rows if "accuracy" in r], path.with_suffix(".png"), str(max(lengths)))
+    except Exception as e:  # a plot is a convenience; the JSON is the result
+        print("plot failed:", repr(e))
+    print("wrote", path)
+    return res
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
+    except Exception:
+        return "unknown"
+
+
+def _device() -> str:
+    try:
+        import torch
+
+        return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    except Exception:
+        return "unknown"
+
+
+if __name__ == "__main__":
+    main()
