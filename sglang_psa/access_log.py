@@ -41,12 +41,15 @@ import json
 import os
 import queue
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
+import triton
+import triton.language as tl
 
 FORMAT_VERSION = 1
 FILE_GLOB = "access-*.npz"
@@ -293,6 +296,73 @@ def load_access_log(path_or_dir: str | os.PathLike | Sequence[str]) -> AccessTra
     return tr.sorted()
 
 
+# ---------------------------------------------------------------------------------------- staging
+def stage_selection_ref(
+    page_idx: torch.Tensor,
+    counts: torch.Tensor,
+    seq_lens: torch.Tensor,
+    rows: torch.Tensor,
+    out_idx: torch.Tensor,
+    out_cnt: torch.Tensor,
+    out_len: torch.Tensor,
+    out_seen: torch.Tensor,
+    w: int,
+) -> None:
+    """Copy the tracked batch rows of one layer's selection into the staging buffers (torch ops).
+
+    page_idx [bs, Hkv, W'] int32/int64, counts [bs, Hkv], seq_lens [bs]; rows [R] int64 batch rows;
+    out_idx [R, Hkv, W] int32 (first w columns written), out_cnt [R, Hkv], out_len [R], out_seen [1].
+    """
+    out_idx[:, :, :w].copy_(page_idx[..., :w].index_select(0, rows))
+    out_cnt.copy_(counts.index_select(0, rows))
+    out_len.copy_(seq_lens.index_select(0, rows))
+    # fill_ is a kernel with a scalar argument; `[0] = True` would copy from an unpinned CPU
+    # tensor, which CUDA-graph capture rejects (seen on the H100).
+    out_seen.fill_(True)
+
+
+@triton.jit
+def _stage_selection_kernel(
+    IDX, CNT, LEN, ROWS, OUT_IDX, OUT_CNT, OUT_LEN, OUT_SEEN, w, stride_ib, stride_ih, stride_or,
+    stride_oh, hkv, BLOCK_W: tl.constexpr,
+):  # fmt: skip
+    r = tl.program_id(0)
+    h = tl.program_id(1)
+    row = tl.load(ROWS + r)
+    c = tl.arange(0, BLOCK_W)
+    for start in range(0, w, BLOCK_W):
+        m = start + c < w
+        v = tl.load(IDX + row * stride_ib + h * stride_ih + start + c, mask=m)
+        tl.store(OUT_IDX + r * stride_or + h * stride_oh + start + c, v.to(tl.int32), mask=m)
+    tl.store(OUT_CNT + r * hkv + h, tl.load(CNT + row * hkv + h).to(tl.int32))
+    if h == 0:
+        tl.store(OUT_LEN + r, tl.load(LEN + row).to(tl.int32))
+        if r == 0:
+            tl.store(OUT_SEEN, 1)
+
+
+def stage_selection(
+    page_idx: torch.Tensor,
+    counts: torch.Tensor,
+    seq_lens: torch.Tensor,
+    rows: torch.Tensor,
+    out_idx: torch.Tensor,
+    out_cnt: torch.Tensor,
+    out_len: torch.Tensor,
+    out_seen: torch.Tensor,
+    w: int,
+) -> None:
+    """stage_selection_ref as one Triton launch (graph-recordable). Same arguments."""
+    n_rows, hkv = out_cnt.shape
+    if page_idx.stride(2) != 1 or not counts.is_contiguous() or not out_idx.is_contiguous():
+        raise ValueError("page_idx must be contiguous in its last dim, counts and out_idx contiguous")
+    _stage_selection_kernel[(n_rows, hkv)](
+        page_idx, counts, seq_lens, rows, out_idx, out_cnt, out_len, out_seen.view(torch.uint8), w,
+        page_idx.stride(0), page_idx.stride(1), out_idx.stride(0), out_idx.stride(1), hkv,
+        BLOCK_W=min(256, triton.next_power_of_2(max(w, 16))),
+    )  # fmt: skip
+
+
 # ---------------------------------------------------------------------------------------- writing
 class _Chunk:
     """Records decoded on the host, waiting to be written to one file."""
@@ -332,6 +402,8 @@ class AccessLogger:
         max_bytes_per_file, max_files: the on-disk bound (oldest files deleted).
         max_steps_per_file: also cut a file after this many logged steps, so a killed server loses
             little (files are written atomically; `close` runs at interpreter exit).
+        flush_seconds: write what was logged at least this often (a scheduler process ends with
+            os._exit or SIGKILL, so `close` at interpreter exit is not enough).
         compress: np.savez_compressed (default) or np.savez.
         background: write files from a background thread (default: on for CUDA, off for CPU).
         meta: extra JSON-able metadata stored in every file (model, tau, mode, ...).
@@ -356,6 +428,7 @@ class AccessLogger:
         max_bytes_per_file: int = 64 << 20,
         max_files: int = 16,
         max_steps_per_file: int = 2048,
+        flush_seconds: float = 10.0,
         compress: bool = True,
         background: bool | None = None,
         meta: dict[str, Any] | None = None,
@@ -381,6 +454,8 @@ class AccessLogger:
         self.max_bytes_per_file = max_bytes_per_file
         self.max_files = max_files
         self.max_steps_per_file = max_steps_per_file
+        self.flush_seconds = flush_seconds
+        self._last_write = time.monotonic()
         self._steps_in_chunk = 0
         self.compress = compress
         self.meta = {
@@ -497,12 +572,12 @@ class AccessLogger:
         # step must still contain these copies. The host decides at end_step what to keep.
         li = layer_id - self.start_layer
         w = min(page_idx.shape[-1], self.width)
-        self._dev_idx[li, :, :, :w].copy_(page_idx[..., :w].index_select(0, self._rows))
-        self._dev_cnt[li].copy_(counts.index_select(0, self._rows))
-        self._dev_len[li].copy_(seq_lens.index_select(0, self._rows))
-        # fill_ is a kernel with a scalar argument; `[li] = True` would copy from an unpinned CPU
-        # tensor, which CUDA-graph capture rejects (seen on the H100).
-        self._dev_seen[li : li + 1].fill_(True)
+        if self.cuda:  # one kernel instead of seven small ops per layer
+            stage_selection(page_idx, counts, seq_lens, self._rows, self._dev_idx[li], self._dev_cnt[li],
+                            self._dev_len[li], self._dev_seen[li : li + 1], w)  # fmt: skip
+            return
+        stage_selection_ref(page_idx, counts, seq_lens, self._rows, self._dev_idx[li], self._dev_cnt[li],
+                            self._dev_len[li], self._dev_seen[li : li + 1], w)  # fmt: skip
 
     def end_step(self) -> None:
         """Enqueue the step's staging buffer to a host slot (non-blocking on CUDA)."""
@@ -530,6 +605,8 @@ class AccessLogger:
         elif self._steps_since_flush >= self.flush_every:
             self._steps_since_flush = 0
             self._drain_ready()
+            if time.monotonic() - self._last_write >= self.flush_seconds:
+                self._write_chunk()
 
     def record(
         self,
@@ -636,6 +713,7 @@ class AccessLogger:
     def _write_chunk(self) -> None:
         ch = self._chunk
         self._steps_in_chunk = 0
+        self._last_write = time.monotonic()
         if ch.n == 0:
             return
         self._chunk = _Chunk()

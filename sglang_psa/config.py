@@ -195,7 +195,7 @@ def decode_graphs_off(server_args: Any) -> bool:
         return True
     cfg = getattr(server_args, "cuda_graph_config", None)
     backend = getattr(getattr(cfg, "decode", None), "backend", None)
-    return str(getattr(backend, "value", backend)).lower() in ("disabled", "none")
+    return backend is not None and str(getattr(backend, "value", backend)).lower() == "disabled"
 
 
 def validate_against_server(cfg: PSAConfig, server_args: Any, model_config: Any = None) -> None:
