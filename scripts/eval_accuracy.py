@@ -97,7 +97,7 @@ class Server:
         self.log = log
         self.proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
 
-    def wait_ready(self, timeout: float = 400) -> bool:
+    def wait_ready(self, timeout: float = 240) -> bool:
         t = time.time()
         while time.time() - t < timeout:
             if self.proc.poll() is not None:

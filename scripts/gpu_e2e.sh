@@ -83,7 +83,7 @@ robust)
   stop_server
   cp "$OUT/robust.json" benchmarks/results/e2e_robust.json
   exit $rc ;;
-bench|bench_triton)
+bench|bench_triton|bench_log)
   # bench_one_batch decode throughput, one process per backend over the issue's sizes (bench_one_batch
   # skips the combinations that do not fit the KV pool). Budget cap: 160 pages x 32 tokens (5k tokens,
   # chosen from the synthetic skewed cache); requests below 4608 tokens decode densely (all pages).
@@ -91,6 +91,8 @@ bench|bench_triton)
   if [ $STAGE = bench ]; then
     timeout 120 python3 scripts/profile_decode_stages.py --max-pages 160 --out benchmarks/results > "$OUT/profile.log" 2>&1
     RUNS="psa flashinfer psa_accesslog"
+  elif [ $STAGE = bench_log ]; then
+    RUNS="psa_nolog psa_accesslog"  # access-log overhead, both in this run
   else
     RUNS="triton"
   fi
@@ -98,13 +100,14 @@ bench|bench_triton)
     SIZES=(--batch-size 1 4 16 --input-len 4096 32768 131072)
     case $B in
     psa) ARGS=("${BENCH_PSA[@]}") ;;
+    psa_nolog) ARGS=("${BENCH_PSA[@]}"); SIZES=(--batch-size 1 4 --input-len 32768 131072) ;;
     psa_accesslog) ARGS=("${BENCH_PSA[@]}" --psa-access-log "$OUT/accesslog" --psa-access-log-source dummy-weights-8b-bench)
                    SIZES=(--batch-size 1 4 --input-len 32768 131072) ;;
     triton) ARGS=(--attention-backend triton --page-size 32); SIZES=(--batch-size 1 4 16 --input-len 4096 32768 131072) ;;
     *) ARGS=(--attention-backend $B --page-size 32) ;;
     esac
     RES=$OUT/bench_$B.jsonl; rm -f "$RES"
-    timeout 400 python3 scripts/bench_e2e_one_batch.py --model-path $M8 --load-format dummy \
+    timeout ${BENCH_TIMEOUT:-400} python3 scripts/bench_e2e_one_batch.py --model-path $M8 --load-format dummy \
       --mem-fraction-static 0.7 --cuda-graph-max-bs 16 "${ARGS[@]}" "${SIZES[@]}" --output-len 32 \
       --run-name "$B" --result-filename "$RES" > "$OUT/bench_$B.log" 2>&1 || { echo "bench $B failed"; tail -20 "$OUT/bench_$B.log"; }
     python3 - "$RES" "$B" "$COMMIT" "$DEV" <<'PY'
@@ -121,7 +124,7 @@ PY
   ;;
 eval)
   # Issue 7: accuracy of every backend setting on the trained small model (servers in parallel).
-  PSA_COMMIT=$COMMIT timeout 480 python3 scripts/eval_accuracy.py --model models/psa-llama-2m \
+  PSA_COMMIT=$COMMIT timeout 400 python3 scripts/eval_accuracy.py --parallel 8 --model models/psa-llama-2m \
     --lengths 4096,8192 --samples 20 --log-dir "$OUT/evallogs" --access-log "$OUT/accesslog_trained" \
     2>&1 | tee "$OUT/eval.log"
   ;;

@@ -164,7 +164,7 @@ def test_max_steps_per_file(tmp_path):
 
 
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
-def test_stage_selection_kernel_equals_torch(dtype):
+def test_stage_selection_kernel_equals_torch(dtype, device):
     from sglang_psa.access_log import stage_selection, stage_selection_ref
 
     gen = torch.Generator().manual_seed(0)
@@ -172,12 +172,14 @@ def test_stage_selection_kernel_equals_torch(dtype):
     counts = torch.randint(0, 40, (5, 3), generator=gen, dtype=torch.int32)
     seq_lens = torch.randint(1, 900, (5,), generator=gen, dtype=torch.int64)
     rows = torch.tensor([4, 0, 2], dtype=torch.int64)
+    page_idx, counts, seq_lens, rows = (t.to(device) for t in (page_idx, counts, seq_lens, rows))
     outs = []
     for fn in (stage_selection, stage_selection_ref):
         o = (torch.full((3, 3, 48), -7, dtype=torch.int32), torch.zeros(3, 3, dtype=torch.int32),
              torch.zeros(3, dtype=torch.int32), torch.zeros(1, dtype=torch.bool))  # fmt: skip
+        o = tuple(t.to(device) for t in o)
         fn(page_idx[..., :40], counts, seq_lens, rows, *o, 33)
-        outs.append(o)
+        outs.append([t.cpu() for t in o])
     for a, b in zip(*outs):
         assert torch.equal(a, b)
     assert outs[0][3].item() and outs[0][0][0, 0, 33].item() == -7
