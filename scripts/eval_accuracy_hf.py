@@ -1,0 +1,310 @@
+#!/usr/bin/env python3
+"""Offline accuracy of PSA's selection rules on the trained small model, with HF transformers (CPU ok).
+
+The GPU suite (scripts/eval_accuracy.py) runs every setting through the real SGLang server. This
+script is its machine-independent twin: the same trained model, tasks and settings, but decode runs
+in HF transformers with an attention function that applies PSA's algorithm to the model's own KV
+cache at every decode step and layer: per-page min/max key summaries -> Quest bounds and centers ->
+selection (sglang_psa.kernels.select_pages_ref, the reference the Triton kernel is tested against;
+certified mode: rounds of doubling size in bound order until the exact mass certifies tau) -> exact
+attention over the selected pages only. It reports exact-match accuracy, the fraction of KV pages
+read and the attention-mass recall, per setting. Prefill is dense (as in the server) and shared by
+all settings of a prompt.
+
+    python scripts/eval_accuracy_hf.py --model models/psa-llama-2m --lengths 4096,8192 --samples 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from sglang_psa.kernels import SelectParams, select_pages_ref  # noqa: E402
+from sglang_psa.longctx_tasks import (  # noqa: E402
+    TASK_KINDS,
+    FillerCorpus,
+    as_encoders,
+    find_local_text,
+    make_tasks,
+    score_answer,
+)
+
+PAGE = 16
+SINK, LOCAL = 1, 4
+
+
+@dataclass
+class Setting:
+    name: str
+    mode: str  # dense | estimated | certified | topk
+    tau: float = 1.0
+    topk: int = 0
+    sink: int = SINK
+    local: int = LOCAL
+    first_round: int = 16
+    # accumulated over decode steps and layers
+    pages: float = 0.0
+    dense_pages: float = 0.0
+    recall_sum: float = 0.0
+    recall_n: int = 0
+    scores: dict[str, list[float]] = field(default_factory=dict)
+
+
+def settings_for(taus: list[float], topks: list[int], stream_pages: int) -> list[Setting]:
+    out = [Setting("dense", "dense")]
+    for mode in ("estimated", "certified"):
+        out += [Setting(f"psa-{mode}-{t:g}", mode, tau=t) for t in taus]
+    out += [Setting(f"topk-{k}", "topk", topk=k) for k in topks]
+    sink = max(1, stream_pages // 8)
+    out.append(
+        Setting(f"streaming-{stream_pages}", "topk", topk=stream_pages, sink=sink, local=stream_pages - sink)
+    )
+    return out
+
+
+def page_summaries(key: torch.Tensor, n_pages: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """key [Hkv, L, D] -> kmin, kmax [Hkv, n_pages, D] (the partial last page over its valid keys)."""
+    hkv, length, d = key.shape
+    pad = (0, 0, 0, n_pages * PAGE - length)
+    kmin = torch.nn.functional.pad(key, pad, value=float("inf")).view(hkv, n_pages, PAGE, d).amin(2)
+    kmax = torch.nn.functional.pad(key, pad, value=float("-inf")).view(hkv, n_pages, PAGE, d).amax(2)
+    return kmin, kmax
+
+
+def certified_pages(
+    s: Setting, logits: torch.Tensor, bounds: torch.Tensor, length: int, n_pages: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Certified mode: visit pages in bound order (sinks and local window first) in rounds of doubling
+    size; stop once the exact mass Z of the visited pages satisfies Z >= tau (Z + R) for every query
+    head of the group, R = sum of n_tokens * exp(bound) over the unvisited pages (the kernel's rule).
+    logits [Hkv, G, L]; bounds [Hkv, N] -> page mask [Hkv, N], pages visited [Hkv]."""
+    hkv = logits.shape[0]
+    j = torch.arange(n_pages)
+    ntok = (length - j * PAGE).clamp(0, PAGE).float()
+    forced = (j < s.sink) | (j >= n_pages - s.local)
+    prio = bounds.masked_fill(forced[None], float("inf"))
+    order = torch.sort(prio, dim=-1, descending=True, stable=True).indices
+    log_w = bounds + ntok.log()[None]
+    tok_page = torch.arange(length) // PAGE
+    log_slack = math.log1p(-s.tau) if s.tau < 1.0 else float("-inf")
+    mask = torch.zeros(hkv, n_pages, dtype=torch.bool)
+    counts = torch.zeros(hkv, dtype=torch.int64)
+    for h in range(hkv):
+        end = s.first_round
+        while True:
+            end = min(end, n_pages)
+            vis = torch.zeros(n_pages, dtype=torch.bool)
+            vis[order[h, :end]] = True
+            z = torch.logsumexp(logits[h][:, vis[tok_page]], -1)  # [G]
+            rest = torch.logsumexp(log_w[h][~vis], 0) if end < n_pages else torch.tensor(float("-inf"))
+            if end >= n_pages or bool((z + log_slack >= math.log(s.tau) + rest).all()):
+                break
+            end *= 2
+        mask[h], counts[h] = vis, end
+    return mask, counts
+
+
+class Sparsifier:
+    """The attention function HF calls at every layer; applies the active Setting to decode steps."""
+
+    def __init__(self) -> None:
+        self.setting: Setting | None = None
+
+    def __call__(self, module, query, key, value, attention_mask, scaling, dropout=0.0, **kw):
+        # query [1, Hq, q_len, D]; key/value [1, Hkv, L, D] (the whole cache, not repeated)
+        bsz, hq, q_len, d = query.shape
+        hkv, length = key.shape[1], key.shape[2]
+        g = hq // hkv
+        assert bsz == 1 and q_len == 1, "the sparsifier only runs decode steps"
+        q = query[0, :, 0].float().view(hkv, g, d)
+        k, v = key[0].float(), value[0].float()
+        logits = torch.einsum("hgd,hld->hgl", q, k) * scaling  # [Hkv, G, L]
+        s = self.setting
+        n_pages = -(-length // PAGE)
+        if s is None or s.mode == "dense":
+            mask_tok = torch.ones(hkv, length, dtype=torch.bool)
+            counts = torch.full((hkv,), n_pages)
+        else:
+            kmin, kmax = page_summaries(k, n_pages)
+            bnd = (torch.einsum("hgd,hnd->hgn", q.clamp(min=0), kmax)
+                   + torch.einsum("hgd,hnd->hgn", q.clamp(max=0), kmin)).amax(1) * scaling  # fmt: skip
+            centers = (torch.einsum("hgd,hnd->hgn", q, (kmin + kmax) / 2)).amax(1) * scaling
+            seq = torch.tensor([length])
+            if s.mode == "certified":
+                mask_pg, counts = certified_pages(s, logits, bnd, length, n_pages)
+            else:
+                params = SelectParams(tau=s.tau if s.mode == "estimated" else 1.0, sink_pages=s.sink,
+                                      local_pages=s.local, max_pages=max(n_pages, s.sink + s.local),
+                                      topk=s.topk if s.mode == "topk" else None)  # fmt: skip
+                mass = centers[None] if s.mode == "estimated" else None
+                idx, cnt = select_pages_ref(bnd[None], seq, PAGE, params, mass_logits=mass)
+                counts = cnt[0]
+                mask_pg = torch.zeros(hkv, n_pages + 1, dtype=torch.bool)
+                keep = torch.arange(idx.shape[-1]) < cnt[0][:, None]
+                mask_pg.scatter_(1, torch.where(keep, idx[0].long(), n_pages), True)
+                mask_pg = mask_pg[:, :n_pages]
+            mask_tok = mask_pg.repeat_interleave(PAGE, dim=1)[:, :length]
+        prob_exact = torch.softmax(logits, -1)
+        if s is not None:
+            s.recall_sum += float((prob_exact * mask_tok[:, None]).sum(-1).sum())
+            s.recall_n += hq
+            s.pages += float(counts.sum())
+            s.dense_pages += n_pages * hkv
+        prob = torch.softmax(logits.masked_fill(~mask_tok[:, None], float("-inf")), -1)
+        out = torch.einsum("hgl,hld->hgd", prob, v).reshape(1, hq, 1, d).to(query.dtype)
+        return out.transpose(1, 2).contiguous(), None
+
+
+@torch.no_grad()
+def greedy(model, past, first_logits, n_new: int, eos: int) -> list[int]:
+    """Greedy decode from a prefilled cache (deep-copied by the caller)."""
+    out: list[int] = []
+    nxt = int(first_logits.argmax())
+    for _ in range(n_new):
+        if nxt == eos:
+            break
+        out.append(nxt)
+        ids = torch.tensor([[nxt]])
+        res = model(input_ids=ids, past_key_values=past, use_cache=True)
+        past = res.past_key_values
+        nxt = int(res.logits[0, -1].argmax())
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="models/psa-llama-2m")
+    ap.add_argument("--lengths", default="4096,8192")
+    ap.add_argument("--samples", type=int, default=10)
+    ap.add_argument("--tasks", default="all")
+    ap.add_argument("--taus", default="0.8,0.9,0.95,0.99")
+    ap.add_argument("--topks", default="8,16,32,64,128")
+    ap.add_argument("--stream-pages", type=int, default=32)
+    ap.add_argument("--corpus-mb", type=float, default=16.0)
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--out", default="benchmarks/results")
+    a = ap.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    from transformers import AttentionInterface, AutoModelForCausalLM, PreTrainedTokenizerFast
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    sparsifier = Sparsifier()
+    AttentionInterface.register("psa_sim", sparsifier)
+    AttentionMaskInterface.register("psa_sim", sdpa_mask)
+    tok = PreTrainedTokenizerFast.from_pretrained(a.model)
+    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32).eval()
+    encode, encode_batch = as_encoders(tok)
+    corpus = FillerCorpus(
+        find_local_text(max_bytes=int(a.corpus_mb * 1e6)), encode=encode, encode_batch=encode_batch
+    )
+    kinds = list(TASK_KINDS) if a.tasks == "all" else a.tasks.split(",")
+    lengths = [int(x) for x in a.lengths.split(",")]
+    settings = settings_for([float(t) for t in a.taus.split(",")], [int(k) for k in a.topks.split(",")],
+                            a.stream_pages)  # fmt: skip
+    t0 = time.time()
+    for kind in kinds:
+        for length in lengths:
+            for task in make_tasks(kind, corpus, length, a.samples, seed=100_000):
+                ids = tok(task.prompt, add_special_tokens=True)["input_ids"]
+                n_new = len(encode(task.answer)) + 4
+                model.config._attn_implementation = "sdpa"
+                with torch.no_grad():
+                    pre = model(input_ids=torch.tensor([ids]), use_cache=True)
+                model.config._attn_implementation = "psa_sim"
+                for s in settings:
+                    sparsifier.setting = s
+                    new = greedy(model, copy.deepcopy(pre.past_key_values), pre.logits[0, -1], n_new,
+                                 tok.eos_token_id)  # fmt: skip
+                    pred = tok.decode(new, skip_special_tokens=True)
+                    s.scores.setdefault(f"{kind}/{length}", []).append(score_answer(pred, task.answer))
+            dense = settings[0].scores[f"{kind}/{length}"]
+            print(
+                f"{kind} {length}: dense {sum(dense) / len(dense):.2f} ({time.time() - t0:.0f}s)", flush=True
+            )
+
+    rows = []
+    for s in settings:
+        acc = {k: sum(v) / len(v) for k, v in s.scores.items()}
+        rows.append({
+            "name": s.name, "mode": s.mode, "tau": s.tau, "topk": s.topk, "accuracy": acc,
+            "mean_accuracy": sum(acc.values()) / len(acc),
+            "page_fraction": s.pages / s.dense_pages if s.dense_pages else None,
+            "recall": s.recall_sum / s.recall_n if s.recall_n else None,
+        })  # fmt: skip
+    base = rows[0]["accuracy"]
+    for r in rows:
+        r["accuracy_vs_dense"] = {k: (v / base[k] if base[k] else None) for k, v in r["accuracy"].items()}
+        print(f"{r['name']:22s} acc {r['mean_accuracy']:.3f} pages {r['page_fraction'] or 0:.3f} "
+              f"recall {r['recall'] or 0:.4f}", flush=True)  # fmt: skip
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    res = {
+        "benchmark": "eval_accuracy_hf",
+        "method": "offline twin of eval_accuracy.py: HF transformers decode + PSA's torch references",
+        "date": stamp,
+        "commit": os.environ.get("PSA_COMMIT", "see git log"),
+        "device": "cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name(0),
+        "model": a.model,
+        "config": {
+            "lengths": lengths,
+            "samples": a.samples,
+            "tasks": kinds,
+            "page_size": PAGE,
+            "sink_pages": SINK,
+            "local_pages": LOCAL,
+            "seconds": round(time.time() - t0),
+        },  # fmt: skip
+        "rows": rows,
+    }
+    os.makedirs(a.out, exist_ok=True)
+    path = Path(a.out) / f"eval-accuracy-hf-{stamp}.json"
+    path.write_text(json.dumps(res, indent=1))
+    _plot(rows, path.with_suffix(".png"), lengths[-1])
+    print("wrote", path)
+    return res
+
+
+def _plot(rows: list[dict], path: Path, length: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    key_suffix = f"/{length}"
+    for label, prefix in (("PSA estimated", "psa-estimated"), ("PSA certified", "psa-certified"),
+                          ("top-k (Quest)", "topk"), ("streaming", "streaming")):  # fmt: skip
+        pts = sorted(
+            (r["page_fraction"], sum(v for k, v in r["accuracy"].items() if k.endswith(key_suffix))
+             / max(1, sum(k.endswith(key_suffix) for k in r["accuracy"])))
+            for r in rows if r["name"].startswith(prefix)
+        )  # fmt: skip
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+    dense = rows[0]["accuracy"]
+    ax.axhline(sum(v for k, v in dense.items() if k.endswith(key_suffix)) / max(1, sum(k.endswith(key_suffix)
+               for k in dense)), color="k", ls="--", label="dense")  # fmt: skip
+    ax.set_xscale("log")
+    ax.set_xlabel("fraction of KV pages read per decode step")
+    ax.set_ylabel(f"mean exact-match accuracy, {length} tokens")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
