@@ -179,7 +179,20 @@ def build_prompts(model: str, kinds: list[str], lengths: list[int], n: int) -> l
     return prompts
 
 
+def add_vs_dense(rows: list[dict]) -> None:
+    """accuracy_vs_dense[kind][length] = accuracy / the dense setting's (None where dense scored 0)."""
+    dense = next((r for r in rows if r["name"] == "dense" and "accuracy" in r), None)
+    for r in rows:
+        if dense and "accuracy" in r:
+            base = dense["accuracy"]
+            r["accuracy_vs_dense"] = {
+                k: {n: (v / base[k][n] if base[k][n] else None) for n, v in d.items()}
+                for k, d in r["accuracy"].items()
+            }
+
+
 def plot(rows: list[dict], path: Path, length: str) -> None:
+    """Mean accuracy at `length` vs fraction of pages read, one curve per family of settings."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -256,14 +269,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(json.dumps({k: r.get(k) for k in keys}), flush=True)
     order = list(settings)
     rows.sort(key=lambda r: order.index(r["name"]))
-    dense = next((r for r in rows if r["name"] == "dense" and "accuracy" in r), None)
-    for r in rows:
-        if dense and "accuracy" in r:
-            base = dense["accuracy"]
-            r["accuracy_vs_dense"] = {
-                k: {n: (v / base[k][n] if base[k][n] else None) for n, v in d.items()}
-                for k, d in r["accuracy"].items()
-            }
+    add_vs_dense(rows)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     res = {
         "benchmark": "eval_accuracy",

@@ -32,15 +32,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from eval_accuracy import add_vs_dense, build_prompts, plot  # noqa: E402
+
 from sglang_psa.kernels import SelectParams, select_pages_ref  # noqa: E402
-from sglang_psa.longctx_tasks import (  # noqa: E402
-    TASK_KINDS,
-    FillerCorpus,
-    as_encoders,
-    find_local_text,
-    make_tasks,
-    score_answer,
-)
+from sglang_psa.longctx_tasks import TASK_KINDS, score_answer  # noqa: E402
 
 PAGE = 16
 SINK, LOCAL = 1, 4
@@ -60,7 +56,7 @@ class Setting:
     dense_pages: float = 0.0
     recall_sum: float = 0.0
     recall_n: int = 0
-    scores: dict[str, list[float]] = field(default_factory=dict)
+    scores: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # kind -> length -> scores
 
 
 def settings_for(taus: list[float], topks: list[int], stream_pages: int) -> list[Setting]:
@@ -122,6 +118,7 @@ class Sparsifier:
 
     def __init__(self) -> None:
         self.setting: Setting | None = None
+        self.access_log = None  # optional sglang_psa.access_log.AccessLogger (begin_step by the caller)
 
     def __call__(self, module, query, key, value, attention_mask, scaling, dropout=0.0, **kw):
         # query [1, Hq, q_len, D]; key/value [1, Hkv, L, D] (the whole cache, not repeated)
@@ -157,6 +154,8 @@ class Sparsifier:
                 mask_pg.scatter_(1, torch.where(keep, idx[0].long(), n_pages), True)
                 mask_pg = mask_pg[:, :n_pages]
             mask_tok = mask_pg.repeat_interleave(PAGE, dim=1)[:, :length]
+            if self.access_log is not None:
+                self._log(module.layer_idx, mask_pg, length)
         prob_exact = torch.softmax(logits, -1)
         if s is not None:
             s.recall_sum += float((prob_exact * mask_tok[:, None]).sum(-1).sum())
@@ -166,6 +165,15 @@ class Sparsifier:
         prob = torch.softmax(logits.masked_fill(~mask_tok[:, None], float("-inf")), -1)
         out = torch.einsum("hgl,hld->hgd", prob, v).reshape(1, hq, 1, d).to(query.dtype)
         return out.transpose(1, 2).contiguous(), None
+
+    def _log(self, layer: int, mask_pg: torch.Tensor, length: int) -> None:
+        """Record the selected pages of this layer: page_idx [1, Hkv, W] ascending, -1 padded."""
+        width = self.access_log.width
+        counts = mask_pg.sum(-1).to(torch.int32)
+        order = torch.sort((~mask_pg).to(torch.int8), dim=-1, stable=True).indices[:, :width]
+        page_idx = torch.where(torch.arange(order.shape[-1]) < counts[:, None], order, -1).to(torch.int32)
+        page_idx = torch.nn.functional.pad(page_idx, (0, width - page_idx.shape[-1]), value=-1)
+        self.access_log.record_layer(layer, page_idx[None], counts[None], torch.tensor([length]))
 
 
 @torch.no_grad()
@@ -193,7 +201,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--taus", default="0.8,0.9,0.95,0.99")
     ap.add_argument("--topks", default="8,16,32,64,128")
     ap.add_argument("--stream-pages", type=int, default=32)
-    ap.add_argument("--corpus-mb", type=float, default=16.0)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--out", default="benchmarks/results")
     a = ap.parse_args(argv)
@@ -207,48 +214,45 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     AttentionMaskInterface.register("psa_sim", sdpa_mask)
     tok = PreTrainedTokenizerFast.from_pretrained(a.model)
     model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32).eval()
-    encode, encode_batch = as_encoders(tok)
-    corpus = FillerCorpus(
-        find_local_text(max_bytes=int(a.corpus_mb * 1e6)), encode=encode, encode_batch=encode_batch
-    )
     kinds = list(TASK_KINDS) if a.tasks == "all" else a.tasks.split(",")
     lengths = [int(x) for x in a.lengths.split(",")]
     settings = settings_for([float(t) for t in a.taus.split(",")], [int(k) for k in a.topks.split(",")],
                             a.stream_pages)  # fmt: skip
     t0 = time.time()
-    for kind in kinds:
-        for length in lengths:
-            for task in make_tasks(kind, corpus, length, a.samples, seed=100_000):
-                ids = tok(task.prompt, add_special_tokens=True)["input_ids"]
-                n_new = len(encode(task.answer)) + 4
-                model.config._attn_implementation = "sdpa"
-                with torch.no_grad():
-                    pre = model(input_ids=torch.tensor([ids]), use_cache=True)
-                model.config._attn_implementation = "psa_sim"
-                for s in settings:
-                    sparsifier.setting = s
-                    new = greedy(model, copy.deepcopy(pre.past_key_values), pre.logits[0, -1], n_new,
-                                 tok.eos_token_id)  # fmt: skip
-                    pred = tok.decode(new, skip_special_tokens=True)
-                    s.scores.setdefault(f"{kind}/{length}", []).append(score_answer(pred, task.answer))
-            dense = settings[0].scores[f"{kind}/{length}"]
-            print(
-                f"{kind} {length}: dense {sum(dense) / len(dense):.2f} ({time.time() - t0:.0f}s)", flush=True
-            )
+    prompts = build_prompts(a.model, kinds, lengths, a.samples)
+    for i, p in enumerate(prompts):
+        model.config._attn_implementation = "sdpa"
+        with torch.no_grad():
+            pre = model(input_ids=torch.tensor([p["input_ids"]]), use_cache=True)
+        model.config._attn_implementation = "psa_sim"
+        for s in settings:
+            sparsifier.setting = s
+            new = greedy(model, copy.deepcopy(pre.past_key_values), pre.logits[0, -1], p["max_new"],
+                         tok.eos_token_id)  # fmt: skip
+            score = score_answer(tok.decode(new, skip_special_tokens=True), p["answer"])
+            s.scores.setdefault(p["kind"], {}).setdefault(str(p["length"]), []).append(score)
+        if (
+            i + 1 == len(prompts)
+            or prompts[i + 1]["kind"] != p["kind"]
+            or prompts[i + 1]["length"] != p["length"]
+        ):
+            dense = settings[0].scores[p["kind"]][str(p["length"])]
+            print(f"{p['kind']} {p['length']}: dense {sum(dense) / len(dense):.2f} ({time.time() - t0:.0f}s)",
+                  flush=True)  # fmt: skip
 
     rows = []
     for s in settings:
-        acc = {k: sum(v) / len(v) for k, v in s.scores.items()}
+        acc = {k: {n: sum(v) / len(v) for n, v in d.items()} for k, d in s.scores.items()}
+        flat = [x for d in s.scores.values() for v in d.values() for x in v]
         rows.append({
             "name": s.name, "mode": s.mode, "tau": s.tau, "topk": s.topk, "accuracy": acc,
-            "mean_accuracy": sum(acc.values()) / len(acc),
-            "page_fraction": s.pages / s.dense_pages if s.dense_pages else None,
+            "mean_accuracy": sum(flat) / len(flat),
+            "page_fraction": s.pages / s.dense_pages if s.dense_pages else 1.0,
             "recall": s.recall_sum / s.recall_n if s.recall_n else None,
         })  # fmt: skip
-    base = rows[0]["accuracy"]
+    add_vs_dense(rows)
     for r in rows:
-        r["accuracy_vs_dense"] = {k: (v / base[k] if base[k] else None) for k, v in r["accuracy"].items()}
-        print(f"{r['name']:22s} acc {r['mean_accuracy']:.3f} pages {r['page_fraction'] or 0:.3f} "
+        print(f"{r['name']:22s} acc {r['mean_accuracy']:.3f} pages {r['page_fraction']:.3f} "
               f"recall {r['recall'] or 0:.4f}", flush=True)  # fmt: skip
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     res = {
@@ -272,38 +276,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     os.makedirs(a.out, exist_ok=True)
     path = Path(a.out) / f"eval-accuracy-hf-{stamp}.json"
     path.write_text(json.dumps(res, indent=1))
-    _plot(rows, path.with_suffix(".png"), lengths[-1])
+    plot(rows, path.with_suffix(".png"), str(lengths[-1]))
     print("wrote", path)
     return res
-
-
-def _plot(rows: list[dict], path: Path, length: int) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    key_suffix = f"/{length}"
-    for label, prefix in (("PSA estimated", "psa-estimated"), ("PSA certified", "psa-certified"),
-                          ("top-k (Quest)", "topk"), ("streaming", "streaming")):  # fmt: skip
-        pts = sorted(
-            (r["page_fraction"], sum(v for k, v in r["accuracy"].items() if k.endswith(key_suffix))
-             / max(1, sum(k.endswith(key_suffix) for k in r["accuracy"])))
-            for r in rows if r["name"].startswith(prefix)
-        )  # fmt: skip
-        if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
-    dense = rows[0]["accuracy"]
-    ax.axhline(sum(v for k, v in dense.items() if k.endswith(key_suffix)) / max(1, sum(k.endswith(key_suffix)
-               for k in dense)), color="k", ls="--", label="dense")  # fmt: skip
-    ax.set_xscale("log")
-    ax.set_xlabel("fraction of KV pages read per decode step")
-    ax.set_ylabel(f"mean exact-match accuracy, {length} tokens")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":
