@@ -19,6 +19,9 @@ Shapes and dtypes:
     req_to_token      [max_reqs, max_context] int32 (token slots; a page's P slots are contiguous)
     req_pool_indices, seq_lens  [bs] int
     page_idx          [bs, Hkv, W] int32 logical page indices (select_pages), counts [bs, Hkv] int32
+    page_table        optional [bs, N] int32: where logical page j of request b lives in k_cache /
+                      v_cache, in pages (token rows page_table[b, j] * P ...); replaces req_to_token
+                      (tiered mode reads the hot pool's slots this way)
     -> out [bs, Hq, D] q.dtype, lse [bs, Hq] float32 (natural log of the softmax normaliser)
 """
 
@@ -46,12 +49,14 @@ _LN2 = 0.6931471805599453
 
 
 # ----------------------------------------------------------------------------- references
-def _gather_tokens(req_to_token, rpi, seq_len, pages, page_size):
+def _gather_tokens(req_to_token, rpi, seq_len, pages, page_size, table_row=None):
     """Token slots of the given logical pages of one request, clipped to seq_len."""
     dev = req_to_token.device
     tok = pages[:, None].to(torch.int64) * page_size + torch.arange(page_size, device=dev)
     tok = tok.flatten()
     tok = tok[tok < seq_len]
+    if table_row is not None:  # page-granular location table (tiered mode)
+        return table_row[tok // page_size].to(torch.int64) * page_size + tok % page_size
     return req_to_token[rpi, tok].to(torch.int64)
 
 
@@ -77,6 +82,7 @@ def sparse_decode_ref(
     counts: torch.Tensor,
     page_size: int,
     sm_scale: float,
+    page_table: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pure-torch (float64) reference of sparse_decode."""
     bs, hq, hkv, d, g = check_kv(q, k_cache, v_cache)
@@ -86,7 +92,8 @@ def sparse_decode_ref(
         r, n = int(req_pool_indices[b]), int(seq_lens[b])
         for h in range(hkv):
             pages = page_idx[b, h, : int(counts[b, h])]
-            slots = _gather_tokens(req_to_token, r, n, pages, page_size)
+            row = page_table[b] if page_table is not None else None
+            slots = _gather_tokens(req_to_token, r, n, pages, page_size, row)
             o, l_ = _attend_ref(
                 q[b, h * g : (h + 1) * g].cpu(),
                 k_cache[slots, h].cpu(),
@@ -140,6 +147,8 @@ def _attend_pages_kernel(
     END,
     PART_O,
     PART_LSE,
+    PAGE_TABLE,
+    stride_tb,
     qk_scale,
     stride_qb,
     stride_qh,
@@ -164,6 +173,7 @@ def _attend_pages_kernel(
     PAGES_PER_ITER: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
     HAS_START: tl.constexpr,
+    HAS_TABLE: tl.constexpr,
     IEEE: tl.constexpr,
 ):
     bh = tl.program_id(0)
@@ -200,7 +210,10 @@ def _attend_pages_kernel(
         pi = i + t_page
         pvalid = pi < hi
         page = tl.load(row + pi, mask=pvalid, other=0).to(tl.int64)
-        first = tl.load(REQ_TO_TOKEN + rpi * stride_rt + page * PAGE, mask=pvalid, other=0)
+        if HAS_TABLE:
+            first = tl.load(PAGE_TABLE + b * stride_tb + page, mask=pvalid, other=0).to(tl.int64) * PAGE
+        else:
+            first = tl.load(REQ_TO_TOKEN + rpi * stride_rt + page * PAGE, mask=pvalid, other=0)
         tvalid = pvalid & (page * PAGE + t_off < seq_len)
         slot = first.to(tl.int64) + t_off
         kv_mask = tvalid[:, None] & dmask[None, :]
@@ -340,6 +353,7 @@ def _attend(
     num_splits,
     part_o,
     part_lse,
+    page_table=None,
 ):
     bs, hq, d = q.shape
     hkv = k_cache.shape[1]
@@ -356,6 +370,8 @@ def _attend(
         end,
         part_o,
         part_lse,
+        page_table if page_table is not None else end,
+        page_table.stride(0) if page_table is not None else 0,
         sm_scale * _LOG2E,
         q.stride(0),
         q.stride(1),
@@ -380,6 +396,7 @@ def _attend(
         PAGES_PER_ITER=_pages_per_iter(page_size),
         NUM_SPLITS=num_splits,
         HAS_START=start is not None,
+        HAS_TABLE=page_table is not None,
         IEEE=f32_dot(q.dtype),
         num_warps=4,
         num_stages=2,
@@ -441,8 +458,12 @@ def sparse_decode(
     sm_scale: float,
     num_splits: int | None = None,
     out: torch.Tensor | None = None,
+    page_table: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact attention of each (request, kv head) over its selected pages (Triton split-K)."""
+    """Exact attention of each (request, kv head) over its selected pages (Triton split-K).
+
+    page_table [bs, N] int32 (optional): page locations in k_cache / v_cache; see the module docstring.
+    """
     bs, hq, hkv, d, g = _check_common(
         q, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens, page_size
     )
@@ -450,6 +471,11 @@ def sparse_decode(
         raise ValueError(f"page_idx must be [{bs}, {hkv}, W] contiguous, got {list(page_idx.shape)}")
     if counts.shape != (bs, hkv) or counts.dtype != torch.int32 or not counts.is_contiguous():
         raise ValueError(f"counts must be contiguous [{bs}, {hkv}] int32")
+    if page_table is not None and (
+        page_table.dim() != 2 or page_table.shape[0] != bs or page_table.dtype != torch.int32
+        or page_table.stride(1) != 1
+    ):  # fmt: skip
+        raise ValueError(f"page_table must be [{bs}, N] int32, contiguous in N")
     if num_splits is None:
         num_splits = default_num_splits(bs, hkv, page_idx.shape[2], q.device)
     if out is None:
@@ -473,6 +499,7 @@ def sparse_decode(
         num_splits,
         part_o,
         part_lse,
+        page_table,
     )
     _merge(part_o, part_lse, num_splits, out, lse)
     return out, lse
