@@ -2,7 +2,7 @@
 # GPU end-to-end evidence for `--attention-backend psa` (issue 4). One stage per device call,
 # each well under 9 minutes. Run from the repo root on the device machine (carry .devbundle):
 #   bash scripts/gpu_e2e.sh STAGE
-# Stages: smoke | equal | serve | serve_fi | robust | bench | bench_triton | eval
+# Stages: smoke | equal | serve | serve_fi | robust | bench | bench_triton | bench_log | serving | eval
 # Results: $OUT/*.json (+ server logs) and benchmarks/results/*.json.
 set -uo pipefail
 STAGE=${1:?stage}
@@ -121,6 +121,33 @@ json.dump(out, open(f"benchmarks/results/bench_one_batch_{sys.argv[2]}.json", "w
 print(sys.argv[2], json.dumps([(r.get("batch_size"), r.get("input_len"), round(r.get("median_decode_latency", 0) * 1e3, 2)) for r in rows]))
 PY
   done
+  ;;
+serving)
+  # SGLang's bench_serving, generated-shared-prefix workload (groups of requests sharing a 16k system
+  # prompt: radix sharing + long-context decode), psa and flashinfer in one run.
+  model $M8 llama3-8b 140000
+  for B in psa flashinfer; do
+    if [ $B = psa ]; then ARGS=("${BENCH_PSA[@]}" --psa-stats --enable-metrics); else ARGS=(--attention-backend flashinfer --page-size 32); fi
+    start_server serving_$B --model-path $M8 "${ARGS[@]}" || continue
+    timeout 240 python3 -m sglang.benchmark.serving --backend sglang --port $PORT --tokenizer $M8 \
+      --dataset-name generated-shared-prefix --gsp-num-groups 4 --gsp-prompts-per-group 8 \
+      --gsp-system-prompt-len 16384 --gsp-question-len 256 --gsp-output-len 128 --num-prompts 32 \
+      --request-rate inf --seed 1 --output-file "$OUT/serving_$B.jsonl" > "$OUT/serving_client_$B.log" 2>&1
+    tail -25 "$OUT/serving_client_$B.log"
+    stop_server
+  done
+  python3 - "$OUT" "$COMMIT" "$DEV" <<'PY'
+import json, os, sys, time
+out = {"tool": "sglang.benchmark.serving generated-shared-prefix (4 groups x 8 prompts, 16k shared prefix, "
+               "256-token questions, 128 output tokens, all at once)", "commit": sys.argv[2], "device": sys.argv[3],
+       "date": time.strftime("%Y-%m-%d"), "model": "llama3-8b shape, dummy weights, mem 0.7, page 32",
+       "psa_budget": "tau 0.9, max_pages 160 x 32 tokens, dense below 4608", "results": {}}
+for b in ("psa", "flashinfer"):
+    f = os.path.join(sys.argv[1], f"serving_{b}.jsonl")
+    if os.path.exists(f):
+        out["results"][b] = [json.loads(l) for l in open(f)][-1]
+json.dump(out, open("benchmarks/results/bench_serving_gsp.json", "w"), indent=1)
+PY
   ;;
 eval)
   # Issue 7: accuracy of every backend setting on the trained small model (servers in parallel).
