@@ -199,8 +199,8 @@ def plot(rows: list[dict], path: Path, length: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    groups = {"PSA estimated": "psa-estimated", "PSA certified": "psa-certified", "top-k": "topk",
-              "streaming": "streaming"}  # fmt: skip
+    groups = {"PSA estimated": "psa-estimated", "PSA progressive": "psa-progressive",
+              "PSA certified": "psa-certified", "top-k": "topk", "streaming": "streaming"}  # fmt: skip
     for label, prefix in groups.items():
         pts = sorted(
             (r["page_fraction"], sum(v[length] for v in r["accuracy"].values()) / len(r["accuracy"]))

@@ -45,7 +45,7 @@ SINK, LOCAL = 1, 4
 @dataclass
 class Setting:
     name: str
-    mode: str  # dense | estimated | certified | topk
+    mode: str  # dense | estimated | progressive | certified | topk
     tau: float = 1.0
     topk: int = 0
     sink: int = SINK
@@ -61,7 +61,7 @@ class Setting:
 
 def settings_for(taus: list[float], topks: list[int], stream_pages: int) -> list[Setting]:
     out = [Setting("dense", "dense")]
-    for mode in ("estimated", "certified"):
+    for mode in ("estimated", "progressive", "certified"):
         out += [Setting(f"psa-{mode}-{t:g}", mode, tau=t) for t in taus]
     out += [Setting(f"topk-{k}", "topk", topk=k) for k in topks]
     sink = max(1, stream_pages // 8)
@@ -81,19 +81,25 @@ def page_summaries(key: torch.Tensor, n_pages: int) -> tuple[torch.Tensor, torch
 
 
 def certified_pages(
-    s: Setting, logits: torch.Tensor, bounds: torch.Tensor, length: int, n_pages: int
+    s: Setting,
+    logits: torch.Tensor,
+    bounds: torch.Tensor,
+    length: int,
+    n_pages: int,
+    rest_logits: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Certified mode: visit pages in bound order (sinks and local window first) in rounds of doubling
     size; stop once the exact mass Z of the visited pages satisfies Z >= tau (Z + R) for every query
     head of the group, R = sum of n_tokens * exp(bound) over the unvisited pages (the kernel's rule).
-    logits [Hkv, G, L]; bounds [Hkv, N] -> page mask [Hkv, N], pages visited [Hkv]."""
+    logits [Hkv, G, L]; bounds [Hkv, N] -> page mask [Hkv, N], pages visited [Hkv].
+    Progressive mode passes rest_logits = centers: R is then estimated, not bounded."""
     hkv = logits.shape[0]
     j = torch.arange(n_pages)
     ntok = (length - j * PAGE).clamp(0, PAGE).float()
     forced = (j < s.sink) | (j >= n_pages - s.local)
     prio = bounds.masked_fill(forced[None], float("inf"))
     order = torch.sort(prio, dim=-1, descending=True, stable=True).indices
-    log_w = bounds + ntok.log()[None]
+    log_w = (bounds if rest_logits is None else rest_logits) + ntok.log()[None]
     tok_page = torch.arange(length) // PAGE
     log_slack = math.log1p(-s.tau) if s.tau < 1.0 else float("-inf")
     mask = torch.zeros(hkv, n_pages, dtype=torch.bool)
@@ -140,8 +146,9 @@ class Sparsifier:
                    + torch.einsum("hgd,hnd->hgn", q.clamp(max=0), kmin)).amax(1) * scaling  # fmt: skip
             centers = (torch.einsum("hgd,hnd->hgn", q, (kmin + kmax) / 2)).amax(1) * scaling
             seq = torch.tensor([length])
-            if s.mode == "certified":
-                mask_pg, counts = certified_pages(s, logits, bnd, length, n_pages)
+            if s.mode in ("certified", "progressive"):
+                rest = centers if s.mode == "progressive" else None
+                mask_pg, counts = certified_pages(s, logits, bnd, length, n_pages, rest)
             else:
                 params = SelectParams(tau=s.tau if s.mode == "estimated" else 1.0, sink_pages=s.sink,
                                       local_pages=s.local, max_pages=max(n_pages, s.sink + s.local),
@@ -202,6 +209,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--topks", default="8,16,32,64,128")
     ap.add_argument("--stream-pages", type=int, default=32)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--only", default="", help="comma-separated setting names (dense always runs)")
     ap.add_argument("--out", default="benchmarks/results")
     a = ap.parse_args(argv)
     if a.threads:
@@ -218,6 +226,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     lengths = [int(x) for x in a.lengths.split(",")]
     settings = settings_for([float(t) for t in a.taus.split(",")], [int(k) for k in a.topks.split(",")],
                             a.stream_pages)  # fmt: skip
+    if a.only:
+        keep = set(a.only.split(",")) | {"dense"}
+        settings = [s for s in settings if s.name in keep]
     t0 = time.time()
     prompts = build_prompts(a.model, kinds, lengths, a.samples)
     for i, p in enumerate(prompts):
