@@ -1,0 +1,63 @@
+"""The accuracy suites and the trained-model tracer: settings are valid server flags, and the offline
+twin and the tracer run end to end on the committed model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+from script_loader import load_script
+
+MODEL = Path(__file__).resolve().parent.parent / "models" / "psa-llama-2m"
+
+
+def test_every_server_setting_parses_and_validates():
+    pytest.importorskip("sglang")
+    from sglang.srt.server_args import ServerArgs
+
+    from sglang_psa.config import PSAConfig, validate_against_server
+    from sglang_psa.plugin import ensure_registered
+
+    ensure_registered()
+    ev = load_script("eval_accuracy")
+    settings = ev.backend_settings([0.8, 0.95], [8, 64], 32)
+    assert {"dense", "psa-estimated-0.8", "psa-certified-0.95", "topk-64", "streaming-32"} <= set(settings)
+    for name, flags in settings.items():
+        parser = argparse.ArgumentParser()
+        ServerArgs.add_cli_args(parser)
+        ns = parser.parse_args(
+            ["--model-path", "x", "--page-size", str(ev.PAGE), "--disable-cuda-graph", *flags]
+        )
+        cfg = PSAConfig.from_namespace(ns).validate(ev.PAGE)
+        ns.disable_cuda_graph = True
+        if name != "dense":
+            assert cfg.measure_recall and cfg.stats
+            validate_against_server(cfg, ns)
+
+
+def test_offline_twin_runs_on_the_trained_model(tmp_path):
+    ev = load_script("eval_accuracy_hf")
+    only = "psa-estimated-0.9,topk-8,psa-progressive-0.9"
+    res = ev.main(["--model", str(MODEL), "--lengths", "512", "--samples", "1", "--tasks", "passkey",
+                   "--only", only, "--out", str(tmp_path)])  # fmt: skip
+    names = [r["name"] for r in res["rows"]]
+    assert names == ["dense", "psa-estimated-0.9", "psa-progressive-0.9", "topk-8"]
+    dense = res["rows"][0]
+    assert dense["page_fraction"] == 1.0 and dense["recall"] == pytest.approx(1.0)
+    for r in res["rows"][1:]:
+        assert 0.0 < r["page_fraction"] <= 1.0 and 0.0 < r["recall"] <= 1.0 + 1e-6
+    files = list(tmp_path.glob("eval-accuracy-hf-*.json"))
+    assert len(files) == 1 and json.loads(files[0].read_text())["rows"][0]["name"] == "dense"
+
+
+def test_tracer_writes_a_log_of_the_trained_model(tmp_path):
+    from sglang_psa.access_log import load_access_log
+
+    tr = load_script("trace_trained_model")
+    assert (
+        tr.main(["--model", str(MODEL), "-o", str(tmp_path / "log"), "--lengths", "512", "--steps", "3"]) == 0
+    )
+    trace = load_access_log(str(tmp_path / "log"))
+    assert len(trace) == 2 * 3 * 4 * 2  # 2 prompts x 3 steps x 4 layers x 2 kv heads
