@@ -271,23 +271,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows.sort(key=lambda r: order.index(r["name"]))
     add_vs_dense(rows)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    res = {
-        "benchmark": "eval_accuracy",
-        "date": stamp,
-        "commit": os.environ.get("PSA_COMMIT") or _git_commit(),
-        "device": _device(),
-        "model": a.model,
-        "config": {
-            "lengths": lengths,
-            "samples": a.samples,
-            "tasks": kinds,
-            "page_size": PAGE,
-            "sink_pages": SINK,
-            "local_pages": LOCAL,
-            "cuda_graph": False,
-        },  # fmt: skip
-        "rows": rows,
-    }
+    res = result_header("eval_accuracy", stamp, a.model, lengths, a.samples, kinds, cuda_graph=False)
+    res["rows"] = rows
     path = Path(a.out) / f"eval-accuracy-{stamp}.json"
     path.write_text(json.dumps(res, indent=1))
     try:
@@ -296,6 +281,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print("plot failed:", repr(e))
     print("wrote", path)
     return res
+
+
+def result_header(benchmark: str, stamp: str, model: str, lengths: list[int], samples: int, kinds: list[str],
+                  **config: Any) -> dict[str, Any]:  # fmt: skip
+    """The fields every accuracy result JSON starts with (device, commit, date, config)."""
+    return {
+        "benchmark": benchmark,
+        "date": stamp,
+        "commit": os.environ.get("PSA_COMMIT") or _git_commit(),
+        "device": _device(),
+        "model": model,
+        "config": {
+            "lengths": lengths,
+            "samples": samples,
+            "tasks": kinds,
+            "page_size": PAGE,
+            "sink_pages": SINK,
+            "local_pages": LOCAL,
+            **config,
+        },  # fmt: skip
+    }
 
 
 def _git_commit() -> str:

@@ -33,13 +33,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from eval_accuracy import add_vs_dense, build_prompts, plot  # noqa: E402
+from eval_accuracy import LOCAL, PAGE, SINK, add_vs_dense, build_prompts, plot, result_header  # noqa: E402
 
 from sglang_psa.kernels import SelectParams, select_pages_ref  # noqa: E402
 from sglang_psa.longctx_tasks import TASK_KINDS, score_answer  # noqa: E402
-
-PAGE = 16
-SINK, LOCAL = 1, 4
 
 
 @dataclass
@@ -266,24 +263,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"{r['name']:22s} acc {r['mean_accuracy']:.3f} pages {r['page_fraction']:.3f} "
               f"recall {r['recall'] or 0:.4f}", flush=True)  # fmt: skip
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    res = {
-        "benchmark": "eval_accuracy_hf",
-        "method": "offline twin of eval_accuracy.py: HF transformers decode + PSA's torch references",
-        "date": stamp,
-        "commit": os.environ.get("PSA_COMMIT", "see git log"),
-        "device": "cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name(0),
-        "model": a.model,
-        "config": {
-            "lengths": lengths,
-            "samples": a.samples,
-            "tasks": kinds,
-            "page_size": PAGE,
-            "sink_pages": SINK,
-            "local_pages": LOCAL,
-            "seconds": round(time.time() - t0),
-        },  # fmt: skip
-        "rows": rows,
-    }
+    res = result_header("eval_accuracy_hf", stamp, a.model, lengths, a.samples, kinds,
+                        seconds=round(time.time() - t0))  # fmt: skip
+    res["method"] = "offline twin of eval_accuracy.py: HF transformers decode + PSA's torch references"
+    res["rows"] = rows
     os.makedirs(a.out, exist_ok=True)
     path = Path(a.out) / f"eval-accuracy-hf-{stamp}.json"
     path.write_text(json.dumps(res, indent=1))
