@@ -53,6 +53,9 @@ class Setting:
     dense_pages: float = 0.0
     recall_sum: float = 0.0
     recall_n: int = 0
+    # the same four sums per prompt length (the driver sets `length` before each prompt)
+    length: str = ""
+    by_length: dict[str, list[float]] = field(default_factory=dict)
     scores: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # kind -> length -> scores
 
 
@@ -166,6 +169,11 @@ class Sparsifier:
             s.recall_n += hq
             s.pages += float(counts.sum())
             s.dense_pages += n_pages * hkv
+            acc = s.by_length.setdefault(s.length, [0.0, 0.0, 0.0, 0.0])
+            acc[0] += float(counts.sum())
+            acc[1] += n_pages * hkv
+            acc[2] += float((prob_exact * mask_tok[:, None]).sum(-1).sum())
+            acc[3] += hq
         prob = torch.softmax(logits.masked_fill(~mask_tok[:, None], float("-inf")), -1)
         out = torch.einsum("hgl,hld->hgd", prob, v).reshape(1, hq, 1, d).to(query.dtype)
         return out.transpose(1, 2).contiguous(), None
@@ -235,6 +243,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         model.config._attn_implementation = "psa_sim"
         for s in settings:
             sparsifier.setting = s
+            s.length = str(p["length"])
             new = greedy(model, copy.deepcopy(pre.past_key_values), pre.logits[0, -1], p["max_new"],
                          tok.eos_token_id)  # fmt: skip
             score = score_answer(tok.decode(new, skip_special_tokens=True), p["answer"])
@@ -257,6 +266,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "mean_accuracy": sum(flat) / len(flat),
             "page_fraction": s.pages / s.dense_pages if s.dense_pages else 1.0,
             "recall": s.recall_sum / s.recall_n if s.recall_n else None,
+            "page_fraction_by_length": {n: v[0] / v[1] for n, v in s.by_length.items()},
+            "recall_by_length": {n: v[2] / v[3] for n, v in s.by_length.items()},
         })  # fmt: skip
     add_vs_dense(rows)
     for r in rows:
