@@ -191,6 +191,11 @@ def add_vs_dense(rows: list[dict]) -> None:
             }
 
 
+def _pages_at(row: dict, length: str) -> float:
+    """Fraction of pages read at one prompt length when the run recorded it, else over all prompts."""
+    return row.get("page_fraction_by_length", {}).get(length, row["page_fraction"])
+
+
 def plot(rows: list[dict], path: Path, length: str) -> None:
     """Mean accuracy at `length` vs fraction of pages read, one curve per family of settings."""
     import matplotlib
@@ -203,7 +208,7 @@ def plot(rows: list[dict], path: Path, length: str) -> None:
               "PSA certified": "psa-certified", "top-k": "topk", "streaming": "streaming"}  # fmt: skip
     for label, prefix in groups.items():
         pts = sorted(
-            (r["page_fraction"], sum(v[length] for v in r["accuracy"].values()) / len(r["accuracy"]))
+            (_pages_at(r, length), sum(v[length] for v in r["accuracy"].values()) / len(r["accuracy"]))
             for r in rows
             if r["name"].startswith(prefix) and r.get("page_fraction") is not None
         )
