@@ -100,3 +100,20 @@ def page_layout(
     forced = valid & ((j[None, :] < sink_pages) | (j[None, :] >= npages[:, None] - local_pages))
     ntok = (seq_lens.to(torch.int64)[:, None] - j[None, :] * page_size).clamp(0, page_size)
     return npages, valid, forced, ntok
+
+
+def selection_mask(page_idx: torch.Tensor, counts: torch.Tensor, n_pages: int) -> torch.Tensor:
+    """page_idx [..., W] (selected logical pages in [:count], any order) -> mask [..., n_pages] bool."""
+    keep = torch.arange(page_idx.shape[-1], device=page_idx.device) < counts[..., None]
+    mask = torch.zeros(*page_idx.shape[:-1], n_pages + 1, dtype=torch.bool, device=page_idx.device)
+    mask.scatter_(-1, torch.where(keep, page_idx.long().clamp(0, n_pages), n_pages), True)
+    return mask[..., :n_pages]
+
+
+def compact_selection(page_idx: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kept entries of each row of page_idx [..., W], in order, -1 padded (int32); and their counts."""
+    order = torch.sort((~keep).to(torch.int8), dim=-1, stable=True).indices
+    counts = keep.sum(-1).to(torch.int32)
+    idx = torch.gather(page_idx, -1, order)
+    idx = torch.where(torch.arange(idx.shape[-1], device=idx.device) < counts[..., None], idx, -1)
+    return idx.to(torch.int32).contiguous(), counts.contiguous()

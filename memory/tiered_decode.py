@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from sglang_psa.kernels import sparse_decode
+from sglang_psa.kernels._common import compact_selection, page_layout
 
 from .hot_pool import HotPagePool
 
@@ -56,15 +57,6 @@ def merge_states(
     out = (wa[..., None] * out_a.float() + wb[..., None] * out_b.float()) / den.clamp(min=1e-30)[..., None]
     lse = torch.where(den > 0, m + torch.log(den.clamp(min=1e-30)), torch.full_like(m, float("-inf")))
     return out.to(out_a.dtype), lse
-
-
-def _compact(page_idx: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The kept entries of each row of page_idx [bs, Hkv, W], in order, -1 padded; and their counts."""
-    order = torch.sort((~keep).to(torch.int8), dim=-1, stable=True).indices
-    counts = keep.sum(-1).to(torch.int32)
-    idx = torch.gather(page_idx, -1, order)
-    idx = torch.where(torch.arange(idx.shape[-1], device=idx.device) < counts[..., None], idx, -1)
-    return idx.to(torch.int32).contiguous(), counts.contiguous()
 
 
 class TieredAttention:
@@ -109,16 +101,14 @@ class TieredAttention:
             phys[:, None, :].expand(bs, hkv, n_log), 2, logical.clamp(max=max(n_log - 1, 0))
         )
         needed = torch.unique(sel_phys[valid])
-        npages = (seq_lens.to(dev).long() + p - 1) // p
-        j = torch.arange(n_log, device=dev)
-        forced = (j[None] < sink_pages) | (j[None] >= npages[:, None] - local_pages)
-        pinned = torch.unique(phys[forced & (j[None] < npages[:, None])])
+        forced = page_layout(seq_lens.to(dev), n_log, p, sink_pages, local_pages)[2]
+        pinned = torch.unique(phys[forced])
         res = pool.fetch_missing(layer, needed, pin=torch.isin(needed, pinned))
 
         table = pool.slot_of[layer][phys].to(torch.int32)  # [bs, N] pool slot or -1
         resident = valid & (torch.gather(table[:, None, :].expand(bs, hkv, n_log), 2,
                                          logical.clamp(max=max(n_log - 1, 0))) >= 0)  # fmt: skip
-        idx0, cnt0 = _compact(page_idx, resident)
+        idx0, cnt0 = compact_selection(page_idx, resident)
         k_rows = pool.k.view(-1, *pool.k.shape[2:])
         v_rows = pool.v.view(-1, *pool.v.shape[2:])
         out, lse = self.attend(q, k_rows, v_rows, req_to_token, req_pool_indices, seq_lens, idx0, cnt0, p,
@@ -136,7 +126,7 @@ class TieredAttention:
             pos[chunk_d] = torch.arange(n, dtype=torch.int32, device=dev)
             table_c = pos[phys]
             keep = valid & torch.isin(sel_phys, chunk_d)
-            idx_c, cnt_c = _compact(page_idx, keep)
+            idx_c, cnt_c = compact_selection(page_idx, keep)
             k_s = self.scratch_k.view(-1, *self.scratch_k.shape[2:])
             v_s = self.scratch_v.view(-1, *self.scratch_v.shape[2:])
             out_c, lse_c = self.attend(q, k_s, v_s, req_to_token, req_pool_indices, seq_lens, idx_c, cnt_c, p,

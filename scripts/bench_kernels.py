@@ -38,7 +38,7 @@ from sglang_psa.kernels import (
     sparse_decode,
     update_page_summaries,
 )
-from sglang_psa.kernels._common import page_layout
+from sglang_psa.kernels._common import page_layout, selection_mask
 from sglang_psa.kernels.flashinfer_decode import FlashInferDenseDecode, FlashInferSparseDecode
 
 HQ, HKV, D = 32, 8, 128
@@ -89,14 +89,6 @@ def page_mass(sb, n_pages: int) -> torch.Tensor:
         prob = torch.nn.functional.pad(prob, (0, pad)).view(HKV, g, n_pages, p).sum(-1)
         out[b] = prob
     return out
-
-
-def selection_mask(page_idx: torch.Tensor, counts: torch.Tensor, n_pages: int) -> torch.Tensor:
-    w = page_idx.shape[-1]
-    keep = torch.arange(w, device=page_idx.device) < counts[..., None]
-    mask = torch.zeros(*page_idx.shape[:2], n_pages + 1, dtype=torch.bool, device=page_idx.device)
-    mask.scatter_(2, torch.where(keep, page_idx.long(), n_pages), True)
-    return mask[..., :n_pages]
 
 
 def recall_of(mass: torch.Tensor, mask: torch.Tensor) -> dict:

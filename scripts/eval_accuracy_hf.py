@@ -35,7 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from eval_accuracy import LOCAL, PAGE, SINK, add_vs_dense, build_prompts, plot, result_header  # noqa: E402
 
-from sglang_psa.kernels import SelectParams, select_pages_ref  # noqa: E402
+from sglang_psa.kernels import SelectParams, page_bounds_ref, select_pages_ref  # noqa: E402
+from sglang_psa.kernels._common import compact_selection, page_layout, selection_mask  # noqa: E402
 from sglang_psa.longctx_tasks import TASK_KINDS, score_answer  # noqa: E402
 
 
@@ -48,14 +49,14 @@ class Setting:
     sink: int = SINK
     local: int = LOCAL
     first_round: int = 16
-    # accumulated over decode steps and layers
-    pages: float = 0.0
-    dense_pages: float = 0.0
-    recall_sum: float = 0.0
-    recall_n: int = 0
-    # the same four sums per prompt length (the driver sets `length` before each prompt)
+    # per prompt length (the driver sets `length` before each prompt), summed over decode steps and
+    # layers: [selected pages, all pages, recall sum, recall count]
     length: str = ""
     by_length: dict[str, list[float]] = field(default_factory=dict)
+
+    def total(self, i: int) -> float:
+        return sum(v[i] for v in self.by_length.values())
+
     scores: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # kind -> length -> scores
 
 
@@ -94,10 +95,9 @@ def certified_pages(
     logits [Hkv, G, L]; bounds [Hkv, N] -> page mask [Hkv, N], pages visited [Hkv].
     Progressive mode passes rest_logits = centers: R is then estimated, not bounded."""
     hkv = logits.shape[0]
-    j = torch.arange(n_pages)
-    ntok = (length - j * PAGE).clamp(0, PAGE).float()
-    forced = (j < s.sink) | (j >= n_pages - s.local)
-    prio = bounds.masked_fill(forced[None], float("inf"))
+    _, _, forced, ntok = page_layout(torch.tensor([length]), n_pages, PAGE, s.sink, s.local)
+    ntok = ntok[0].float()
+    prio = bounds.masked_fill(forced, float("inf"))
     order = torch.sort(prio, dim=-1, descending=True, stable=True).indices
     log_w = (bounds if rest_logits is None else rest_logits) + ntok.log()[None]
     tok_page = torch.arange(length) // PAGE
@@ -141,11 +141,14 @@ class Sparsifier:
             mask_tok = torch.ones(hkv, length, dtype=torch.bool)
             counts = torch.full((hkv,), n_pages)
         else:
-            kmin, kmax = page_summaries(k, n_pages)
-            bnd = (torch.einsum("hgd,hnd->hgn", q.clamp(min=0), kmax)
-                   + torch.einsum("hgd,hnd->hgn", q.clamp(max=0), kmin)).amax(1) * scaling  # fmt: skip
-            centers = (torch.einsum("hgd,hnd->hgn", q, (kmin + kmax) / 2)).amax(1) * scaling
+            # the cache's own pages: token t of the request sits in slot t, page j in block j
+            kmin, kmax = (t.transpose(0, 1).contiguous() for t in page_summaries(k, n_pages))
             seq = torch.tensor([length])
+            table = torch.arange(n_pages * PAGE, dtype=torch.int32)[None]
+            row = torch.zeros(1, dtype=torch.int64)
+            bnd, centers = page_bounds_ref(q.reshape(1, hq, d), kmin, kmax, table, row, seq, PAGE, PAGE,
+                                           scaling, n_pages, with_centers=True)  # fmt: skip
+            bnd, centers = bnd[0], centers[0]
             if s.mode in ("certified", "progressive"):
                 rest = centers if s.mode == "progressive" else None
                 mask_pg, counts = certified_pages(s, logits, bnd, length, n_pages, rest)
@@ -156,24 +159,15 @@ class Sparsifier:
                 mass = centers[None] if s.mode == "estimated" else None
                 idx, cnt = select_pages_ref(bnd[None], seq, PAGE, params, mass_logits=mass)
                 counts = cnt[0]
-                mask_pg = torch.zeros(hkv, n_pages + 1, dtype=torch.bool)
-                keep = torch.arange(idx.shape[-1]) < cnt[0][:, None]
-                mask_pg.scatter_(1, torch.where(keep, idx[0].long(), n_pages), True)
-                mask_pg = mask_pg[:, :n_pages]
+                mask_pg = selection_mask(idx[0], counts, n_pages)
             mask_tok = mask_pg.repeat_interleave(PAGE, dim=1)[:, :length]
             if self.access_log is not None:
                 self._log(module.layer_idx, mask_pg, length)
-        prob_exact = torch.softmax(logits, -1)
         if s is not None:
-            s.recall_sum += float((prob_exact * mask_tok[:, None]).sum(-1).sum())
-            s.recall_n += hq
-            s.pages += float(counts.sum())
-            s.dense_pages += n_pages * hkv
+            recall = float((torch.softmax(logits, -1) * mask_tok[:, None]).sum())
             acc = s.by_length.setdefault(s.length, [0.0, 0.0, 0.0, 0.0])
-            acc[0] += float(counts.sum())
-            acc[1] += n_pages * hkv
-            acc[2] += float((prob_exact * mask_tok[:, None]).sum(-1).sum())
-            acc[3] += hq
+            for i, x in enumerate((float(counts.sum()), n_pages * hkv, recall, hq)):
+                acc[i] += x
         prob = torch.softmax(logits.masked_fill(~mask_tok[:, None], float("-inf")), -1)
         out = torch.einsum("hgl,hld->hgd", prob, v).reshape(1, hq, 1, d).to(query.dtype)
         return out.transpose(1, 2).contiguous(), None
@@ -181,11 +175,26 @@ class Sparsifier:
     def _log(self, layer: int, mask_pg: torch.Tensor, length: int) -> None:
         """Record the selected pages of this layer: page_idx [1, Hkv, W] ascending, -1 padded."""
         width = self.access_log.width
-        counts = mask_pg.sum(-1).to(torch.int32)
-        order = torch.sort((~mask_pg).to(torch.int8), dim=-1, stable=True).indices[:, :width]
-        page_idx = torch.where(torch.arange(order.shape[-1]) < counts[:, None], order, -1).to(torch.int32)
-        page_idx = torch.nn.functional.pad(page_idx, (0, width - page_idx.shape[-1]), value=-1)
+        pages = torch.arange(mask_pg.shape[-1]).expand_as(mask_pg)
+        page_idx, counts = compact_selection(pages, mask_pg)
+        page_idx = torch.nn.functional.pad(
+            page_idx[:, :width], (0, width - min(width, page_idx.shape[-1])), value=-1
+        )
         self.access_log.record_layer(layer, page_idx[None], counts[None], torch.tensor([length]))
+
+
+def load_with_sparsifier(path: str) -> tuple[Sparsifier, Any, Any]:
+    """The tokenizer and fp32 model of `path`, and the Sparsifier HF calls as attention "psa_sim"
+    (set model.config._attn_implementation to "psa_sim" for decode, "sdpa" for dense prefill)."""
+    from transformers import AttentionInterface, AutoModelForCausalLM, PreTrainedTokenizerFast
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    sparsifier = Sparsifier()
+    AttentionInterface.register("psa_sim", sparsifier)
+    AttentionMaskInterface.register("psa_sim", sdpa_mask)
+    tok = PreTrainedTokenizerFast.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    return sparsifier, tok, model
 
 
 @torch.no_grad()
@@ -219,14 +228,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    from transformers import AttentionInterface, AutoModelForCausalLM, PreTrainedTokenizerFast
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    sparsifier = Sparsifier()
-    AttentionInterface.register("psa_sim", sparsifier)
-    AttentionMaskInterface.register("psa_sim", sdpa_mask)
-    tok = PreTrainedTokenizerFast.from_pretrained(a.model)
-    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32).eval()
+    sparsifier, tok, model = load_with_sparsifier(a.model)
     kinds = list(TASK_KINDS) if a.tasks == "all" else a.tasks.split(",")
     lengths = [int(x) for x in a.lengths.split(",")]
     settings = settings_for([float(t) for t in a.taus.split(",")], [int(k) for k in a.topks.split(",")],
@@ -264,8 +266,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         rows.append({
             "name": s.name, "mode": s.mode, "tau": s.tau, "topk": s.topk, "accuracy": acc,
             "mean_accuracy": sum(flat) / len(flat),
-            "page_fraction": s.pages / s.dense_pages if s.dense_pages else 1.0,
-            "recall": s.recall_sum / s.recall_n if s.recall_n else None,
+            "page_fraction": s.total(0) / s.total(1) if s.total(1) else 1.0,
+            "recall": s.total(2) / s.total(3) if s.total(3) else None,
             "page_fraction_by_length": {n: v[0] / v[1] for n, v in s.by_length.items()},
             "recall_by_length": {n: v[2] / v[3] for n, v in s.by_length.items()},
         })  # fmt: skip

@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from eval_accuracy_hf import PAGE, Setting, Sparsifier  # noqa: E402
+from eval_accuracy_hf import PAGE, Setting, load_with_sparsifier  # noqa: E402
 
 from sglang_psa.access_log import AccessLogger  # noqa: E402
 from sglang_psa.longctx_tasks import FillerCorpus, as_encoders, find_local_text, make_task  # noqa: E402
@@ -42,14 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tau", type=float, default=0.95)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
-    from transformers import AttentionInterface, AutoModelForCausalLM, PreTrainedTokenizerFast
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    sp = Sparsifier()
-    AttentionInterface.register("psa_sim", sp)
-    AttentionMaskInterface.register("psa_sim", sdpa_mask)
-    tok = PreTrainedTokenizerFast.from_pretrained(a.model)
-    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32).eval()
+    sp, tok, model = load_with_sparsifier(a.model)
     cfg = model.config
     encode, encode_batch = as_encoders(tok)
     corpus = FillerCorpus(find_local_text(max_bytes=8_000_000), encode=encode, encode_batch=encode_batch)
@@ -85,8 +78,8 @@ def main(argv: list[str] | None = None) -> int:
                 step += 1
             sp.access_log = None
             print(f"{rid}: {len(ids)} tokens, {a.steps} steps; pages read so far "
-                  f"{setting.pages / max(1, setting.dense_pages):.3f}, recall "
-                  f"{setting.recall_sum / max(1, setting.recall_n):.4f}", flush=True)  # fmt: skip
+                  f"{setting.total(0) / max(1, setting.total(1)):.3f}, recall "
+                  f"{setting.total(2) / max(1, setting.total(3)):.4f}", flush=True)  # fmt: skip
     log.close()
     print(f"wrote {log.files_written} files, {log.records_written} records to {a.out}")
     return 0

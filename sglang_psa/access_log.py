@@ -572,12 +572,9 @@ class AccessLogger:
         # step must still contain these copies. The host decides at end_step what to keep.
         li = layer_id - self.start_layer
         w = min(page_idx.shape[-1], self.width)
-        if self.cuda:  # one kernel instead of seven small ops per layer
-            stage_selection(page_idx, counts, seq_lens, self._rows, self._dev_idx[li], self._dev_cnt[li],
-                            self._dev_len[li], self._dev_seen[li : li + 1], w)  # fmt: skip
-            return
-        stage_selection_ref(page_idx, counts, seq_lens, self._rows, self._dev_idx[li], self._dev_cnt[li],
-                            self._dev_len[li], self._dev_seen[li : li + 1], w)  # fmt: skip
+        stage = stage_selection if self.cuda else stage_selection_ref  # one kernel, not seven small ops
+        stage(page_idx, counts, seq_lens, self._rows, self._dev_idx[li], self._dev_cnt[li], self._dev_len[li],
+              self._dev_seen[li : li + 1], w)  # fmt: skip
 
     def end_step(self) -> None:
         """Enqueue the step's staging buffer to a host slot (non-blocking on CUDA)."""

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 
+from sglang_psa.kernels._common import num_pages_of
 from sglang_psa.memory.summary_pool import SummaryPool, set_active_pool
 
 from .config import PSAConfig, validate_against_server
@@ -144,7 +145,7 @@ class PSAAttnBackend(AttentionBackend):
         """Stats: the KV units a dense decode step would read (recorded in the graph, no sync)."""
         bs = forward_batch.batch_size
         if self.stats is not None and bs > 0:
-            npages = (forward_batch.seq_lens[:bs] + (self.page_size - 1)) // self.page_size
+            npages = num_pages_of(forward_batch.seq_lens[:bs], self.page_size)
             self.stats.add_step(npages.sum() * self.kv_pool.head_num)
 
     def _on_decode_step(self, in_capture: bool) -> None:

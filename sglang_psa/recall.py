@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import torch
 
+from sglang_psa.kernels._common import selection_mask
+
 
 def selection_recall(
     q: torch.Tensor,
@@ -46,10 +48,6 @@ def selection_recall(
     valid = pos[None, :] < seq_lens[:, None]  # [bs, L]
     prob = torch.softmax(logits.masked_fill(~valid[:, None, None, :], float("-inf")), dim=-1)
     page_mass = prob.view(bs, hkv, g, n_pages, page_size).sum(-1)  # [bs, Hkv, G, pages]
-    width = page_idx.shape[-1]
-    keep = torch.arange(width, device=q.device) < counts[..., None]
-    target = torch.where(keep, page_idx.long().clamp(0, n_pages - 1), n_pages)
-    mask = torch.zeros(bs, hkv, n_pages + 1, dtype=torch.bool, device=q.device)
-    mask.scatter_(2, target, True)
-    recall = (page_mass * mask[:, :, None, :n_pages]).sum(-1)  # [bs, Hkv, G]
+    mask = selection_mask(page_idx, counts, n_pages)  # [bs, Hkv, pages]
+    recall = (page_mass * mask[:, :, None, :]).sum(-1)  # [bs, Hkv, G]
     return recall.reshape(bs, hq).clamp(max=1.0)
