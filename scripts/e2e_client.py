@@ -44,21 +44,28 @@ def prompt_ids(n: int, seed: int) -> list[int]:
 
 
 def cmd_generate(a) -> dict:
-    res = {"lens": a.lens, "max_new_tokens": a.max_new_tokens, "outputs": []}
-    for i, n in enumerate(a.lens):
-        ids = prompt_ids(n, i)
+    """Greedy outputs per prompt length; --concurrent sends them all at once (one mixed decode batch)."""
+    res = {"lens": a.lens, "max_new_tokens": a.max_new_tokens, "concurrent": a.concurrent, "outputs": []}
+
+    def one(item):
+        i, n = item
         t = time.time()
         code, d = _post(
             f"{a.url}/generate",
-            {"input_ids": ids, "sampling_params": {"max_new_tokens": a.max_new_tokens,
-                                                   "temperature": 0, "ignore_eos": True}},
+            {"input_ids": prompt_ids(n, i), "sampling_params": {"max_new_tokens": a.max_new_tokens,
+                                                                "temperature": 0, "ignore_eos": True}},
         )  # fmt: skip
         ok = code == 200 and isinstance(d, dict)
-        res["outputs"].append({
-            "len": n, "seed": i, "ok": ok, "seconds": round(time.time() - t, 2),
-            "output_ids": d.get("output_ids") if ok else None, "error": None if ok else d,
-        })  # fmt: skip
         print(f"len {n}: {'ok' if ok else d}", flush=True)
+        return {"len": n, "seed": i, "ok": ok, "seconds": round(time.time() - t, 2),
+                "output_ids": d.get("output_ids") if ok else None, "error": None if ok else d}  # fmt: skip
+
+    items = list(enumerate(a.lens))
+    if a.concurrent:
+        with cf.ThreadPoolExecutor(len(items) or 1) as ex:
+            res["outputs"] = list(ex.map(one, items))
+    else:
+        res["outputs"] = [one(it) for it in items]
     return res
 
 
@@ -223,6 +230,7 @@ def main() -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--lens", type=int, nargs="*", default=[4096, 16384, 32768, 65536])
     p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--concurrent", action="store_true", help="generate: send every prompt at once")
     p.add_argument("--a")
     p.add_argument("--b")
     p.add_argument("--prefix-len", type=int, default=8192)

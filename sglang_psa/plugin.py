@@ -19,7 +19,15 @@ import logging
 import os
 from typing import Any
 
-from .config import ENV_VAR, MODES, SERVER_ARGS_ATTR, PSAConfig, uses_psa, validate_against_server
+from .config import (
+    DENSE_DECODERS,
+    ENV_VAR,
+    MODES,
+    SERVER_ARGS_ATTR,
+    PSAConfig,
+    uses_psa,
+    validate_against_server,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +53,8 @@ _FLAG_HELP = {
     "block_size": "PSA logical sub-page size for the page bounds (0 = page size).",
     "reuse_steps": "PSA: reuse a page selection for this many decode steps (1 = every step).",
     "dense_below": "PSA: requests shorter than this many tokens decode densely.",
+    "dense_decode": "PSA: kernel for the requests below --psa-dense-below: flashinfer (FlashInfer's decode, "
+    "planned for those requests only; estimated and topk modes) or psa (PSA's kernels, every page).",
     "first_round_pages": "PSA progressive/certified modes: pages visited in the first round.",
     "stats": "PSA: collect per-layer selection statistics (logged; Prometheus with --enable-metrics).",
     "stats_interval": "PSA: decode steps between two statistics read-outs.",
@@ -73,6 +83,8 @@ def add_psa_cli_args(parser: argparse.ArgumentParser) -> None:
         kwargs: dict[str, Any] = {"type": type(default), "default": default}
         if name == "mode":
             kwargs["choices"] = list(MODES)
+        if name == "dense_decode":
+            kwargs["choices"] = list(DENSE_DECODERS)
         group.add_argument(flag, dest=dest, help=_FLAG_HELP[name] + f" Default {default}.", **kwargs)
 
 
