@@ -26,7 +26,7 @@ model() {  # model DIR PRESET MAXLEN
 
 start_server() {  # start_server LOGNAME ARGS...
   local log=$OUT/$1.log; shift
-  python3 -m sglang.launch_server --load-format dummy --port $PORT --mem-fraction-static 0.7 "$@" > "$log" 2>&1 &
+  python3 -m sglang.launch_server --load-format dummy --port $PORT --mem-fraction-static 0.7 ${SERVER_EXTRA:-} "$@" > "$log" 2>&1 &
   SERVER=$!
   for _ in $(seq 240); do
     python3 -c "import urllib.request as u; u.urlopen('$URL/health', timeout=2)" 2>/dev/null && return 0
@@ -74,7 +74,7 @@ hybrid_equal)
   # one prompt at a time and all at once (a decode batch mixing both kinds of rows). 1B shape
   # (head_dim 64: FlashInfer's tensor-core decode, the kernels in the bundle's cache).
   model $M1 llama3-1b 32768
-  export SGLANG_FLASHINFER_USE_TENSOR_CORE=true
+  export SGLANG_FLASHINFER_USE_TENSOR_CORE=true SERVER_EXTRA=--disable-prefill-cuda-graph  # faster start
   LENS="1000 3000 4095 12000 20000"
   for B in flashinfer psa; do
     if [ $B = psa ]; then ARGS=(--attention-backend psa --psa-tau 1.0 --psa-max-pages 1024 --psa-dense-below 4096)
@@ -131,9 +131,12 @@ bench|bench_triton|bench_log)
     RUNS="triton"
   fi
   for B in $RUNS; do
-    SIZES=(--batch-size 1 4 8 16 --input-len 4096 32768 65536 131072)
+    # bench_one_batch prefills each size in one forward pass and writes its results only at the end:
+    # 262k-token prefills (4 x 64k, 8 x 32k) run out of memory and take every result with them.
+    SIZES=(--batch-size 1 4 16 --input-len 4096 32768 131072)
     case $B in
     psa) ARGS=("${BENCH_PSA[@]}") ;;
+    psa_dense_psa) ARGS=("${BENCH_PSA[@]}" --psa-dense-decode psa) ;;  # short rows through PSA's kernels
     psa_nolog) ARGS=("${BENCH_PSA[@]}"); SIZES=(--batch-size 1 4 --input-len 32768 131072) ;;
     psa_accesslog) ARGS=("${BENCH_PSA[@]}" --psa-access-log "$OUT/accesslog" --psa-access-log-source dummy-weights-8b-bench)
                    SIZES=(--batch-size 1 4 --input-len 32768 131072) ;;
@@ -142,7 +145,7 @@ bench|bench_triton|bench_log)
     esac
     RES=$OUT/bench_$B.jsonl; rm -f "$RES"
     timeout ${BENCH_TIMEOUT:-400} python3 scripts/bench_e2e_one_batch.py --model-path $M8 --load-format dummy \
-      --mem-fraction-static 0.7 --cuda-graph-max-bs 16 "${ARGS[@]}" "${SIZES[@]}" --output-len 32 \
+      --mem-fraction-static 0.7 --cuda-graph-max-bs 16 --disable-prefill-cuda-graph "${ARGS[@]}" "${SIZES[@]}" --output-len 32 \
       --run-name "$B" --result-filename "$RES" > "$OUT/bench_$B.log" 2>&1 || { echo "bench $B failed"; tail -20 "$OUT/bench_$B.log"; }
     python3 - "$RES" "$B" "$COMMIT" "$DEV" <<'PY'
 import json, os, sys, time
