@@ -17,9 +17,7 @@ Shapes and dtypes:
     req_pool_indices   [bs] int32 / int64
     seq_lens           [bs] int32 / int64
     -> bounds          [bs, Hkv, max_pages] float32, scaled by sm_scale; -inf past the last page
-                       (and for every page of a request shorter than skip_below); with
-                       fill_unused=False those entries are left unwritten (select_pages never
-                       reads them; the progressive modes sort whole rows and need them)
+                       (and for every page of a request shorter than skip_below)
        centers         same shape (with_centers=True): max over the group of q.(kmin + kmax) / 2
 """
 
@@ -63,10 +61,8 @@ def page_bounds_ref(
     max_pages: int,
     with_centers: bool = False,
     skip_below: int = 0,
-    fill_unused: bool = True,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Pure-torch reference of page_bounds (float64 arithmetic). Always fills unused entries with -inf
-    (what the kernel leaves there with fill_unused=False is unspecified)."""
+    """Pure-torch reference of page_bounds (float64 arithmetic)."""
     bs, hq, hkv, d, g = _check(q, kmin, kmax, req_to_token, req_pool_indices, seq_lens, page_size, block_size)
     nsub = page_size // block_size
     out = torch.full((bs, hkv, max_pages), float("-inf"), dtype=torch.float32, device=q.device)
@@ -127,7 +123,6 @@ def _page_bounds_kernel(
     BLOCK_P: tl.constexpr,
     IEEE: tl.constexpr,
     WITH_CENTERS: tl.constexpr,
-    FILL_UNUSED: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -139,17 +134,15 @@ def _page_bounds_kernel(
     best = tl.full([BLOCK_P], float("-inf"), tl.float32)
     best_center = tl.full([BLOCK_P], float("-inf"), tl.float32)
     # The grid spans the longest context the server admits; blocks past this request's last page
-    # (and requests that decode densely) only write -inf, or nothing without FILL_UNUSED.
-    active = (pblk * BLOCK_P * PAGE < seq_len) & (seq_len >= skip_below)
-    if active:
+    # (and requests that decode densely) only write -inf.
+    if (pblk * BLOCK_P * PAGE < seq_len) & (seq_len >= skip_below):
         best, best_center = _bound_block(
             Q, KMIN, KMAX, REQ_TO_TOKEN, b, h, rpi, seq_len, j, page_valid, sm_scale, stride_qb, stride_qh,
             stride_sb, stride_sh, stride_rt, G, G_PAD, D, BLOCK_D, PAGE, SUB, BLOCK_P, IEEE, WITH_CENTERS,
         )  # fmt: skip
-    store = (j < max_pages) & (active | FILL_UNUSED)
-    tl.store(OUT + b * stride_ob + h * stride_oh + j, best, mask=store)
+    tl.store(OUT + b * stride_ob + h * stride_oh + j, best, mask=j < max_pages)
     if WITH_CENTERS:
-        tl.store(CENTERS + b * stride_ob + h * stride_oh + j, best_center, mask=store)
+        tl.store(CENTERS + b * stride_ob + h * stride_oh + j, best_center, mask=j < max_pages)
 
 
 @triton.jit
@@ -211,14 +204,12 @@ def page_bounds(
     with_centers: bool = False,
     centers: torch.Tensor | None = None,
     skip_below: int = 0,
-    fill_unused: bool = True,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Bound every page's logits for a decode batch (Triton). See the module docstring.
 
     Graph-safe: grid is (bs, Hkv, ceil(max_pages / BLOCK_P)); page counts are read on device, and
     blocks past a request's last page cost only their -inf store.
     skip_below: requests with seq_len < skip_below get -inf everywhere (they decode densely).
-    fill_unused=False: entries past a request's end (and skipped requests) are not written.
     """
     bs, hq, hkv, d, g = _check(q, kmin, kmax, req_to_token, req_pool_indices, seq_lens, page_size, block_size)
     if out is None:
@@ -263,7 +254,6 @@ def page_bounds(
         BLOCK_P=block_p,
         IEEE=f32_dot(q.dtype),
         WITH_CENTERS=with_centers,
-        FILL_UNUSED=fill_unused,
         num_warps=4,
     )
     return (out, centers) if with_centers else out

@@ -16,8 +16,6 @@ target, they are the answer and the mass bisection is skipped; a request that ta
 with fixed shapes, so the step is CUDA-graph capturable.
 
 dense_below: requests with seq_len < dense_below select every page (when they fit the width W).
-skip_below: requests with seq_len < skip_below select nothing (count 0, row all -1): the backend
-computes them with the dense backend's decode kernel instead (--psa-dense-decode flashinfer).
 
 Shapes and dtypes:
     bounds    [bs, Hkv, N] float32 (page_bounds output; -inf past the last page)
@@ -81,11 +79,9 @@ def select_pages_ref(
     params: SelectParams,
     mass_logits: torch.Tensor | None = None,
     dense_below: int = 0,
-    skip_below: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pure-torch reference of select_pages: a stable descending sort and a cumulative sum."""
     bs, hkv, n = bounds.shape
-    seq_lens = torch.where(seq_lens < skip_below, torch.zeros_like(seq_lens), seq_lens)  # empty
     _, valid, forced, ntok = page_layout(seq_lens, n, page_size, params.sink_pages, params.local_pages)
     width = params.width
     page_idx = torch.full((bs, hkv, width), -1, dtype=torch.int32, device=bounds.device)
@@ -193,7 +189,6 @@ def _select_pages_kernel(
     hkv,
     tau,
     dense_below,
-    skip_below,
     PAGE: tl.constexpr,
     SINK: tl.constexpr,
     LOCAL: tl.constexpr,
@@ -207,7 +202,6 @@ def _select_pages_kernel(
     h = tl.program_id(1)
     seq_len = tl.load(SEQ + b).to(tl.int64)
     npages = tl.minimum((seq_len + PAGE - 1) // PAGE, n_pages_max)
-    npages = tl.where(seq_len < skip_below, 0, npages)  # left to the dense backend: no page, no load
     # a request below dense_below takes every page (it fits: the config checks dense_below's pages)
     short = (seq_len < dense_below) & (npages <= MAX_PAGES)
     j = tl.arange(0, BLOCK_N)
@@ -279,7 +273,6 @@ def select_pages(
     counts: torch.Tensor | None = None,
     mass_logits: torch.Tensor | None = None,
     dense_below: int = 0,
-    skip_below: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Select pages per (request, kv head) on device (Triton). See the module docstring."""
     if bounds.dim() != 3 or bounds.dtype != torch.float32:
@@ -318,7 +311,6 @@ def select_pages(
         hkv,
         float(params.tau),
         int(dense_below),
-        int(skip_below),
         PAGE=page_size,
         SINK=params.sink_pages,
         LOCAL=params.local_pages,

@@ -22,8 +22,6 @@ Shapes and dtypes:
     page_table        optional [bs, N] int32: where logical page j of request b lives in k_cache /
                       v_cache, in pages (token rows page_table[b, j] * P ...); replaces req_to_token
                       (tiered mode reads the hot pool's slots this way)
-    skip_below        sparse_decode leaves the rows of requests with seq_len < skip_below in `out`
-                      untouched (lse -inf): the dense backend's decode kernel wrote them
     -> out [bs, Hq, D] q.dtype, lse [bs, Hq] float32 (natural log of the softmax normaliser)
 """
 
@@ -85,17 +83,13 @@ def sparse_decode_ref(
     page_size: int,
     sm_scale: float,
     page_table: torch.Tensor | None = None,
-    out: torch.Tensor | None = None,
-    skip_below: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pure-torch (float64) reference of sparse_decode (out / skip_below as there)."""
+    """Pure-torch (float64) reference of sparse_decode."""
     bs, hq, hkv, d, g = check_kv(q, k_cache, v_cache)
-    res = torch.zeros(bs, hq, d, dtype=torch.float64)
+    out = torch.zeros(bs, hq, d, dtype=torch.float64)
     lse = torch.full((bs, hq), float("-inf"), dtype=torch.float64)
     for b in range(bs):
         r, n = int(req_pool_indices[b]), int(seq_lens[b])
-        if n < skip_below:
-            continue
         for h in range(hkv):
             pages = page_idx[b, h, : int(counts[b, h])]
             row = page_table[b] if page_table is not None else None
@@ -106,13 +100,8 @@ def sparse_decode_ref(
                 v_cache[slots, h].cpu(),
                 sm_scale,
             )
-            res[b, h * g : (h + 1) * g], lse[b, h * g : (h + 1) * g] = o, l_
-    res = res.to(q.dtype).to(q.device)
-    if out is None:
-        return res, lse.float().to(q.device)
-    keep = (seq_lens >= skip_below).to(q.device)
-    out.copy_(torch.where(keep[:, None, None], res, out))
-    return out, lse.float().to(q.device)
+            out[b, h * g : (h + 1) * g], lse[b, h * g : (h + 1) * g] = o, l_
+    return out.to(q.dtype).to(q.device), lse.float().to(q.device)
 
 
 def dense_decode_ref(
@@ -273,20 +262,14 @@ def _merge_splits_kernel(
     stride_lh,
     stride_outb,
     stride_outh,
-    SEQ,
-    skip_below,
     HQ: tl.constexpr,
     D: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_S: tl.constexpr,
     HAS_PREV: tl.constexpr,
-    HAS_SKIP: tl.constexpr,
 ):
     b = tl.program_id(0)
     hq = tl.program_id(1)
-    keep = True
-    if HAS_SKIP:  # rows left to the dense backend keep their output (a masked store writes nothing)
-        keep = tl.load(SEQ + b) >= skip_below
     s = tl.arange(0, BLOCK_S)
     d = tl.arange(0, BLOCK_D)
     smask = s < n_splits
@@ -310,10 +293,10 @@ def _merge_splits_kernel(
         den += wp
     has = den > 0.0
     out = num / tl.where(has, den, 1.0)
-    tl.store(OUT + b * stride_outb + hq * stride_outh + d, out.to(OUT.dtype.element_ty), mask=(d < D) & keep)
+    tl.store(OUT + b * stride_outb + hq * stride_outh + d, out.to(OUT.dtype.element_ty), mask=d < D)
     tl.store(
         OUT_LSE + b * HQ + hq,
-        tl.where(has & keep, m_safe + tl.log(tl.where(has, den, 1.0)), float("-inf")),
+        tl.where(has, m_safe + tl.log(tl.where(has, den, 1.0)), float("-inf")),
     )
 
 
@@ -420,8 +403,7 @@ def _attend(
     )
 
 
-def _merge(part_o, part_lse, num_splits, out, out_lse, prev_o=None, prev_lse=None, seq_lens=None,
-           skip_below=0):  # fmt: skip
+def _merge(part_o, part_lse, num_splits, out, out_lse, prev_o=None, prev_lse=None):
     bs, hq, _, d = part_o.shape
     _merge_splits_kernel[(bs, hq)](
         part_o,
@@ -438,14 +420,11 @@ def _merge(part_o, part_lse, num_splits, out, out_lse, prev_o=None, prev_lse=Non
         part_lse.stride(1),
         out.stride(0),
         out.stride(1),
-        seq_lens if seq_lens is not None else out_lse,  # read only with HAS_SKIP
-        int(skip_below),
         HQ=hq,
         D=d,
         BLOCK_D=next_pow2(d),
         BLOCK_S=next_pow2(max(num_splits, 2)),
         HAS_PREV=prev_o is not None,
-        HAS_SKIP=seq_lens is not None,
         num_warps=4,
     )
 
@@ -480,12 +459,10 @@ def sparse_decode(
     num_splits: int | None = None,
     out: torch.Tensor | None = None,
     page_table: torch.Tensor | None = None,
-    skip_below: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact attention of each (request, kv head) over its selected pages (Triton split-K).
 
     page_table [bs, N] int32 (optional): page locations in k_cache / v_cache; see the module docstring.
-    skip_below: rows of requests shorter than this keep what `out` holds (pass their counts as 0).
     """
     bs, hq, hkv, d, g = _check_common(
         q, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens, page_size
@@ -524,8 +501,7 @@ def sparse_decode(
         part_lse,
         page_table,
     )
-    _merge(part_o, part_lse, num_splits, out, lse, seq_lens=seq_lens if skip_below > 0 else None,
-           skip_below=skip_below)  # fmt: skip
+    _merge(part_o, part_lse, num_splits, out, lse)
     return out, lse
 
 

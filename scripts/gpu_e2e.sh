@@ -2,8 +2,7 @@
 # GPU end-to-end evidence for `--attention-backend psa` (issue 4). One stage per device call,
 # each well under 9 minutes. Run from the repo root on the device machine (carry .devbundle):
 #   bash scripts/gpu_e2e.sh STAGE
-# Stages: smoke | equal | hybrid_equal | serve | serve_fi | robust | bench | bench_triton | bench_log |
-#         serving | eval
+# Stages: smoke | equal | serve | serve_fi | robust | bench | bench_triton | bench_log | serving | eval
 # Results: $OUT/*.json (+ server logs) and benchmarks/results/*.json.
 set -uo pipefail
 STAGE=${1:?stage}
@@ -68,40 +67,6 @@ d = json.load(open(sys.argv[1])); d.update(commit=sys.argv[2], device=sys.argv[3
 json.dump(d, open("benchmarks/results/e2e_tau1_equal_flashinfer.json", "w"), indent=1)
 PY
   exit $rc ;;
-hybrid_equal)
-  # Short requests decode through FlashInfer's kernel inside the psa backend (--psa-dense-decode
-  # flashinfer), long ones through PSA (tau=1.0: dense result). Greedy tokens must equal flashinfer's,
-  # one prompt at a time and all at once (a decode batch mixing both kinds of rows). 1B shape
-  # (head_dim 64: FlashInfer's tensor-core decode, the kernels in the bundle's cache).
-  model $M1 llama3-1b 32768
-  export SGLANG_FLASHINFER_USE_TENSOR_CORE=true SERVER_EXTRA=--disable-prefill-cuda-graph  # faster start
-  LENS="1000 3000 4095 12000 20000"
-  for B in flashinfer psa; do
-    if [ $B = psa ]; then ARGS=(--attention-backend psa --psa-tau 1.0 --psa-max-pages 1024 --psa-dense-below 4096)
-    else ARGS=(--attention-backend flashinfer); fi
-    start_server hybrid_$B --model-path $M1 --page-size 32 "${ARGS[@]}" || exit 1
-    $CLIENT generate --lens $LENS --out "$OUT/hybrid_seq_$B.json"
-    $CLIENT generate --lens $LENS --concurrent --out "$OUT/hybrid_batch_$B.json"
-    stop_server
-  done
-  rc=0
-  for K in seq batch; do
-    $CLIENT compare --a "$OUT/hybrid_${K}_psa.json" --b "$OUT/hybrid_${K}_flashinfer.json" \
-      --out "$OUT/hybrid_compare_$K.json" || rc=1
-  done
-  python3 - "$OUT" "$COMMIT" "$DEV" <<'PY'
-import json, sys, time
-o = sys.argv[1]
-d = {k: json.load(open(f"{o}/hybrid_compare_{k}.json")) for k in ("seq", "batch")}
-out = {"commit": sys.argv[2], "device": sys.argv[3], "date": time.strftime("%Y-%m-%d"),
-       "model": "llama3-1b shape, dummy weights, page 32",
-       "config": "psa tau=1.0 max_pages 1024, dense_below 4096 (short rows through FlashInfer's decode, "
-                 "--psa-dense-decode flashinfer) vs --attention-backend flashinfer",
-       "all_equal": all(v["all_equal"] for v in d.values()), "sequential": d["seq"], "concurrent": d["batch"]}
-json.dump(out, open("benchmarks/results/e2e_hybrid_dense_rows_equal_flashinfer.json", "w"), indent=1)
-print("hybrid all_equal", out["all_equal"])
-PY
-  exit $rc ;;
 serve|serve_fi)
   model $M8 llama3-8b 140000
   if [ $STAGE = serve ]; then ARGS=("${PSA_ARGS[@]}"); else ARGS=(--attention-backend flashinfer --page-size 32); fi
@@ -136,7 +101,6 @@ bench|bench_triton|bench_log)
     SIZES=(--batch-size 1 4 16 --input-len 4096 32768 131072)
     case $B in
     psa) ARGS=("${BENCH_PSA[@]}") ;;
-    psa_dense_psa) ARGS=("${BENCH_PSA[@]}" --psa-dense-decode psa) ;;  # short rows through PSA's kernels
     psa_nolog) ARGS=("${BENCH_PSA[@]}"); SIZES=(--batch-size 1 4 --input-len 32768 131072) ;;
     psa_accesslog) ARGS=("${BENCH_PSA[@]}" --psa-access-log "$OUT/accesslog" --psa-access-log-source dummy-weights-8b-bench)
                    SIZES=(--batch-size 1 4 --input-len 32768 131072) ;;
@@ -153,7 +117,7 @@ rows = [json.loads(l) for l in open(sys.argv[1])] if os.path.exists(sys.argv[1])
 out = {"backend": sys.argv[2], "commit": sys.argv[3], "device": sys.argv[4], "date": time.strftime("%Y-%m-%d"),
        "model": "llama3-8b shape, dummy weights, mem 0.7, page 32, CUDA graphs", "tool": "sglang bench_one_batch",
        "psa_budget": "tau 0.9, max_pages 160 x 32 tokens (cap chosen from the synthetic skewed cache), "
-                     "dense below 4608 tokens (FlashInfer decode kernel for those rows), stats off", "results": rows}
+                     "dense below 4608 tokens, stats off", "results": rows}
 json.dump(out, open(f"benchmarks/results/bench_one_batch_{sys.argv[2]}.json", "w"), indent=1)
 print(sys.argv[2], json.dumps([(r.get("batch_size"), r.get("input_len"), round(r.get("median_decode_latency", 0) * 1e3, 2)) for r in rows]))
 PY
@@ -163,6 +127,7 @@ serving)
   # SGLang's bench_serving, generated-shared-prefix workload (groups of requests sharing a 16k system
   # prompt: radix sharing + long-context decode), psa and flashinfer in one run.
   model $M8 llama3-8b 140000
+  export SERVER_EXTRA=--disable-prefill-cuda-graph  # both servers; decode graphs stay on
   for B in psa flashinfer; do
     if [ $B = psa ]; then ARGS=("${BENCH_PSA[@]}" --psa-stats --enable-metrics); else ARGS=(--attention-backend flashinfer --page-size 32); fi
     start_server serving_$B --model-path $M8 "${ARGS[@]}" || continue
@@ -177,7 +142,8 @@ serving)
 import json, os, sys, time
 out = {"tool": "sglang.benchmark.serving generated-shared-prefix (4 groups x 8 prompts, 16k shared prefix, "
                "256-token questions, 128 output tokens, all at once)", "commit": sys.argv[2], "device": sys.argv[3],
-       "date": time.strftime("%Y-%m-%d"), "model": "llama3-8b shape, dummy weights, mem 0.7, page 32",
+       "date": time.strftime("%Y-%m-%d"),
+       "model": "llama3-8b shape, dummy weights, mem 0.7, page 32, decode CUDA graphs, no prefill graphs",
        "psa_budget": "tau 0.9, max_pages 160 x 32 tokens, dense below 4608", "results": {}}
 for b in ("psa", "flashinfer"):
     f = os.path.join(sys.argv[1], f"serving_{b}.jsonl")

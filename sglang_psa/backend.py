@@ -7,19 +7,12 @@ path syncs with the host, so the decode step is captured in CUDA graphs like any
 recorded there read each replay's values).
 
 Every KV write refreshes the page summaries of the written blocks: prefill/extend after FlashInfer
-stored K/V, decode after our own set_kv_buffer.
-
-Requests shorter than --psa-dense-below decode densely. By default (--psa-dense-decode flashinfer,
-estimated and topk modes) FlashInfer's own decode kernel computes them: its plan sees those requests
-at full length and every longer one clipped to one token, so it costs next to nothing for long rows,
-whose output the PSA kernels then overwrite (they skip the short rows). A batch of short requests
-thus runs FlashInfer's tuned kernel plus a few near-empty PSA launches. Otherwise (or in the
-progressive modes) PSA's kernels select every page of a short request, which equals dense attention.
+stored K/V, decode after our own set_kv_buffer. Requests shorter than --psa-dense-below select all
+their pages inside the kernels (their bounds are skipped), which equals dense attention.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 from typing import TYPE_CHECKING, Any
@@ -84,7 +77,6 @@ class PSAAttnBackend(AttentionBackend):
             self.summaries.mem_bytes() / 2**20,
         )
         self._use_centers = self.cfg.mode in ("estimated", "progressive")
-        self._short_on_dense = self.cfg.short_rows_on_dense_backend()
         self._capturing = False
         self.stats: DecodeStats | None = None
         if self.cfg.stats:
@@ -125,19 +117,15 @@ class PSAAttnBackend(AttentionBackend):
             self._on_decode_step(in_capture=False)
             self._log_begin_step(forward_batch)
             self._count_dense_step(forward_batch)
-            if self._short_on_dense:
-                self.dense.init_forward_metadata(self._short_rows_batch(forward_batch))
         else:
             self.dense.init_forward_metadata(forward_batch)
 
     def init_forward_metadata_out_graph(self, forward_batch: ForwardBatch, in_capture=False):
         if forward_batch.forward_mode.is_decode_or_idle():
-            # Host-side per-step work; FlashInfer plans only the short requests (when it decodes them).
+            # Host-side per-step work only (no FlashInfer plan: PSA decode does not use it).
             self._on_decode_step(in_capture)
             if not in_capture:
                 self._log_begin_step(forward_batch)
-            if self._short_on_dense:
-                self.dense.init_forward_metadata_out_graph(self._short_rows_batch(forward_batch), in_capture)
         else:
             self.dense.init_forward_metadata_out_graph(forward_batch, in_capture=in_capture)
 
@@ -146,21 +134,6 @@ class PSAAttnBackend(AttentionBackend):
             self._count_dense_step(forward_batch)
         else:
             self.dense.init_forward_metadata_in_graph(forward_batch)
-
-    def _short_rows_batch(self, forward_batch: ForwardBatch) -> ForwardBatch:
-        """The decode batch as the dense backend plans it: requests at or past dense_below keep one
-        token (PSA computes and overwrites them), shorter ones their full length. Host side only."""
-        view = copy.copy(forward_batch)
-        cut = self.cfg.dense_below
-        bs = forward_batch.batch_size
-        view.seq_lens = torch.where(forward_batch.seq_lens < cut, forward_batch.seq_lens, 1)
-        lens_cpu = getattr(forward_batch, "seq_lens_cpu", None)
-        if lens_cpu is not None:
-            view.seq_lens_cpu = torch.where(lens_cpu < cut, lens_cpu, 1)
-            view.seq_lens_sum = int(view.seq_lens_cpu[:bs].sum())
-        else:  # eager decode without host lengths: one sync, as the dense backend itself would do
-            view.seq_lens_sum = int(view.seq_lens[:bs].sum())
-        return view
 
     def _log_begin_step(self, forward_batch: ForwardBatch) -> None:
         # The next begin_step closes the previous step, so no after-forward hook is needed.
@@ -231,19 +204,14 @@ class PSAAttnBackend(AttentionBackend):
         q3 = q.reshape(-1, layer.tp_q_head_num, layer.head_dim)[:bs]
         if q3.stride(2) != 1:
             q3 = q3.contiguous()
-        if not self._short_on_dense:
-            out = self._psa_decode(q3, layer, forward_batch)
-            return out.reshape(-1, layer.tp_q_head_num * layer.v_head_dim)
-        # Short requests: the dense backend's decode (K/V already stored); PSA overwrites the rest.
-        o = self.dense.forward_decode(q, k, v, layer, forward_batch, save_kv_cache=False)
-        self._psa_decode(q3, layer, forward_batch, out=o.view(-1, layer.tp_q_head_num, layer.v_head_dim)[:bs])
-        return o
+        out = self._psa_decode(q3, layer, forward_batch)
+        return out.reshape(-1, layer.tp_q_head_num * layer.v_head_dim)
 
     def _update_summaries(self, layer: RadixAttention, loc: torch.Tensor) -> None:
         k_cache = self.kv_pool.get_key_buffer(layer.layer_id)
         self.summaries.update(layer.layer_id, k_cache, loc, self.ops.update_page_summaries)
 
-    def _psa_decode(self, q, layer, forward_batch, out: torch.Tensor | None = None) -> torch.Tensor:
+    def _psa_decode(self, q, layer, forward_batch) -> torch.Tensor:
         bs = q.shape[0]
         lid = layer.layer_id
         k_cache = self.kv_pool.get_key_buffer(lid)
@@ -259,8 +227,6 @@ class PSAAttnBackend(AttentionBackend):
         res = ops.page_bounds(
             q, kmin, kmax, self.req_to_token, rpi, seq_lens, self.page_size, self.block_size,
             layer.scaling, self.max_pages_ctx, with_centers=self._use_centers, skip_below=dense_below,
-            # with short rows on the dense backend only select_pages reads bounds, never past a row's end
-            fill_unused=not self._short_on_dense,
         )  # fmt: skip
         bounds, centers = res if self._use_centers else (res, None)
         if self.cfg.mode in ("certified", "progressive"):
@@ -272,21 +238,15 @@ class PSAAttnBackend(AttentionBackend):
                 rest_logits=centers if self.cfg.mode == "progressive" else None, dense_below=dense_below,
             )  # fmt: skip
         else:
-            # short rows: either every page (dense_below) or none, left to the dense backend (skip)
-            skip = dense_below if self._short_on_dense else 0
             page_idx, counts = ops.select_pages(
-                bounds, seq_lens, self.page_size, self.params, mass_logits=centers,
-                dense_below=dense_below - skip, skip_below=skip,
-            )  # fmt: skip
+                bounds, seq_lens, self.page_size, self.params, mass_logits=centers, dense_below=dense_below
+            )
             logged = page_idx
             out, _lse = ops.sparse_decode(
                 q, k_cache, v_cache, self.req_to_token, rpi, seq_lens, page_idx, counts,
-                self.page_size, layer.scaling, out=out, skip_below=skip,
+                self.page_size, layer.scaling,
             )  # fmt: skip
         if self.stats is not None:
-            if self._short_on_dense:  # the dense backend read every page of the short requests
-                short_pages = torch.where(seq_lens < dense_below, num_pages_of(seq_lens, self.page_size), 0)
-                counts = counts + short_pages[:, None].to(counts.dtype)
             self.stats.add_layer(lid, counts)
             if self.cfg.measure_recall:
                 self.stats.add_recall(

@@ -15,9 +15,6 @@ import os
 from typing import Any
 
 MODES = ("estimated", "progressive", "certified", "topk")
-# Who computes the requests below --psa-dense-below: the dense backend's own decode kernel
-# (FlashInfer, planned for those rows only) or PSA's kernels with every page selected.
-DENSE_DECODERS = ("flashinfer", "psa")
 # Page sizes the kernels are written for (tl.arange needs powers of two; 16 keeps the bound cost
 # at 1/16 of the K+V bytes, 128 is the largest tile the decode kernel keeps in registers).
 MIN_PAGE_SIZE = 16
@@ -47,7 +44,6 @@ class PSAConfig:
     block_size: int = 0  # logical sub-page for the bounds; 0 means the page size (no sub-pages)
     reuse_steps: int = 1  # keep a selection for this many decode steps (1 = select every step)
     dense_below: int = 2048  # requests shorter than this (tokens) decode densely
-    dense_decode: str = "flashinfer"  # flashinfer | psa: which kernel decodes those short requests
     first_round_pages: int = 16  # progressive / certified modes: pages in the first round
     stats: bool = False  # accumulate per-layer selection statistics on the device
     stats_interval: int = 256  # decode steps between two read-outs (the only host sync)
@@ -109,20 +105,6 @@ class PSAConfig:
         """Static width W of the page_idx arrays select_pages returns."""
         return self.topk if self.mode == "topk" else self.max_pages
 
-    def short_rows_on_dense_backend(self) -> bool:
-        """Do requests below dense_below decode through the dense backend's kernel?
-
-        Only in the one-pass modes (estimated, topk), whose kernels can leave rows alone; the
-        progressive modes visit every page of a short request themselves. Recall measurement needs
-        PSA's own selection of every row, so it keeps them in PSA.
-        """
-        return (
-            self.dense_decode == "flashinfer"
-            and self.dense_below > 0
-            and self.mode in ("estimated", "topk")
-            and not self.measure_recall
-        )
-
     def dense_pages(self, page_size: int) -> int:
         """Pages a request just below dense_below spans."""
         return -(-max(self.dense_below - 1, 0) // page_size)
@@ -140,8 +122,6 @@ class PSAConfig:
             raise bad("tau", "in (0, 1]", self.tau)
         if self.mode not in MODES:
             raise bad("mode", f"one of {', '.join(MODES)}", self.mode)
-        if self.dense_decode not in DENSE_DECODERS:
-            raise bad("dense-decode", f"one of {', '.join(DENSE_DECODERS)}", self.dense_decode)
         for name in ("min_pages", "sink_pages", "local_pages", "dense_below"):
             if int(getattr(self, name)) < 0:
                 raise bad(name.replace("_", "-"), ">= 0", getattr(self, name))
@@ -189,7 +169,7 @@ class PSAConfig:
                 f"--psa-block-size ({self.block_size}) must divide --page-size ({page_size}); "
                 f"use a power of two <= {page_size} or 0"
             )
-        if self.dense_pages(page_size) > self.select_width() and not self.short_rows_on_dense_backend():
+        if self.dense_pages(page_size) > self.select_width():
             flag = "topk" if self.mode == "topk" else "max-pages"
             raise ValueError(
                 f"--psa-dense-below {self.dense_below} spans {self.dense_pages(page_size)} "

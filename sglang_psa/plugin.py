@@ -19,15 +19,7 @@ import logging
 import os
 from typing import Any
 
-from .config import (
-    DENSE_DECODERS,
-    ENV_VAR,
-    MODES,
-    SERVER_ARGS_ATTR,
-    PSAConfig,
-    uses_psa,
-    validate_against_server,
-)
+from .config import ENV_VAR, MODES, SERVER_ARGS_ATTR, PSAConfig, uses_psa, validate_against_server
 
 logger = logging.getLogger(__name__)
 
@@ -53,8 +45,6 @@ _FLAG_HELP = {
     "block_size": "PSA logical sub-page size for the page bounds (0 = page size).",
     "reuse_steps": "PSA: reuse a page selection for this many decode steps (1 = every step).",
     "dense_below": "PSA: requests shorter than this many tokens decode densely.",
-    "dense_decode": "PSA: kernel for the requests below --psa-dense-below: flashinfer (FlashInfer's decode, "
-    "planned for those requests only; estimated and topk modes) or psa (PSA's kernels, every page).",
     "first_round_pages": "PSA progressive/certified modes: pages visited in the first round.",
     "stats": "PSA: collect per-layer selection statistics (logged; Prometheus with --enable-metrics).",
     "stats_interval": "PSA: decode steps between two statistics read-outs.",
@@ -83,8 +73,6 @@ def add_psa_cli_args(parser: argparse.ArgumentParser) -> None:
         kwargs: dict[str, Any] = {"type": type(default), "default": default}
         if name == "mode":
             kwargs["choices"] = list(MODES)
-        if name == "dense_decode":
-            kwargs["choices"] = list(DENSE_DECODERS)
         group.add_argument(flag, dest=dest, help=_FLAG_HELP[name] + f" Default {default}.", **kwargs)
 
 
@@ -137,6 +125,19 @@ def _around_init(original, self, *args, **kwargs):
         logger.info("PSA config: %s", cfg.to_json())
 
 
+# The decode CUDA-graph runner hands attention backends a replay view (a SimpleNamespace) without the
+# request ids; the access log needs them to know which rows belong to the requests it traces.
+_REPLAY_VIEW = "sglang.srt.model_executor.runner.decode_cuda_graph_runner.build_replay_fb_view"
+
+
+def _around_replay_view(original, *args, **kwargs):
+    view = original(*args, **kwargs)
+    fb = kwargs["forward_batch"] if "forward_batch" in kwargs else (args[0] if args else None)
+    if not hasattr(view, "rids"):
+        view.rids = getattr(fb, "rids", None)
+    return view
+
+
 def attach_config(server_args: Any, cfg: PSAConfig) -> None:
     # object.__setattr__: ServerArgs freezes public fields after resolution; ours is private.
     object.__setattr__(server_args, SERVER_ARGS_ATTR, cfg.to_dict())
@@ -175,6 +176,7 @@ def register() -> None:
         register_radix_cache_backend(BACKEND_NAME, psa_radix_cache_factory)
     HookRegistry.register(f"{_SA}.add_cli_args", _around_add_cli_args, HookType.AROUND)
     HookRegistry.register(f"{_SA}.from_cli_args", _around_from_cli_args, HookType.AROUND)
+    HookRegistry.register(_REPLAY_VIEW, _around_replay_view, HookType.AROUND)
     HookRegistry.register(f"{_SA}.__init__", _around_init, HookType.AROUND)
     _registered = True
 

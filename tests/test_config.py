@@ -52,22 +52,9 @@ def test_block_size_must_divide_page():
 
 
 def test_dense_below_must_fit_the_page_arrays():
-    # only when PSA's kernels decode the short requests themselves (psa, or the progressive modes)
     with pytest.raises(ValueError, match="--psa-dense-below 8192 spans 512 pages .* raise"):
-        PSAConfig(dense_below=8192, max_pages=256, dense_decode="psa").validate(page_size=16)
-    with pytest.raises(ValueError, match="--psa-dense-below 8192 spans 512 pages"):
-        PSAConfig(dense_below=8192, max_pages=256, mode="progressive").validate(page_size=16)
-    PSAConfig(dense_below=8192, max_pages=512, dense_decode="psa").validate(page_size=16)
-    PSAConfig(dense_below=8192, max_pages=256).validate(page_size=16)  # FlashInfer decodes them
-
-
-def test_dense_decode_choice_is_validated():
-    with pytest.raises(ValueError, match="--psa-dense-decode must be one of flashinfer, psa"):
-        PSAConfig(dense_decode="triton").validate()
-    assert PSAConfig(dense_below=4096).short_rows_on_dense_backend()
-    assert not PSAConfig(dense_below=0).short_rows_on_dense_backend()
-    assert not PSAConfig(dense_below=4096, mode="certified").short_rows_on_dense_backend()
-    assert not PSAConfig(dense_below=4096, stats=True, measure_recall=True).short_rows_on_dense_backend()
+        PSAConfig(dense_below=8192, max_pages=256).validate(page_size=16)
+    PSAConfig(dense_below=8192, max_pages=512).validate(page_size=16)
 
 
 def test_dict_and_env_round_trip(monkeypatch):

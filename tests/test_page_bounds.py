@@ -116,21 +116,3 @@ def test_skip_below_leaves_short_requests_minus_inf(device):
             assert bool(torch.isneginf(got[b]).all()) and bool(torch.isneginf(ref[b]).all())
         else:
             assert torch.equal(got[b], full[b])
-
-
-def test_fill_unused_false_writes_only_the_pages_select_reads(device):
-    sb, kmin, kmax = build(16, 4, 64, torch.float32, device)
-    cut = int(sb.seq_lens.max())
-    full = page_bounds(*_args(sb, kmin, kmax, 16, 12))
-    hkv = kmin.shape[1]
-    out = torch.full((sb.q.shape[0], hkv, 12), 5.0, device=sb.q.device)
-    got = page_bounds(*_args(sb, kmin, kmax, 16, 12), out=out, skip_below=cut, fill_unused=False)
-    for b in range(sb.q.shape[0]):
-        n = int(sb.seq_lens[b])
-        npages = min(-(-n // 16), 12)
-        if n < cut:
-            assert bool(got[b].eq(5.0).all())  # skipped request: nothing written
-        else:
-            assert torch.equal(got[b, :, :npages], full[b, :, :npages])
-            # only whole blocks past the end are left alone; within the last block -inf is written
-            assert bool((got[b, :, npages:].eq(5.0) | torch.isneginf(got[b, :, npages:])).all())

@@ -113,3 +113,23 @@ def test_engine_keyword_arguments(model_dir):
 def test_other_backends_untouched(model_dir):
     sa = _prepare(["--model-path", model_dir, "--attention-backend", "triton", "--device", "cpu"])
     assert sa.page_size == 1
+
+
+def test_cuda_graph_replay_view_carries_request_ids():
+    """The access log tracks requests by id; SGLang's replay view must carry them (hooked)."""
+    import types
+
+    import torch
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+    from sglang.srt.model_executor.runner import decode_cuda_graph_runner as runner
+
+    bufs = types.SimpleNamespace(
+        input_ids=torch.zeros(4), positions=torch.zeros(4), req_pool_indices=torch.zeros(4),
+        seq_lens=torch.ones(4), seq_lens_cpu=torch.ones(4), encoder_lens=None, mamba_track_indices=None,
+    )  # fmt: skip
+    fb = types.SimpleNamespace(seq_lens_sum=10, seq_lens_cpu=torch.ones(2), forward_mode=ForwardMode.DECODE,
+                               spec_info=None, rids=["a", "b"])  # fmt: skip
+    view = runner.build_replay_fb_view(forward_batch=fb, buffers=bufs, bs=4, raw_bs=2, num_tokens=4,
+                                       seq_len_fill_value=1, capture_forward_mode=ForwardMode.DECODE,
+                                       is_encoder_decoder=False)  # fmt: skip
+    assert view.rids == ["a", "b"] and view.batch_size == 4

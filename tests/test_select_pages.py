@@ -183,26 +183,3 @@ def test_output_rows_are_fully_written(device):
     got = select_pages(bounds.to(device), seq_lens.to(device), P, params, page_idx=page_idx, counts=counts)
     ref = select_pages_ref(bounds, seq_lens, P, params)
     assert torch.equal(got[0].cpu(), ref[0]) and torch.equal(got[1].cpu(), ref[1])
-
-
-@pytest.mark.parametrize(
-    "params",
-    [
-        SelectParams(tau=0.9, sink_pages=1, local_pages=2, max_pages=24),
-        SelectParams(topk=10, sink_pages=1, local_pages=2),
-    ],
-    ids=["tau0.9", "topk10"],
-)
-def test_skip_below_leaves_short_requests_empty(params, device):
-    # requests 1 and 2 are below skip_below: no page, -1 rows (the dense backend computes them)
-    bounds = _random_bounds(3, 2, 40, seed=6)
-    seq_lens = torch.tensor([40 * P, 7 * P + 3, 30 * P], dtype=torch.int32)
-    for b, n in enumerate((40, 8, 30)):
-        bounds[b, :, n:] = float("-inf")
-    skip = 31 * P
-    ref = select_pages_ref(bounds, seq_lens, P, params, skip_below=skip)
-    got = [t.cpu() for t in select_pages(bounds.to(device), seq_lens.to(device), P, params, skip_below=skip)]
-    assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
-    assert got[1][1:].eq(0).all() and got[0][1:].eq(-1).all()
-    plain = select_pages_ref(bounds, seq_lens, P, params)
-    assert torch.equal(plain[0][0], ref[0][0]) and torch.equal(plain[1][0], ref[1][0])

@@ -190,24 +190,3 @@ def test_dense_below_visits_every_page_of_short_requests(mode, device):
     assert visited[1].tolist() == [4] * visited.shape[1] and visited[2].tolist() == [1] * visited.shape[1]
     dense, _ = dense_decode_ref(*_cache(sb), page, sb.sm_scale)
     assert rel_err(out[1:], dense[1:]) < 1e-5
-
-
-def test_skip_below_keeps_rows_written_by_the_dense_backend(device):
-    sb, kmin, kmax = build(16, 4, 64, torch.float32, device)
-    lens = sb.seq_lens.cpu()
-    skip = int(lens.max())  # every request but the longest is left to the dense backend
-    short = lens < skip
-    assert short.any() and not short.all()
-    idx, counts = select_pages(_bounds(sb, kmin, kmax), sb.seq_lens, 16,
-                               SelectParams(tau=1.0, max_pages=MAXP), skip_below=skip)  # fmt: skip
-    assert counts.cpu()[short].eq(0).all()
-    sentinel = torch.full_like(sb.q, 7.0)
-    out, lse = sparse_decode(*_cache(sb), idx, counts, 16, sb.sm_scale, out=sentinel.clone(), skip_below=skip)
-    ref, _ = dense_decode_ref(*_cache(sb), 16, sb.sm_scale)
-    out, ref = out.cpu(), ref.cpu()
-    assert out[short].eq(7.0).all() and torch.isinf(lse.cpu()[short]).all()
-    assert rel_err(out[~short], ref[~short]) < 1e-5
-    ref_out, _ = sparse_decode_ref(
-        *_cache(sb), idx, counts, 16, sb.sm_scale, out=sentinel.clone(), skip_below=skip
-    )
-    assert rel_err(out, ref_out.cpu()) < 1e-5
