@@ -354,7 +354,10 @@ def _attend(
     part_o,
     part_lse,
     page_table=None,
+    tuning=None,
 ):
+    # tuning: {"pages_per_iter", "num_warps", "num_stages"} overrides (scripts/tune_attend.py)
+    tune = {"pages_per_iter": _pages_per_iter(page_size), "num_warps": 4, "num_stages": 2, **(tuning or {})}
     bs, hq, d = q.shape
     hkv = k_cache.shape[1]
     g = hq // hkv
@@ -393,13 +396,13 @@ def _attend(
         D=d,
         BLOCK_D=next_pow2(d),
         PAGE=page_size,
-        PAGES_PER_ITER=_pages_per_iter(page_size),
+        PAGES_PER_ITER=tune["pages_per_iter"],
         NUM_SPLITS=num_splits,
         HAS_START=start is not None,
         HAS_TABLE=page_table is not None,
         IEEE=f32_dot(q.dtype),
-        num_warps=4,
-        num_stages=2,
+        num_warps=tune["num_warps"],
+        num_stages=tune["num_stages"],
     )
 
 
@@ -459,10 +462,12 @@ def sparse_decode(
     num_splits: int | None = None,
     out: torch.Tensor | None = None,
     page_table: torch.Tensor | None = None,
+    tuning: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact attention of each (request, kv head) over its selected pages (Triton split-K).
 
     page_table [bs, N] int32 (optional): page locations in k_cache / v_cache; see the module docstring.
+    tuning: launch overrides for the attend kernel (pages_per_iter, num_warps, num_stages); for tuning runs.
     """
     bs, hq, hkv, d, g = _check_common(
         q, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens, page_size
@@ -500,6 +505,7 @@ def sparse_decode(
         part_o,
         part_lse,
         page_table,
+        tuning,
     )
     _merge(part_o, part_lse, num_splits, out, lse)
     return out, lse
