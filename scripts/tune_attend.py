@@ -87,7 +87,7 @@ def main() -> None:
     commit = os.environ.get("PSA_COMMIT") or git_commit()
     out = {"benchmark": "tune_attend", "date": stamp, "commit": commit,
            "device": torch.cuda.get_device_properties(0).name, "config": vars(args),
-           "note": "attend over every page (dense rows), ms per layer, CUDA graphs; flashinfer = dense decode",
+           "note": "attend over every page (dense rows), ms per layer, CUDA graphs; flashinfer: dense",
            "rows": rows}  # fmt: skip
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"tune-attend-{stamp}.json")
