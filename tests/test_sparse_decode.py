@@ -190,3 +190,22 @@ def test_dense_below_visits_every_page_of_short_requests(mode, device):
     assert visited[1].tolist() == [4] * visited.shape[1] and visited[2].tolist() == [1] * visited.shape[1]
     dense, _ = dense_decode_ref(*_cache(sb), page, sb.sm_scale)
     assert rel_err(out[1:], dense[1:]) < 1e-5
+
+
+@pytest.mark.parametrize("tune", [{"pages_per_iter": 4}, {"pages_per_iter": 1, "num_stages": 3}])
+def test_launch_overrides_do_not_change_the_result(tune, device):
+    # the launch parameters tune_attend.py sweeps (and the 128-token iteration long splits use)
+    sb, kmin, kmax = build(16, 4, 64, torch.float32, device)
+    idx, counts = select_pages(
+        _bounds(sb, kmin, kmax), sb.seq_lens, 16, SelectParams(tau=1.0, max_pages=MAXP)
+    )
+    out, lse = sparse_decode(*_cache(sb), idx, counts, 16, sb.sm_scale, num_splits=2, tuning=tune)
+    ref, ref_lse = dense_decode_ref(*_cache(sb), 16, sb.sm_scale)
+    assert rel_err(out, ref) < 1e-5 and torch.allclose(lse.cpu(), ref_lse.cpu(), atol=1e-4)
+
+
+def test_long_splits_load_128_tokens_per_iteration():
+    from sglang_psa.kernels.sparse_decode import _pages_per_iter
+
+    assert _pages_per_iter(32, 26) == 4 and _pages_per_iter(32, 10) == 2  # 16 x 4k dense vs a capped split
+    assert _pages_per_iter(16, 32) == 8 and _pages_per_iter(128, 64) == 1
