@@ -1,0 +1,229 @@
+"""The hot-page pool's map and victim choice on the device: no host sync, fixed shapes.
+
+`HotPagePool` (hot_pool.py) keeps its LRU bookkeeping in numpy, so every fetch reads the requested
+page ids on the host: one sync per layer, which keeps tiered decode out of CUDA graphs. This module
+holds the same state as device tensors and places a layer's pages with a fixed sequence of tensor
+ops (gather, top-k, cumsum, scatter), so a decode step that calls it can be captured.
+
+Policy: `HotPagePool` without quotas and with `protect_calls=None` (the access-pattern study found
+one shared LRU pool better than per-layer quotas on every real source), i.e. for the misses of one
+call, in ascending page order: free slots lowest index first, then evictable slots least recently
+used first (ties by slot index); a slot is evictable unless pinned or used since `new_step()`.
+Misses left without a slot overflow (slot -1): the caller reads them from the host tier. With the
+same calls both pools make identical choices (tests/test_device_pool.py checks the slot tables).
+
+State (device, C = capacity, L layers, P pages per layer):
+    slot_of     [L * P + 1] int32   slot of (layer, page) at layer * P + page, -1 = absent; the
+                                    last entry is a write sink for masked-out lanes (kept at -1)
+    slot_layer, slot_page [C + 1] int64   reverse map (-1 = free); entry C is the sink
+    last_use    [C + 1] int64       LRU tick of the last call that used the slot
+    pinned      [C + 1] bool        sink / local-window pages, never evicted
+    tick, step_start  [] int64      call-order clock and its value at new_step()
+    counters    [4] int64           hits, misses, evictions, overflow pages (read when convenient)
+
+Inputs are `pages [M] int32`: one layer's pages, ascending and unique, padded with -1 at the end
+(`union_pages` builds that from a selection). M is static; the count of valid pages is not.
+Fetching the misses' K/V (`fetch_ref`) is plain tensor indexing between tensors on one device; on
+a GPU with the host tier in pinned memory it needs a kernel that reads host memory over UVA (as
+SGLang's HiSparse does), which is not written yet.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .hot_pool import HostTier
+
+_BIG = 2**62  # key of slots that cannot be evicted
+
+
+@dataclass
+class Placement:
+    """Result of `DevicePagePool.place` for pages [M] (all [M], on the pool's device).
+
+    slots: the slot holding each page after the call, -1 for padding and overflow.
+    fetch: the page got a new slot and its K/V must be copied from the host tier.
+    hit:   the page was resident before the call.
+    """
+
+    slots: torch.Tensor
+    fetch: torch.Tensor
+    hit: torch.Tensor
+
+
+def union_pages(page_idx: torch.Tensor, counts: torch.Tensor, num_pages: int, width: int) -> torch.Tensor:
+    """Pages selected by any row, ascending and unique, -1 padded: [width] int32 (fixed shape).
+
+    page_idx [..., W] int (valid in [:count]), counts [...]. Pages past `width` unique ones are
+    dropped (size width to the most a layer can select: rows x W, or the page count).
+    """
+    dev = page_idx.device
+    keep = torch.arange(page_idx.shape[-1], device=dev) < counts[..., None]
+    ids = torch.where(keep, page_idx.long().clamp(0, num_pages - 1), num_pages).reshape(-1)
+    mask = torch.zeros(num_pages + 1, dtype=torch.bool, device=dev)
+    mask[ids] = True
+    mask[num_pages] = False
+    pages = torch.where(mask[:num_pages], torch.arange(num_pages, device=dev), num_pages)
+    pages = torch.sort(pages).values
+    if width > num_pages:
+        pages = torch.cat([pages, pages.new_full((width - num_pages,), num_pages)])
+    pages = pages[:width]
+    return torch.where(pages < num_pages, pages, -1).to(torch.int32)
+
+
+class DevicePagePool:
+    """Page slots of K and V shared by all layers, with the map and LRU state on the device."""
+
+    def __init__(
+        self,
+        capacity: int,
+        num_layers: int,
+        num_pages: int,
+        page_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: str | torch.device = "cpu",
+        host: HostTier | None = None,
+    ):
+        if capacity < 0:
+            raise ValueError(f"capacity must be >= 0, got {capacity}")
+        self.capacity, self.num_layers, self.num_pages = capacity, num_layers, num_pages
+        self.device = torch.device(device)
+        self.host = host or HostTier(num_layers, num_pages, page_size, num_kv_heads, head_dim, dtype)
+        shape = (capacity + 1, page_size, num_kv_heads, head_dim)  # slot C: sink for masked copies
+        self.k = torch.zeros(shape, dtype=dtype, device=self.device)
+        self.v = torch.zeros(shape, dtype=dtype, device=self.device)
+        dev = self.device
+        self._sink_key = num_layers * num_pages
+        self.slot_of = torch.full((self._sink_key + 1,), -1, dtype=torch.int32, device=dev)
+        self.slot_layer = torch.full((capacity + 1,), -1, dtype=torch.int64, device=dev)
+        self.slot_page = torch.full((capacity + 1,), -1, dtype=torch.int64, device=dev)
+        self.last_use = torch.zeros(capacity + 1, dtype=torch.int64, device=dev)
+        self.pinned = torch.zeros(capacity + 1, dtype=torch.bool, device=dev)
+        self.tick = torch.zeros((), dtype=torch.int64, device=dev)
+        self.step_start = torch.zeros((), dtype=torch.int64, device=dev)
+        self.counters = torch.zeros(4, dtype=torch.int64, device=dev)  # hits, misses, evictions, overflow
+        self._slot_idx = torch.arange(capacity, device=dev)
+
+    # ------------------------------------------------------------------ reads
+    def table(self) -> torch.Tensor:
+        """slot_of as [L, P] (a view; -1 = absent)."""
+        return self.slot_of[: self._sink_key].view(self.num_layers, self.num_pages)
+
+    def lookup(self, layer: int, pages: torch.Tensor) -> torch.Tensor:
+        """pages [M] int (-1 allowed) -> slots [M] int32, -1 where absent."""
+        return self.slot_of[self._keys(layer, pages)]
+
+    def stats(self) -> dict[str, int]:
+        """Counters since construction (one host read)."""
+        return dict(zip(("hits", "misses", "evictions", "overflow"), self.counters.tolist()))
+
+    # ------------------------------------------------------------------ step / place
+    def new_step(self) -> None:
+        """Pages used from now on are protected from eviction until the next new_step()."""
+        self.step_start.copy_(self.tick)
+
+    def place(self, layer: int, pages: torch.Tensor, pin: torch.Tensor | None = None) -> Placement:
+        """Touch the resident pages, give the missing ones slots (evicting LRU pages), update maps.
+
+        pages [M] int32 ascending unique, -1 padded at the end; pin [M] bool (optional): pin those
+        pages once resident. Device ops only. The caller copies K/V for `fetch` (`fetch_ref`).
+        """
+        if not 0 <= layer < self.num_layers:
+            raise IndexError(f"layer {layer} out of range [0, {self.num_layers})")
+        m, c = pages.shape[0], self.capacity
+        pages = pages.to(self.device, torch.int64)
+        valid = pages >= 0
+        pin = torch.zeros_like(valid) if pin is None else pin.to(self.device, torch.bool) & valid
+        keys = self._keys(layer, pages)
+        cur = self.slot_of[keys].long()
+        hit = valid & (cur >= 0)
+        ticks = self.tick + torch.arange(m, device=self.device)  # valid pages come first
+        # touch hits first (sink slot c takes the masked lanes): a hit is then protected
+        hs = torch.where(hit, cur, c)
+        self.last_use[hs] = ticks
+        self.pinned[hs] = self.pinned[hs] | pin
+        # victims: free slots by index, then evictable (not pinned, not used this step) by LRU tick
+        free = self.slot_layer[:c] < 0
+        evictable = ~free & ~self.pinned[:c] & (self.last_use[:c] < self.step_start)
+        rank_key = torch.where(
+            free,
+            self._slot_idx - (c + 1),
+            torch.where(evictable, self.last_use[:c] * (c + 1) + self._slot_idx, _BIG),
+        )
+        k = min(m, c)
+        vkey, victims = torch.topk(rank_key, k, largest=False, sorted=True)
+        miss = valid & ~hit
+        rank = torch.cumsum(miss.long(), 0) - 1
+        if k > 0:
+            r = rank.clamp(0, k - 1)
+            ok = miss & (rank < k) & (vkey[r] < _BIG)
+            new_slot = torch.where(ok, victims[r], c)
+        else:
+            ok = torch.zeros_like(miss)
+            new_slot = torch.full_like(pages, c)
+        # evict the victims' old keys, install the new ones
+        old_l, old_p = self.slot_layer[new_slot], self.slot_page[new_slot]
+        evict = ok & (old_l >= 0)
+        self.slot_of[torch.where(evict, old_l * self.num_pages + old_p, self._sink_key)] = -1
+        self.slot_of[torch.where(ok, keys, self._sink_key)] = new_slot.to(torch.int32)
+        self.slot_of[self._sink_key] = -1
+        self.slot_layer[new_slot] = layer
+        self.slot_page[new_slot] = pages
+        self.last_use[new_slot] = ticks
+        self.pinned[new_slot] = pin
+        self._reset_sink_slot()
+        self.tick += valid.sum()
+        overflow = miss & ~ok
+        self.counters += torch.stack([hit.sum(), miss.sum(), evict.sum(), overflow.sum()])
+        slots = torch.where(hit, cur, torch.where(ok, new_slot, -1)).to(torch.int32)
+        return Placement(slots=slots, fetch=ok, hit=hit)
+
+    def fetch_ref(self, layer: int, pages: torch.Tensor, placement: Placement) -> None:
+        """Copy the K/V of placement.fetch pages from the host tier into their slots.
+
+        Tensor indexing on one device (CPU here; on a GPU a UVA-reading kernel replaces it).
+        """
+        pages = pages.to(self.host.k.device, torch.int64).clamp(min=0)
+        dst = torch.where(placement.fetch, placement.slots.long(), self.capacity).to(self.k.device)
+        self.k[dst] = self.host.k[layer, pages].to(self.k.device)
+        self.v[dst] = self.host.v[layer, pages].to(self.v.device)
+
+    # ------------------------------------------------------------------ invalidation / pins
+    def invalidate(self, pages: torch.Tensor, layers: list[int] | None = None) -> None:
+        """Free the slots of pages [n] (-1 allowed) in `layers` (default all): pages the radix
+        cache freed, so a reused physical page is refetched, never served stale. Pins go too."""
+        lyr = torch.arange(self.num_layers, device=self.device) if layers is None else (
+            torch.as_tensor(layers, dtype=torch.int64, device=self.device))  # fmt: skip
+        pages = pages.to(self.device, torch.int64)
+        keys = torch.where(
+            pages[None, :] >= 0, lyr[:, None] * self.num_pages + pages[None, :], self._sink_key
+        )
+        keys = keys.reshape(-1)
+        slots = self.slot_of[keys].long()
+        s = torch.where(slots >= 0, slots, self.capacity)
+        self.slot_layer[s] = -1
+        self.slot_page[s] = -1
+        self.pinned[s] = False
+        self.slot_of[torch.where(slots >= 0, keys, self._sink_key)] = -1
+        self._reset_sink_slot()
+
+    def unpin(self, layer: int, pages: torch.Tensor) -> None:
+        """Unpin the resident ones of pages [n] (-1 allowed)."""
+        slots = self.lookup(layer, pages).long()
+        self.pinned[torch.where(slots >= 0, slots, self.capacity)] = False
+        self.pinned[self.capacity] = False
+
+    # ------------------------------------------------------------------ internals
+    def _keys(self, layer: int, pages: torch.Tensor) -> torch.Tensor:
+        pages = pages.to(self.device, torch.int64)
+        return torch.where(pages >= 0, layer * self.num_pages + pages, self._sink_key)
+
+    def _reset_sink_slot(self) -> None:
+        c = self.capacity
+        self.slot_layer[c] = -1
+        self.slot_page[c] = -1
+        self.pinned[c] = False
