@@ -365,8 +365,12 @@ def _attend(
     max_items=None,
 ):
     # tuning: {"pages_per_iter", "num_warps", "num_stages"} overrides (scripts/tune_attend.py)
-    per_split = -(-pages.shape[-1] // num_splits) if max_items is None else -(-max_items // num_splits)
-    tune = {"pages_per_iter": _pages_per_iter(page_size, per_split), "num_warps": 4, "num_stages": 2}
+    items = pages.shape[-1] if max_items is None else max_items  # most pages one row attends
+    tune = {
+        "pages_per_iter": _pages_per_iter(page_size, -(-items // num_splits)),
+        "num_warps": 4,
+        "num_stages": 2,
+    }
     tune.update(tuning or {})
     bs, hq, d = q.shape
     hkv = k_cache.shape[1]

@@ -92,7 +92,7 @@ class DevicePagePool:
             raise ValueError(f"capacity must be >= 0, got {capacity}")
         self.capacity, self.num_layers, self.num_pages = capacity, num_layers, num_pages
         self.device = torch.device(device)
-        self.host = host or HostTier(num_layers, num_pages, page_size, num_kv_heads, head_dim, dtype)
+        self.host = HostTier.for_pool(host, num_layers, num_pages, page_size, num_kv_heads, head_dim, dtype)
         shape = (capacity + 1, page_size, num_kv_heads, head_dim)  # slot C: sink for masked copies
         self.k = torch.zeros(shape, dtype=dtype, device=self.device)
         self.v = torch.zeros(shape, dtype=dtype, device=self.device)
@@ -215,7 +215,7 @@ class DevicePagePool:
         """Unpin the resident ones of pages [n] (-1 allowed)."""
         slots = self.lookup(layer, pages).long()
         self.pinned[torch.where(slots >= 0, slots, self.capacity)] = False
-        self.pinned[self.capacity] = False
+        self._reset_sink_slot()
 
     # ------------------------------------------------------------------ internals
     def _keys(self, layer: int, pages: torch.Tensor) -> torch.Tensor:

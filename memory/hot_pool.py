@@ -67,6 +67,19 @@ class HostTier:
         self.k = torch.zeros(shape, dtype=dtype, pin_memory=pin)
         self.v = torch.zeros(shape, dtype=dtype, pin_memory=pin)
 
+    @classmethod
+    def for_pool(
+        cls, host: HostTier | None, num_layers: int, num_pages: int, page_size: int, num_kv_heads: int,
+        head_dim: int, dtype: torch.dtype,
+    ) -> HostTier:  # fmt: skip
+        """The tier a pool of this shape reads from: `host` after a shape check, or a new one."""
+        shape = (num_layers, num_pages, page_size, num_kv_heads, head_dim)
+        if host is None:
+            return cls(*shape, dtype)
+        if tuple(host.k.shape) != shape:
+            raise ValueError(f"host tier shape {tuple(host.k.shape)} does not match the pool")
+        return host
+
     @property
     def num_layers(self) -> int:
         return self.k.shape[0]
@@ -169,11 +182,7 @@ class HotPagePool:
         self.device = torch.device(device)
         self.dtype = dtype
         self.protect_calls = protect_calls
-        if host is None:
-            host = HostTier(num_layers, num_pages, page_size, num_kv_heads, head_dim, dtype)
-        if tuple(host.k.shape) != (num_layers, num_pages, page_size, num_kv_heads, head_dim):
-            raise ValueError(f"host tier shape {tuple(host.k.shape)} does not match the pool")
-        self.host = host
+        self.host = HostTier.for_pool(host, num_layers, num_pages, page_size, num_kv_heads, head_dim, dtype)
         shape = (capacity, page_size, num_kv_heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=self.device)
         self.v = torch.zeros(shape, dtype=dtype, device=self.device)

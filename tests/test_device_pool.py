@@ -152,3 +152,8 @@ def test_place_replays_in_a_cuda_graph():
         assert torch.equal(out.slots, want.slots) and torch.equal(out.fetch, want.fetch)
         assert torch.equal(graphed.table(), eager_dev.table())
     assert graphed.stats() == eager_dev.stats()
+
+
+def test_host_tier_shape_checked():
+    with pytest.raises(ValueError, match="host tier shape"):
+        DevicePagePool(2, L, NP, P, HKV, D, torch.float32, host=HostTier(L, NP + 1, P, HKV, D, torch.float32))
