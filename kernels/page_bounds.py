@@ -17,7 +17,8 @@ Shapes and dtypes:
     req_pool_indices   [bs] int32 / int64
     seq_lens           [bs] int32 / int64
     -> bounds          [bs, Hkv, max_pages] float32, scaled by sm_scale; -inf past the last page
-                       (and for every page of a request shorter than skip_below)
+                       (and for every page of a request shorter than skip_below); with fill=False
+                       those entries are left unwritten
        centers         same shape (with_centers=True): max over the group of q.(kmin + kmax) / 2
 """
 
@@ -61,8 +62,9 @@ def page_bounds_ref(
     max_pages: int,
     with_centers: bool = False,
     skip_below: int = 0,
+    fill: bool = True,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Pure-torch reference of page_bounds (float64 arithmetic)."""
+    """Pure-torch reference of page_bounds (float64 arithmetic); always fills (fill=False allows it)."""
     bs, hq, hkv, d, g = _check(q, kmin, kmax, req_to_token, req_pool_indices, seq_lens, page_size, block_size)
     nsub = page_size // block_size
     out = torch.full((bs, hkv, max_pages), float("-inf"), dtype=torch.float32, device=q.device)
@@ -123,26 +125,32 @@ def _page_bounds_kernel(
     BLOCK_P: tl.constexpr,
     IEEE: tl.constexpr,
     WITH_CENTERS: tl.constexpr,
+    FILL: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
-    pblk = tl.program_id(2)
     seq_len = tl.load(SEQ + b).to(tl.int64)
     rpi = tl.load(RPI + b).to(tl.int64)
-    j = pblk * BLOCK_P + tl.arange(0, BLOCK_P)
-    page_valid = (j * PAGE < seq_len) & (j < max_pages)
-    best = tl.full([BLOCK_P], float("-inf"), tl.float32)
-    best_center = tl.full([BLOCK_P], float("-inf"), tl.float32)
-    # The grid spans the longest context the server admits; blocks past this request's last page
-    # (and requests that decode densely) only write -inf.
-    if (pblk * BLOCK_P * PAGE < seq_len) & (seq_len >= skip_below):
-        best, best_center = _bound_block(
-            Q, KMIN, KMAX, REQ_TO_TOKEN, b, h, rpi, seq_len, j, page_valid, sm_scale, stride_qb, stride_qh,
-            stride_sb, stride_sh, stride_rt, G, G_PAD, D, BLOCK_D, PAGE, SUB, BLOCK_P, IEEE, WITH_CENTERS,
-        )  # fmt: skip
-    tl.store(OUT + b * stride_ob + h * stride_oh + j, best, mask=j < max_pages)
-    if WITH_CENTERS:
-        tl.store(CENTERS + b * stride_ob + h * stride_oh + j, best_center, mask=j < max_pages)
+    # The programs of a row stride over its page blocks. The width spans the longest context the
+    # server admits, so most blocks lie past a request's last page: with FILL they only store -inf,
+    # without it they are skipped (as are whole rows below skip_below, which decode densely).
+    n_pages = tl.minimum((seq_len + PAGE - 1) // PAGE, max_pages)
+    n_live = tl.where(seq_len >= skip_below, (n_pages + BLOCK_P - 1) // BLOCK_P, 0)
+    n_blocks = (max_pages + BLOCK_P - 1) // BLOCK_P if FILL else n_live
+    for pblk in range(tl.program_id(2), n_blocks, tl.num_programs(2)):
+        j = pblk * BLOCK_P + tl.arange(0, BLOCK_P)
+        best = tl.full([BLOCK_P], float("-inf"), tl.float32)
+        best_center = tl.full([BLOCK_P], float("-inf"), tl.float32)
+        if pblk < n_live:
+            page_valid = (j * PAGE < seq_len) & (j < max_pages)
+            best, best_center = _bound_block(
+                Q, KMIN, KMAX, REQ_TO_TOKEN, b, h, rpi, seq_len, j, page_valid, sm_scale, stride_qb,
+                stride_qh, stride_sb, stride_sh, stride_rt, G, G_PAD, D, BLOCK_D, PAGE, SUB, BLOCK_P, IEEE,
+                WITH_CENTERS,
+            )  # fmt: skip
+        tl.store(OUT + b * stride_ob + h * stride_oh + j, best, mask=j < max_pages)
+        if WITH_CENTERS:
+            tl.store(CENTERS + b * stride_ob + h * stride_oh + j, best_center, mask=j < max_pages)
 
 
 @triton.jit
@@ -189,6 +197,16 @@ def _bound_block(
     return best, best_center
 
 
+def _programs_per_row(rows: int, blocks: int, device: torch.device) -> int:
+    """Programs per (request, kv head): enough for ~8 per SM over the batch, at most one per block.
+
+    One program per block of the full width would launch bs x Hkv x N / BLOCK_P programs (8.8k at
+    16 x 4k in a 140k-token server), nearly all of them with nothing to do.
+    """
+    sms = 4 if device.type != "cuda" else torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(blocks, triton.cdiv(8 * sms, max(1, rows))))
+
+
 def page_bounds(
     q: torch.Tensor,
     kmin: torch.Tensor,
@@ -204,12 +222,16 @@ def page_bounds(
     with_centers: bool = False,
     centers: torch.Tensor | None = None,
     skip_below: int = 0,
+    fill: bool = True,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Bound every page's logits for a decode batch (Triton). See the module docstring.
 
-    Graph-safe: grid is (bs, Hkv, ceil(max_pages / BLOCK_P)); page counts are read on device, and
-    blocks past a request's last page cost only their -inf store.
+    Graph-safe: grid is (bs, Hkv, programs per row), fixed by the shapes; page counts are read on
+    device, and each row's programs stride over its page blocks.
     skip_below: requests with seq_len < skip_below get -inf everywhere (they decode densely).
+    fill=False leaves every entry past a request's last page, and every entry of a skipped request,
+    unwritten: for consumers that mask by page count (select_pages, certified_decode), it saves
+    storing -inf over the server's whole width each layer.
     """
     bs, hq, hkv, d, g = _check(q, kmin, kmax, req_to_token, req_pool_indices, seq_lens, page_size, block_size)
     if out is None:
@@ -225,7 +247,7 @@ def page_bounds(
     if q.stride(2) != 1 or kmin.stride(2) != 1 or kmin.stride() != kmax.stride():
         raise ValueError("q, kmin and kmax must be contiguous in head_dim")
     block_p = 64 if max_pages >= 64 else max(16, next_pow2(max_pages))
-    grid = (bs, hkv, triton.cdiv(max_pages, block_p))
+    grid = (bs, hkv, _programs_per_row(bs * hkv, triton.cdiv(max_pages, block_p), q.device))
     _page_bounds_kernel[grid](
         q,
         kmin,
@@ -254,6 +276,7 @@ def page_bounds(
         BLOCK_P=block_p,
         IEEE=f32_dot(q.dtype),
         WITH_CENTERS=with_centers,
+        FILL=fill,
         num_warps=4,
     )
     return (out, centers) if with_centers else out

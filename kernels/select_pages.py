@@ -170,8 +170,13 @@ def _top_k_mask(key, cand, k, thr):
     above = cand & (key > thr)
     tied = cand & (key == thr)
     n_above = tl.sum(above.to(tl.int32), axis=0)
-    tie_rank = tl.cumsum(tied.to(tl.int32), axis=0)
-    return (above | (tied & (tie_rank <= k - n_above))) & (k > 0)
+    n_tied = tl.sum(tied.to(tl.int32), axis=0)
+    # Ties only need ranking when they spill past k (a scan over every lane); usually none do.
+    mask = above | tied
+    if n_above + n_tied > k:
+        tie_rank = tl.cumsum(tied.to(tl.int32), axis=0)
+        mask = above | (tied & (tie_rank <= k - n_above))
+    return mask & (k > 0)
 
 
 @triton.jit
@@ -204,6 +209,26 @@ def _select_pages_kernel(
     npages = tl.minimum((seq_len + PAGE - 1) // PAGE, n_pages_max)
     # a request below dense_below takes every page (it fits: the config checks dense_below's pages)
     short = (seq_len < dense_below) & (npages <= MAX_PAGES)
+    row = OUT + b * stride_ob + h * stride_oh
+    wpos = tl.arange(0, BLOCK_W)
+    if short:
+        # pages 0..npages-1 in order: no bounds to read, nothing to rank
+        tl.store(row + wpos, tl.where(wpos < npages, wpos, -1), mask=wpos < MAX_PAGES)
+        tl.store(COUNTS + b * hkv + h, npages.to(tl.int32))
+    else:
+        _select_row(
+            BOUNDS, MASS_LOGITS, COUNTS, row, b, h, seq_len, npages, stride_bb, stride_bh, hkv, tau,
+            PAGE, SINK, LOCAL, MIN_PAGES, MAX_PAGES, TOPK, BLOCK_N, BLOCK_W,
+        )  # fmt: skip
+
+
+@triton.jit
+def _select_row(
+    BOUNDS, MASS_LOGITS, COUNTS, row, b, h, seq_len, npages, stride_bb, stride_bh, hkv, tau,
+    PAGE: tl.constexpr, SINK: tl.constexpr, LOCAL: tl.constexpr, MIN_PAGES: tl.constexpr,
+    MAX_PAGES: tl.constexpr, TOPK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
+):  # fmt: skip
+    """Threshold or top-k selection of one (request, kv head) row; writes its page list and count."""
     j = tl.arange(0, BLOCK_N)
     valid = j < npages
     forced = valid & ((j < SINK) | (j >= npages - LOCAL))
@@ -222,7 +247,6 @@ def _select_pages_kernel(
         k_cap = tl.minimum(tl.maximum(TOPK - n_forced, 0), n_cand)
     else:
         k_cap = tl.minimum(tl.maximum(MAX_PAGES - n_forced, 0), n_cand)
-    k_cap = tl.where(short, n_cand, k_cap)
     thr_cap = lo0
     if (k_cap > 0) & (k_cap < n_cand):
         thr_cap = _kth_key(key, cand, k_cap, lo0, hi0)
@@ -230,7 +254,7 @@ def _select_pages_kernel(
     thr = thr_cap
 
     if TOPK == 0:
-        if (tau < 1.0) & (n_cand > 0) & ~short:
+        if (tau < 1.0) & (n_cand > 0):
             e = tl.load(MASS_LOGITS + row_in + j, mask=valid, other=float("-inf"))
             m = tl.max(e, axis=0)
             ntok = tl.minimum(tl.maximum(seq_len - j * PAGE, 0), PAGE).to(tl.float32)
@@ -256,12 +280,17 @@ def _select_pages_kernel(
 
     sel = forced | _top_k_mask(key, cand, k, thr)
     pos = tl.cumsum(sel.to(tl.int32), axis=0) - 1
-    row = OUT + b * stride_ob + h * stride_oh
     tl.store(row + pos, j.to(tl.int32), mask=sel)
     count = tl.sum(sel.to(tl.int32), axis=0)
     wpos = tl.arange(0, BLOCK_W)
     tl.store(row + wpos, tl.full([BLOCK_W], -1, tl.int32), mask=(wpos >= count) & (wpos < MAX_PAGES))
     tl.store(COUNTS + b * hkv + h, count)
+
+
+def default_select_warps(block_n: int) -> int:
+    """Warps for one row of block_n lanes: few rows run at once (bs x Hkv programs), so each is latency
+    bound; more warps keep every lane's key, weight and masks in registers across the bisection."""
+    return 4 if block_n <= 2048 else 8
 
 
 def select_pages(
@@ -273,8 +302,12 @@ def select_pages(
     counts: torch.Tensor | None = None,
     mass_logits: torch.Tensor | None = None,
     dense_below: int = 0,
+    num_warps: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Select pages per (request, kv head) on device (Triton). See the module docstring."""
+    """Select pages per (request, kv head) on device (Triton). See the module docstring.
+
+    num_warps: launch override (scripts/tune_select.py); default by the row width N.
+    """
     if bounds.dim() != 3 or bounds.dtype != torch.float32:
         raise ValueError(f"bounds must be [bs, Hkv, N] float32, got {list(bounds.shape)} {bounds.dtype}")
     check_int("seq_lens", seq_lens)
@@ -319,6 +352,6 @@ def select_pages(
         TOPK=params.topk or 0,
         BLOCK_N=block_n,
         BLOCK_W=next_pow2(max(width, 16)),
-        num_warps=4 if block_n <= 2048 else 8,
+        num_warps=num_warps or default_select_warps(block_n),
     )
     return page_idx, counts

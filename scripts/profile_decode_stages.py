@@ -35,35 +35,47 @@ from sglang_psa.kernels import (  # noqa: E402
 from sglang_psa.kernels.flashinfer_decode import FlashInferDenseDecode  # noqa: E402
 
 
-def profile_point(bs: int, ctx: int, p: int, n_server: int, params: SelectParams, centers: bool) -> dict:
+def profile_point(
+    bs: int, ctx: int, p: int, n_server: int, params: SelectParams, centers: bool, dense_below: int = 0,
+    select_warps: tuple[int, ...] = (),
+) -> dict:  # fmt: skip
     sb = make_skewed_batch(bs, HQ, HKV, D, ctx, p, dtype=DTYPE, device="cuda", skew=0.7, seed=0)
     kmin, kmax = alloc_summaries(sb.k_cache.shape[0], HKV, D, p, DTYPE, "cuda")
     update_page_summaries(sb.k_cache, kmin, kmax, sb.written_slots, p)
     meta = (sb.req_to_token, sb.req_pool_indices, sb.seq_lens)
     cache = (sb.q, sb.k_cache, sb.v_cache, *meta)
 
+    # as the backend calls them: the unused width unwritten, rows below dense_below skipped
     def bounds_fn():
-        return page_bounds(sb.q, kmin, kmax, *meta, p, p, sb.sm_scale, n_server, with_centers=centers)
+        return page_bounds(sb.q, kmin, kmax, *meta, p, p, sb.sm_scale, n_server, with_centers=centers,
+                           skip_below=dense_below, fill=False)  # fmt: skip
+
+    def select_fn(b_, c_, warps=None):
+        return select_pages(b_, sb.seq_lens, p, params, mass_logits=c_, dense_below=dense_below,
+                            num_warps=warps)  # fmt: skip
 
     res = bounds_fn()
     bounds, cent = res if centers else (res, None)
-    idx, cnt = select_pages(bounds, sb.seq_lens, p, params, mass_logits=cent)
+    idx, cnt = select_fn(bounds, cent)
 
     def step():
         r = bounds_fn()
         b_, c_ = r if centers else (r, None)
-        i_, n_ = select_pages(b_, sb.seq_lens, p, params, mass_logits=c_)
+        i_, n_ = select_fn(b_, c_)
         return sparse_decode(*cache, i_, n_, p, sb.sm_scale)
 
     fi = FlashInferDenseDecode(sb.q.device)
     fi.plan(*meta, p, HQ, HKV, D, DTYPE, sb.sm_scale)
     t = {
         "bounds": bench_ms(bounds_fn)["ms"],
-        "select": bench_ms(lambda: select_pages(bounds, sb.seq_lens, p, params, mass_logits=cent))["ms"],
+        "select": bench_ms(lambda: select_fn(bounds, cent))["ms"],
         "attend": bench_ms(lambda: sparse_decode(*cache, idx, cnt, p, sb.sm_scale))["ms"],
         "psa_layer": bench_ms(step)["ms"],
         "flashinfer_dense": bench_ms(lambda: fi.run(sb.q, sb.k_cache, sb.v_cache))["ms"],
     }
+    for w in select_warps:  # launch sweep; the selection itself must not change
+        same = all(torch.equal(a, b) for a, b in zip(select_fn(bounds, cent, w), (idx, cnt)))
+        t[f"select_warps{w}"] = bench_ms(lambda w=w: select_fn(bounds, cent, w))["ms"] if same else None
     t["mean_pages"] = float(cnt.float().mean())
     t["pages_per_request"] = -(-ctx // p)
     torch.cuda.empty_cache()
@@ -80,17 +92,25 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=32, help="to scale per-layer times to a decode step")
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--tag", default="")
+    ap.add_argument("--select-warps", default="", help="also time select at these num_warps, e.g. 4,8,16")
     args = ap.parse_args()
+    warps = tuple(int(w) for w in args.select_warps.split(",") if w)
 
     rows = []
     for size in args.sizes.split(","):
         bs, ctx = (int(x) for x in size.split("x"))
-        modes = (("estimated", args.tau, True), ("topk", None, False), ("dense", 1.0, False))
+        # short: every request below --psa-dense-below (the server's path at 16 x 4k: bounds skipped,
+        # select writes all pages without ranking)
+        modes = (("estimated", args.tau, True), ("topk", None, False), ("dense", 1.0, False),
+                 ("short", args.tau, True))  # fmt: skip
         for mode, tau, centers in modes:
+            if mode == "short" and -(-ctx // args.page) > args.max_pages:
+                continue  # a request longer than the cap cannot decode densely
             cap = -(-ctx // args.page) if mode == "dense" else args.max_pages
             topk = args.max_pages if mode == "topk" else None
             params = SelectParams(tau=tau or 1.0, sink_pages=1, local_pages=4, max_pages=cap, topk=topk)
-            t = profile_point(bs, ctx, args.page, args.server_pages, params, centers)
+            below = ctx + 1 if mode == "short" else 0
+            t = profile_point(bs, ctx, args.page, args.server_pages, params, centers, below, warps)
             t.update(bs=bs, ctx=ctx, mode=mode)
             t["psa_step_overhead_ms"] = (t["psa_layer"] - t["flashinfer_dense"]) * args.layers
             rows.append(t)
@@ -106,7 +126,7 @@ def main() -> None:
     out = {
         "benchmark": "profile_decode_stages",
         "date": stamp,
-        "commit": git_commit(),
+        "commit": os.environ.get("PSA_COMMIT") or git_commit(),
         "device": prop.name,
         "config": {k: v for k, v in vars(args).items() if k != "out"},
         "note": "times in ms per layer (CUDA graph); N = server_pages bounds columns, as the server runs",

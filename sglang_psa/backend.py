@@ -223,10 +223,12 @@ class PSAAttnBackend(AttentionBackend):
         dense_below = self.cfg.dense_below
         # centers: the calibrated per-page mass estimate that estimated mode stops on and progressive
         # mode estimates the tail with (see page_bounds); topk and certified never read them.
-        # Requests below dense_below take every page, so their bounds are skipped.
+        # Requests below dense_below take every page, so their bounds are skipped (and select never
+        # reads them).
         res = ops.page_bounds(
             q, kmin, kmax, self.req_to_token, rpi, seq_lens, self.page_size, self.block_size,
             layer.scaling, self.max_pages_ctx, with_centers=self._use_centers, skip_below=dense_below,
+            fill=False,  # select / certified mask by page count: the unused width stays unwritten
         )  # fmt: skip
         bounds, centers = res if self._use_centers else (res, None)
         if self.cfg.mode in ("certified", "progressive"):

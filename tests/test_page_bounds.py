@@ -116,3 +116,44 @@ def test_skip_below_leaves_short_requests_minus_inf(device):
             assert bool(torch.isneginf(got[b]).all()) and bool(torch.isneginf(ref[b]).all())
         else:
             assert torch.equal(got[b], full[b])
+
+
+@pytest.mark.parametrize("with_centers", [False, True])
+def test_fill_false_writes_only_live_pages(with_centers, device):
+    # The server's width N spans its longest context; fill=False must write each long request's pages
+    # (-inf past seq_len inside the last block) and leave everything else as it was.
+    sb, kmin, kmax = build(16, 4, 64, torch.float32, device, lens=[16 * 40 + 3, 16 * 3, 16 * 70])
+    cut, width = 16 * 4, 100
+    full = page_bounds(*_args(sb, kmin, kmax, 16, width), skip_below=cut, with_centers=with_centers)
+    poison = torch.full((3, 2, width), float("nan"), device=sb.q.device)
+    kw = {"centers": poison.clone()} if with_centers else {}
+    got = page_bounds(*_args(sb, kmin, kmax, 16, width), out=poison.clone(), skip_below=cut,
+                      with_centers=with_centers, fill=False, **kw)  # fmt: skip
+    for f, g in zip(full if with_centers else (full,), got if with_centers else (got,)):
+        for b, blocks in ((0, 1), (2, 2)):  # live blocks of 64 pages: written in full
+            assert torch.equal(g[b, :, : 64 * blocks], f[b, :, : 64 * blocks])
+            assert bool(torch.isnan(g[b, :, 64 * blocks :]).all())
+        assert bool(torch.isnan(g[1]).all())  # below skip_below: untouched
+
+
+def test_select_and_certified_ignore_unwritten_bounds(device):
+    from sglang_psa.kernels import SelectParams, certified_decode, select_pages
+
+    lens = [16 * 40 + 3, 16 * 3, 16 * 70]
+    sb, kmin, kmax = build(16, 4, 64, torch.float32, device, lens=lens, skew=0.9)
+    cut, width = 16 * 4, 100
+    args = _args(sb, kmin, kmax, 16, width)
+    full_b, full_c = page_bounds(*args, skip_below=cut, with_centers=True)
+    nan = torch.full((3, 2, width), float("nan"), device=sb.q.device)
+    b_, c_ = page_bounds(*args, skip_below=cut, with_centers=True, fill=False, out=nan.clone(),
+                         centers=nan.clone())  # fmt: skip
+    params = SelectParams(tau=0.8, sink_pages=1, local_pages=2, max_pages=48)
+    want = select_pages(full_b, sb.seq_lens, 16, params, mass_logits=full_c, dense_below=cut)
+    got = select_pages(b_, sb.seq_lens, 16, params, mass_logits=c_, dense_below=cut)
+    assert all(torch.equal(w, g) for w, g in zip(want, got))
+    cache = (sb.q, sb.k_cache, sb.v_cache, sb.req_to_token, sb.req_pool_indices, sb.seq_lens)
+    want = certified_decode(
+        *cache, full_b, 16, sb.sm_scale, 0.8, 1, 2, 4, rest_logits=full_c, dense_below=cut
+    )
+    got = certified_decode(*cache, b_, 16, sb.sm_scale, 0.8, 1, 2, 4, rest_logits=c_, dense_below=cut)
+    assert all(torch.equal(w, g) for w, g in zip(want, got))
