@@ -15,6 +15,8 @@ same calls both pools make identical choices (tests/test_device_pool.py checks t
 State (device, C = capacity, L layers, P pages per layer):
     slot_of     [L * P + 1] int32   slot of (layer, page) at layer * P + page, -1 = absent; the
                                     last entry is a write sink for masked-out lanes (kept at -1)
+    k, v        [C + 1 + S, P, Hkv, D]  page slots; row C is the sink, rows C+1.. are S scratch slots
+                                    (`scratch_slots`, never in the map: device_tiered.py's overflow)
     slot_layer, slot_page [C + 1] int64   reverse map (-1 = free); entry C is the sink
     last_use    [C + 1] int64       LRU tick of the last call that used the slot
     pinned      [C + 1] bool        sink / local-window pages, never evicted
@@ -87,13 +89,17 @@ class DevicePagePool:
         dtype: torch.dtype,
         device: str | torch.device = "cpu",
         host: HostTier | None = None,
+        scratch_slots: int = 0,
     ):
         if capacity < 0:
             raise ValueError(f"capacity must be >= 0, got {capacity}")
         self.capacity, self.num_layers, self.num_pages = capacity, num_layers, num_pages
         self.device = torch.device(device)
         self.host = HostTier.for_pool(host, num_layers, num_pages, page_size, num_kv_heads, head_dim, dtype)
-        shape = (capacity + 1, page_size, num_kv_heads, head_dim)  # slot C: sink for masked copies
+        # slot C: sink for masked copies; slots C+1 .. C+scratch_slots: scratch outside the map (the
+        # tiered path stages overflow pages there, so one page table covers pool and scratch)
+        self.scratch_slots = scratch_slots
+        shape = (capacity + 1 + scratch_slots, page_size, num_kv_heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=self.device)
         self.v = torch.zeros(shape, dtype=dtype, device=self.device)
         dev = self.device

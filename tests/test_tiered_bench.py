@@ -1,0 +1,22 @@
+"""scripts/bench_tiered.py runs end to end in its tiny --smoke configuration and writes its JSON."""
+
+from __future__ import annotations
+
+import json
+
+from script_loader import load_script
+
+
+def test_bench_tiered_smoke(tmp_path):
+    bench = load_script("bench_tiered")
+    doc = bench.main(["--smoke", "--out", str(tmp_path)])
+    saved = json.loads(open(doc["path"]).read())
+    assert saved["commit"] and saved["date"] and saved["device"]
+    (shape,) = saved["shapes"]
+    assert shape["resident_ms_per_step"] > 0 and shape["fetch_kernel"]
+    for pool in shape["pools"]:
+        for mode in ("sync", "overlap"):
+            assert pool[mode]["max_abs_diff_vs_resident_last_step"] < 1e-5  # exact: same keys, fp32
+            pages = pool[mode]["pages_per_step"]
+            assert pages["hits"] + pages["fetched"] + pages["overflow"] == pages["needed"] > 0
+        assert 0 <= pool["sync"]["hit_rate"] <= 1

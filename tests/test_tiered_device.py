@@ -1,0 +1,273 @@
+"""Device tiered decode (DevicePagePool + PageFetcher) returns resident decode's output for any pool size."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import event, given, settings
+from hypothesis import strategies as st
+
+from sglang_psa.kernels import sparse_decode, sparse_decode_ref
+from sglang_psa.memory.device_tiered import DeviceTieredAttention
+from sglang_psa.memory.hot_pool import HostTier
+from sglang_psa.memory.uva_fetch import PageFetcher
+
+L, P, HKV, G, D = 2, 16, 2, 2, 64
+LENS = [9 * P + 1, 6 * P]  # request 1 shares request 0's first 3 pages (a radix-tree prefix)
+W = 5  # selected pages per (request, kv head)
+
+
+class Batch:
+    """Two requests over shuffled physical pages, full K/V of every layer in a host tier."""
+
+    def __init__(self, seed: int, device: str = "cpu", dtype=torch.float32, spare: int = 3):
+        g = torch.Generator().manual_seed(seed)
+        n0, n1 = (math.ceil(n / P) for n in LENS)
+        total = n0 + (n1 - 3) + 1 + spare  # page 0 unused, as in SGLang
+        perm = torch.randperm(total - 1, generator=g) + 1
+        pages0, pages1 = perm[:n0], torch.cat([perm[:3], perm[n0 : n0 + n1 - 3]])
+        self.num_pages = total
+        r2t = torch.zeros(2, n0 * P, dtype=torch.int32)
+        for b, pg in enumerate((pages0, pages1)):
+            r2t[b, : pg.numel() * P] = (pg[:, None] * P + torch.arange(P)).flatten().to(torch.int32)
+        self.req_to_token = r2t.to(device)
+        self.rpi = torch.arange(2, device=device)
+        self.seq_lens = torch.tensor(LENS, dtype=torch.int32, device=device)
+        self.q = torch.randn(2, HKV * G, D, generator=g).to(device, dtype)
+        self.host = HostTier(L, total, P, HKV, D, dtype, pin_memory=device == "cuda")
+        self.host.k.copy_(torch.randn(self.host.k.shape, generator=g))
+        self.host.v.copy_(torch.randn(self.host.v.shape, generator=g))
+        self.sm_scale, self.device = D**-0.5, device
+
+    def select(self, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Random distinct logical pages per (request, kv head): page_idx [2, HKV, W], counts [2, HKV]."""
+        idx = torch.full((2, HKV, W), -1, dtype=torch.int32)
+        cnt = torch.zeros(2, HKV, dtype=torch.int32)
+        for b, n in enumerate(LENS):
+            npg = math.ceil(n / P)
+            for h in range(HKV):
+                c = int(torch.randint(0, W + 1, (1,), generator=g))
+                idx[b, h, :c] = torch.randperm(npg, generator=g)[:c].to(torch.int32)
+                cnt[b, h] = c
+        return idx.to(self.device), cnt.to(self.device)
+
+    def resident(self, layer: int, idx, cnt, attend=sparse_decode_ref):
+        k = self.host.k[layer].reshape(-1, HKV, D).to(self.device)
+        v = self.host.v[layer].reshape(-1, HKV, D).to(self.device)
+        return attend(self.q, k, v, self.req_to_token, self.rpi, self.seq_lens, idx, cnt, P, self.sm_scale)
+
+    def tiered(self, capacity: int, attend=sparse_decode_ref, **kw) -> DeviceTieredAttention:
+        width = DeviceTieredAttention.union_width(2, HKV, W, self.num_pages)
+        return DeviceTieredAttention.build(capacity, self.host, width, self.device, attend=attend, **kw)
+
+    def run(self, t: DeviceTieredAttention, layer: int, idx, cnt, **kw):
+        args = (self.q, self.req_to_token, self.rpi, self.seq_lens, idx, cnt, self.sm_scale)
+        return t.forward(layer, *args, **kw)
+
+
+def record_copies(t: DeviceTieredAttention) -> list:
+    """Wrap the fetcher so each call's (pages, slots, copy) is kept for checks."""
+    calls, inner = [], t.fetcher.copy
+
+    def copy(layer, pages, slots, mask):
+        calls.append((layer, pages.clone(), slots.clone(), mask.clone()))
+        inner(layer, pages, slots, mask)
+
+    t.fetcher.copy = copy
+    return calls
+
+
+def check_pool(t: DeviceTieredAttention) -> None:
+    """The map is a bijection between resident (layer, page) keys and occupied slots."""
+    pool = t.pool
+    tab = pool.table()
+    lyr, pg = torch.nonzero(tab >= 0, as_tuple=True)
+    slots = tab[lyr, pg].long()
+    assert slots.unique().numel() == slots.numel(), "a slot is assigned to two pages"
+    assert torch.equal(pool.slot_layer[slots], lyr) and torch.equal(pool.slot_page[slots], pg)
+    assert int((pool.slot_layer[: pool.capacity] >= 0).sum()) == slots.numel()
+
+
+# ----------------------------------------------------------------------------- fetcher
+def test_fetcher_copies_pages_and_sends_dummies_to_the_sink():
+    b = Batch(0)
+    dst_k = torch.zeros(6, P, HKV, D)
+    dst_v = torch.zeros_like(dst_k)
+    f = PageFetcher(b.host, dst_k, dst_v, sink_slot=5)
+    pages = torch.tensor([3, 7, -1, 2], dtype=torch.int32)
+    slots = torch.tensor([4, 0, -1, 1])
+    copy = torch.tensor([True, True, False, False])
+    f.copy(1, pages, slots, copy)
+    assert torch.equal(dst_k[4], b.host.k[1, 3]) and torch.equal(dst_v[0], b.host.v[1, 7])
+    assert dst_k[1:4].eq(0).all() and dst_v[1:4].eq(0).all()  # not copied: untouched
+    src_k, src_v, dst = f.indices(1, pages, slots, copy)
+    assert src_k.shape == dst.shape == (4 * P,)
+    assert dst[2 * P :].div(P, rounding_mode="floor").eq(5).all()  # dummies land in the sink slot
+
+
+# ----------------------------------------------------------------------------- exactness
+@settings(max_examples=60, deadline=None)
+@given(
+    capacity=st.integers(0, 30),
+    seed=st.integers(0, 2**16),
+    steps=st.integers(1, 4),
+    prefetch=st.booleans(),
+)
+def test_device_tiered_equals_resident(capacity, seed, steps, prefetch):
+    b = Batch(seed)
+    t = b.tiered(capacity)
+    calls = record_copies(t)
+    g = torch.Generator().manual_seed(seed + 1)
+    for _ in range(steps):
+        t.begin_step(prefetch_first=prefetch)
+        for layer in range(L):
+            idx, cnt = b.select(g)
+            out, lse = b.run(t, layer, idx, cnt, prefetch_next=prefetch)
+            ref, ref_lse = b.resident(layer, idx, cnt)
+            # same keys, same order, float64 reference: bit-equal
+            assert torch.equal(out, ref)
+            assert torch.allclose(lse, ref_lse, atol=1e-6) or torch.equal(lse, ref_lse)
+            check_pool(t)
+    for _, _, slots, mask in calls:  # every call copies into distinct slots
+        s = slots[mask]
+        assert s.unique().numel() == s.numel()
+    st_ = t.stats()
+    assert st_["hits"] + st_["fetched"] + st_["overflow"] == st_["needed"]
+    if st_["overflow"]:
+        event("overflow")
+    if st_["hits"]:
+        event("hits")
+
+
+@pytest.mark.parametrize("capacity", [0, 4, 64])
+def test_triton_kernel_through_the_pool_equals_resident_kernel(capacity):
+    b = Batch(3)
+    t = b.tiered(capacity, attend=sparse_decode)
+    g = torch.Generator().manual_seed(5)
+    for _ in range(2):
+        t.begin_step()
+        for layer in range(L):
+            idx, cnt = b.select(g)
+            out, lse = b.run(t, layer, idx, cnt)
+            ref, ref_lse = b.resident(layer, idx, cnt, attend=sparse_decode)
+            assert torch.allclose(out, ref, atol=1e-5) and torch.allclose(lse, ref_lse, atol=1e-5)
+
+
+def test_tiny_pool_overflows_into_scratch_and_stays_exact():
+    b = Batch(1)
+    t = b.tiered(2)
+    g = torch.Generator().manual_seed(2)
+    t.begin_step()
+    idx, cnt = b.select(g)
+    cnt.fill_(W)
+    idx = torch.arange(W, dtype=torch.int32).expand(2, HKV, W).contiguous()
+    out, _ = b.run(t, 0, idx, cnt)
+    assert torch.equal(out, b.resident(0, idx, cnt)[0])
+    s = t.stats()
+    assert s["fetched"] == 2 and s["overflow"] == s["needed"] - 2 > 0
+
+
+# ----------------------------------------------------------------------------- staleness
+def test_invalidated_page_is_refetched_never_served_stale():
+    b = Batch(2)
+    t = b.tiered(64)
+    idx = torch.tensor([[[0, 1, 2], [2, 3, 4]], [[0, 1, 5], [0, 2, 3]]], dtype=torch.int32)
+    cnt = torch.full((2, HKV), 3, dtype=torch.int32)
+    t.begin_step()
+    b.run(t, 0, idx, cnt)
+    assert t.stats()["fetched"] > 0
+    # the radix cache frees physical page of (req 0, logical 1) and reuses it with new contents
+    phys = int(b.req_to_token[0, 1 * P]) // P
+    b.host.k[:, phys] = torch.randn(L, P, HKV, D)
+    b.host.v[:, phys] = torch.randn(L, P, HKV, D)
+    t.pool.invalidate(torch.tensor([phys]))
+    check_pool(t)
+    t.begin_step()
+    out, _ = b.run(t, 0, idx, cnt)
+    assert torch.equal(out, b.resident(0, idx, cnt)[0])
+    s = t.stats()
+    assert s["fetched"] == s["needed"] - s["hits"] and s["needed"] - s["hits"] >= 1
+
+
+def test_prefetch_turns_next_layer_misses_into_hits():
+    b = Batch(4)
+    t = b.tiered(64)
+    g = torch.Generator().manual_seed(0)
+    sel = [b.select(g) for _ in range(L)]
+    t.begin_step()
+    for layer in range(L):
+        b.run(t, layer, *sel[layer])
+    # empty the pool but keep the step's unions as the prediction: the same selections again
+    t.pool.invalidate(torch.arange(b.num_pages))
+    t.counters.zero_()
+    t.begin_step(prefetch_first=True)
+    for layer in range(L):
+        out, _ = b.run(t, layer, *sel[layer], prefetch_next=True)
+        assert torch.equal(out, b.resident(layer, *sel[layer])[0])
+    s = t.stats()
+    assert s["prefetched"] == s["needed"] == s["hits"] > 0 and s["fetched"] == 0
+
+
+# ----------------------------------------------------------------------------- GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("pad", ["host", "device"])
+def test_uva_transfer_kernel_equals_torch_fallback(pad):
+    b = Batch(0, device="cuda", dtype=torch.bfloat16)
+    assert b.host.k.is_pinned()
+    outs = []
+    for backend in ("kernel", "torch"):
+        dst_k = torch.zeros(9, P, HKV, D, dtype=torch.bfloat16, device="cuda")
+        dst_v = torch.zeros_like(dst_k)
+        f = PageFetcher(b.host, dst_k, dst_v, sink_slot=8, backend=backend, pad=pad)
+        pages = torch.tensor([5, 1, -1, 3, 2, 7], dtype=torch.int32, device="cuda")
+        slots = torch.tensor([0, 6, -1, 2, 3, 1], device="cuda")
+        copy = torch.tensor([True, True, False, True, False, True], device="cuda")
+        f.copy(1, pages, slots, copy)
+        torch.cuda.synchronize()
+        outs.append((dst_k[:8].clone(), dst_v[:8].clone()))  # the sink (slot 8) may differ
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    assert torch.equal(outs[0][0][6].cpu(), b.host.k[1, 1]) and outs[0][0][4].eq(0).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("capacity", [3, 64])
+def test_whole_step_replays_in_a_cuda_graph(capacity):
+    """Both layers (place, UVA fetch, prefetch on the side stream, attention) captured once and
+    replayed with new selections give resident decode's result, also with a pool that overflows."""
+    b = Batch(7, device="cuda", dtype=torch.bfloat16)
+    t = b.tiered(capacity, attend=sparse_decode)
+    g = torch.Generator().manual_seed(1)
+    idx_buf = torch.full((L, 2, HKV, W), -1, dtype=torch.int32, device="cuda")
+    cnt_buf = torch.zeros(L, 2, HKV, dtype=torch.int32, device="cuda")
+
+    def step():
+        t.begin_step(prefetch_first=True)
+        return [b.run(t, layer, idx_buf[layer], cnt_buf[layer], prefetch_next=True) for layer in range(L)]
+
+    for layer in range(L):  # warm-up: compile kernels, allocate workspaces
+        idx_buf[layer], cnt_buf[layer] = b.select(g)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = step()
+    t.reset()
+    for _ in range(4):
+        for layer in range(L):
+            i, c = b.select(g)
+            idx_buf[layer].copy_(i)
+            cnt_buf[layer].copy_(c)
+        graph.replay()
+        torch.cuda.synchronize()
+        for layer in range(L):
+            ref, ref_lse = b.resident(layer, idx_buf[layer], cnt_buf[layer], attend=sparse_decode)
+            assert torch.allclose(outs[layer][0].float(), ref.float(), atol=2e-2)
+            assert torch.allclose(outs[layer][1], ref_lse, atol=2e-2)
+        check_pool(t)
+    s = t.stats()
+    assert s["hits"] + s["fetched"] + s["overflow"] == s["needed"] > 0
