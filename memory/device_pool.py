@@ -65,7 +65,7 @@ def union_pages(page_idx: torch.Tensor, counts: torch.Tensor, num_pages: int, wi
     keep = torch.arange(page_idx.shape[-1], device=dev) < counts[..., None]
     ids = torch.where(keep, page_idx.long().clamp(0, num_pages - 1), num_pages).reshape(-1)
     mask = torch.zeros(num_pages + 1, dtype=torch.bool, device=dev)
-    mask[ids] = True
+    mask.index_fill_(0, ids, True)  # index_fill_: a scalar fill needs no host tensor (graph capture)
     mask[num_pages] = False
     pages = torch.where(mask[:num_pages], torch.arange(num_pages, device=dev), num_pages)
     pages = torch.sort(pages).values
@@ -174,10 +174,10 @@ class DevicePagePool:
         # evict the victims' old keys, install the new ones
         old_l, old_p = self.slot_layer[new_slot], self.slot_page[new_slot]
         evict = ok & (old_l >= 0)
-        self.slot_of[torch.where(evict, old_l * self.num_pages + old_p, self._sink_key)] = -1
+        self.slot_of.index_fill_(0, torch.where(evict, old_l * self.num_pages + old_p, self._sink_key), -1)
         self.slot_of[torch.where(ok, keys, self._sink_key)] = new_slot.to(torch.int32)
         self.slot_of[self._sink_key] = -1
-        self.slot_layer[new_slot] = layer
+        self.slot_layer.index_fill_(0, new_slot, layer)
         self.slot_page[new_slot] = pages
         self.last_use[new_slot] = ticks
         self.pinned[new_slot] = pin
@@ -211,16 +211,16 @@ class DevicePagePool:
         keys = keys.reshape(-1)
         slots = self.slot_of[keys].long()
         s = torch.where(slots >= 0, slots, self.capacity)
-        self.slot_layer[s] = -1
-        self.slot_page[s] = -1
-        self.pinned[s] = False
-        self.slot_of[torch.where(slots >= 0, keys, self._sink_key)] = -1
+        self.slot_layer.index_fill_(0, s, -1)
+        self.slot_page.index_fill_(0, s, -1)
+        self.pinned.index_fill_(0, s, False)
+        self.slot_of.index_fill_(0, torch.where(slots >= 0, keys, self._sink_key), -1)
         self._reset_sink_slot()
 
     def unpin(self, layer: int, pages: torch.Tensor) -> None:
         """Unpin the resident ones of pages [n] (-1 allowed)."""
         slots = self.lookup(layer, pages).long()
-        self.pinned[torch.where(slots >= 0, slots, self.capacity)] = False
+        self.pinned.index_fill_(0, torch.where(slots >= 0, slots, self.capacity), False)
         self._reset_sink_slot()
 
     # ------------------------------------------------------------------ internals

@@ -44,8 +44,16 @@ PAGE = 16  # Quest's page size; 8k tokens = 512 pages
 SINK, LOCAL = 1, 4  # pages always kept by every PSA / top-k setting (streaming uses its own)
 
 
-def backend_settings(taus: list[float], topks: list[int], stream_pages: int) -> dict[str, list[str]]:
-    """name -> server flags for every setting compared."""
+def backend_settings(
+    taus: list[float], topks: list[int], stream_pages: int, capped: tuple = (), floored: tuple = ()
+) -> dict[str, list[str]]:
+    """name -> server flags for every setting compared.
+
+    capped / floored: (tau, pages) pairs for estimated mode under a budget cap (--psa-max-pages) or
+    above a page floor (--psa-min-pages). The offline study (attention-sparsity-hf-*.json) found
+    accuracy follows a minimum of pages per kv head more than the attention-mass recall, and that a
+    cap stops diffuse heads (tau-only reads) while peaked heads still stop early.
+    """
     psa = ["--attention-backend", "psa", "--psa-max-pages", "2048", "--psa-dense-below", "0",
            "--psa-sink-pages", str(SINK), "--psa-local-pages", str(LOCAL), "--psa-stats",
            "--psa-stats-interval", "1", "--psa-measure-recall"]  # fmt: skip
@@ -53,6 +61,12 @@ def backend_settings(taus: list[float], topks: list[int], stream_pages: int) -> 
     for mode in ("estimated", "certified"):
         for tau in taus:
             out[f"psa-{mode}-{tau:g}"] = [*psa, "--psa-mode", mode, "--psa-tau", str(tau)]
+    for tau, pages in capped:
+        flags = [*psa[:2], "--psa-max-pages", str(pages), *psa[4:]]
+        out[f"psa-estimated-{tau:g}-max{pages}"] = [*flags, "--psa-mode", "estimated", "--psa-tau", str(tau)]
+    for tau, pages in floored:
+        out[f"psa-estimated-{tau:g}-min{pages}"] = [*psa, "--psa-mode", "estimated", "--psa-tau", str(tau),
+                                                    "--psa-min-pages", str(pages)]  # fmt: skip
     for k in topks:
         out[f"topk-{k}"] = [*psa, "--psa-mode", "topk", "--psa-topk", str(k)]
     # streaming: sinks + local window only (LServe's streaming heads): top-k with no free slot
@@ -154,6 +168,7 @@ def run_setting(name: str, flags: list[str], prompts: list[dict], a: argparse.Na
         "flags": flags,
         "accuracy": acc,
         "mean_accuracy": sum(r["score"] for r in results) / max(1, len(results)),
+        "scores": [r["score"] for r in results],  # prompt order: paired comparisons across settings
         "failed_requests": sum(not r["ok"] for r in results),
         "page_fraction": (sel / dense if dense else None) if is_psa else 1.0,
         "recall": (rsum / rn if rn else None) if is_psa else 1.0,
@@ -180,9 +195,13 @@ def build_prompts(model: str, kinds: list[str], lengths: list[int], n: int) -> l
 
 
 def add_vs_dense(rows: list[dict]) -> None:
-    """accuracy_vs_dense[kind][length] = accuracy / the dense setting's (None where dense scored 0)."""
+    """accuracy_vs_dense[kind][length] = accuracy / the dense setting's (None where dense scored 0),
+    and paired_vs_dense: prompts this setting lost / won against dense on the same prompts."""
     dense = next((r for r in rows if r["name"] == "dense" and "accuracy" in r), None)
     for r in rows:
+        if dense and "scores" in r and "scores" in dense:
+            pairs = list(zip(dense["scores"], r["scores"]))
+            r["paired_vs_dense"] = {"lost": sum(d > x for d, x in pairs), "won": sum(x > d for d, x in pairs)}
         if dense and "accuracy" in r:
             base = dense["accuracy"]
             r["accuracy_vs_dense"] = {
@@ -204,13 +223,14 @@ def plot(rows: list[dict], path: Path, length: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    groups = {"PSA estimated": "psa-estimated", "PSA progressive": "psa-progressive",
+    groups = {"PSA estimated": r"psa-estimated-[\d.]+$", "PSA estimated, capped": r"psa-estimated-.*-max",
+              "PSA estimated, floor": r"psa-estimated-.*-min", "PSA progressive": "psa-progressive",
               "PSA certified": "psa-certified", "top-k": "topk", "streaming": "streaming"}  # fmt: skip
-    for label, prefix in groups.items():
+    for label, pattern in groups.items():
         pts = sorted(
             (_pages_at(r, length), sum(v[length] for v in r["accuracy"].values()) / len(r["accuracy"]))
             for r in rows
-            if r["name"].startswith(prefix) and r.get("page_fraction") is not None
+            if re.match(pattern, r["name"]) and r.get("page_fraction") is not None
         )
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
@@ -236,6 +256,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--taus", default="0.8,0.9,0.95,0.99")
     ap.add_argument("--topks", default="8,16,32,64,128", help="top-k budgets in pages of 16 tokens")
     ap.add_argument("--stream-pages", type=int, default=32)
+    ap.add_argument("--capped", default="0.95:32,0.95:64", help="tau:max_pages settings (estimated mode)")
+    ap.add_argument("--floored", default="0.8:32", help="tau:min_pages settings (estimated mode)")
     ap.add_argument("--only", default="", help="comma-separated setting names (default: all)")
     ap.add_argument("--parallel", type=int, default=6, help="servers at a time on the GPU")
     ap.add_argument("--concurrency", type=int, default=32, help="requests in flight per server")
@@ -251,8 +273,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     kinds = list(TASK_KINDS) if a.tasks == "all" else a.tasks.split(",")
     lengths = [int(x) for x in a.lengths.split(",")]
+    pairs = lambda v: tuple((float(t), int(n)) for t, n in (x.split(":") for x in v.split(",") if x))  # noqa: E731
     settings = backend_settings([float(t) for t in a.taus.split(",")], [int(k) for k in a.topks.split(",")],
-                                a.stream_pages)  # fmt: skip
+                                a.stream_pages, pairs(a.capped), pairs(a.floored))  # fmt: skip
     if a.only:
         settings = {k: v for k, v in settings.items() if k in a.only.split(",")}
     if a.access_log and a.access_log_setting in settings:
