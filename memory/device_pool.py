@@ -66,7 +66,7 @@ def union_pages(page_idx: torch.Tensor, counts: torch.Tensor, num_pages: int, wi
     ids = torch.where(keep, page_idx.long().clamp(0, num_pages - 1), num_pages).reshape(-1)
     mask = torch.zeros(num_pages + 1, dtype=torch.bool, device=dev)
     mask.index_fill_(0, ids, True)  # index_fill_: a scalar fill needs no host tensor (graph capture)
-    mask[num_pages] = False
+    mask[num_pages:].fill_(False)
     pages = torch.where(mask[:num_pages], torch.arange(num_pages, device=dev), num_pages)
     pages = torch.sort(pages).values
     if width > num_pages:
@@ -176,7 +176,7 @@ class DevicePagePool:
         evict = ok & (old_l >= 0)
         self.slot_of.index_fill_(0, torch.where(evict, old_l * self.num_pages + old_p, self._sink_key), -1)
         self.slot_of[torch.where(ok, keys, self._sink_key)] = new_slot.to(torch.int32)
-        self.slot_of[self._sink_key] = -1
+        self.slot_of[self._sink_key :].fill_(-1)
         self.slot_layer.index_fill_(0, new_slot, layer)
         self.slot_page[new_slot] = pages
         self.last_use[new_slot] = ticks
@@ -230,6 +230,7 @@ class DevicePagePool:
 
     def _reset_sink_slot(self) -> None:
         c = self.capacity
-        self.slot_layer[c] = -1
-        self.slot_page[c] = -1
-        self.pinned[c] = False
+        # slices + fill_: `t[int] = scalar` copies a host scalar, which graph capture refuses
+        self.slot_layer[c : c + 1].fill_(-1)
+        self.slot_page[c : c + 1].fill_(-1)
+        self.pinned[c : c + 1].fill_(False)
