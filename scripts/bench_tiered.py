@@ -247,7 +247,7 @@ def bench_tiered(shape, cfg, timer, graph, capacity, fetch_kw, resident_last):
 def bench_fetch(shape, timer, pads, quotas, reps=5):
     """Fetch kernel alone: `width` pages copied (full) and an all-dummy call, per pad and block quota."""
     dev = shape.q.device
-    m = shape.width
+    m = min(shape.width, shape.num_pages - 1)  # distinct host pages (page 0 excluded)
     dst_k = torch.empty(m + 1, *shape.k.shape[1:], dtype=shape.k.dtype, device=dev)
     dst_v = torch.empty_like(dst_k)
     pages = torch.randperm(shape.num_pages - 1, device=dev)[:m].to(torch.int32) + 1
@@ -268,6 +268,12 @@ def bench_fetch(shape, timer, pads, quotas, reps=5):
                 r["note"] = "torch fallback (host-side gather), eager"
             rows.append(r)
     return rows
+
+
+def _write(doc: dict, path: str, t0: float) -> None:
+    doc["wall_s"] = time.perf_counter() - t0
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=1)
 
 
 def main(argv=None) -> dict:
@@ -302,6 +308,8 @@ def main(argv=None) -> dict:
         "shapes": [],
     }  # fmt: skip
     t0 = time.perf_counter()
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"tiered-{'smoke-' if args.smoke else ''}{stamp}.json")
     for spec in cfg["shapes"].split(","):
         bs, ctx = (int(x) for x in spec.split("x"))
         shape = Shape(bs, ctx, cfg, dev, dtype, args.rho)
@@ -322,14 +330,11 @@ def main(argv=None) -> dict:
                   f"hidden {r['hidden_fraction']:.2f}", flush=True)  # fmt: skip
         pads = ["device", "host"] if dev.type == "cuda" else ["host"]
         quotas = [2, 8, 32] if dev.type == "cuda" else [2]
-        row["fetch_kernel"] = bench_fetch(shape, timer, pads, quotas)
         doc["shapes"].append(row)
+        _write(doc, path, t0)  # after each part, so a later failure keeps what was measured
+        row["fetch_kernel"] = bench_fetch(shape, timer, pads, quotas)
+        _write(doc, path, t0)
         del shape
-    doc["wall_s"] = time.perf_counter() - t0
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"tiered-{'smoke-' if args.smoke else ''}{stamp}.json")
-    with open(path, "w") as f:
-        json.dump(doc, f, indent=1)
     print(f"wrote {path} ({doc['wall_s']:.1f} s)")
     doc["path"] = path
     return doc
