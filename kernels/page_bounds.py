@@ -20,6 +20,8 @@ Shapes and dtypes:
                        (and for every page of a request shorter than skip_below); with fill=False
                        those entries are left unwritten
        centers         same shape (with_centers=True): max over the group of q.(kmin + kmax) / 2
+    keep_rows          optional [bs] bool / int8 / int32: rows that reuse an earlier selection
+                       (--psa-reuse-steps) get no bounds at all: nothing of theirs is written
 """
 
 from __future__ import annotations
@@ -63,15 +65,24 @@ def page_bounds_ref(
     with_centers: bool = False,
     skip_below: int = 0,
     fill: bool = True,
+    out: torch.Tensor | None = None,
+    centers: torch.Tensor | None = None,
+    keep_rows: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Pure-torch reference of page_bounds (float64 arithmetic); always fills (fill=False allows it)."""
+    """Pure-torch reference of page_bounds (float64 arithmetic); always fills (fill=False allows it).
+
+    Rows flagged in keep_rows are left untouched in out / centers (when given; else -inf).
+    """
     bs, hq, hkv, d, g = _check(q, kmin, kmax, req_to_token, req_pool_indices, seq_lens, page_size, block_size)
+    keep = _check_keep_rows(keep_rows, bs)
     nsub = page_size // block_size
-    out = torch.full((bs, hkv, max_pages), float("-inf"), dtype=torch.float32, device=q.device)
-    centers = out.clone()
+    res = torch.full((bs, hkv, max_pages), float("-inf"), dtype=torch.float32, device=q.device)
+    res_c = res.clone()
     npages = num_pages_of(seq_lens, page_size)
     for b in range(bs):
         n = min(int(npages[b]), max_pages)
+        if keep is not None and bool(keep[b]):
+            continue
         if n == 0 or int(seq_lens[b]) < skip_below:
             continue
         r = int(req_pool_indices[b])
@@ -90,10 +101,35 @@ def page_bounds_ref(
             + torch.einsum("hgd,nshd->hgns", qg.clamp(max=0), lo)
         ) * sm_scale
         u = u.masked_fill(~sub_valid[None, None], float("-inf"))
-        out[b, :, :n] = u.amax(dim=(1, 3)).float()
+        res[b, :, :n] = u.amax(dim=(1, 3)).float()
         c = torch.einsum("hgd,nshd->hgns", qg, (lo + hi) / 2) * sm_scale
-        centers[b, :, :n] = c.masked_fill(~sub_valid[None, None], float("-inf")).amax(dim=(1, 3)).float()
+        res_c[b, :, :n] = c.masked_fill(~sub_valid[None, None], float("-inf")).amax(dim=(1, 3)).float()
+    live = slice(None) if keep is None else ~keep.to(device=q.device, dtype=torch.bool)
+    if out is None:
+        out = res
+    else:
+        if out.shape != (bs, hkv, max_pages) or out.dtype != torch.float32:
+            raise ValueError(f"out must be [{bs}, {hkv}, {max_pages}] float32")
+        out[live] = res[live]
+    if with_centers:
+        if centers is None:
+            centers = res_c
+        else:
+            if centers.shape != res_c.shape or centers.dtype != torch.float32:
+                raise ValueError(f"centers must be [{bs}, {hkv}, {max_pages}] float32 like out")
+            centers[live] = res_c[live]
     return (out, centers) if with_centers else out
+
+
+def _check_keep_rows(keep_rows: torch.Tensor | None, bs: int) -> torch.Tensor | None:
+    """keep_rows: None, or [bs] bool / int8 / int32 flags (nonzero: the row reuses its selection)."""
+    if keep_rows is None:
+        return None
+    if keep_rows.shape != (bs,) or keep_rows.dtype not in (torch.bool, torch.int8, torch.int32):
+        raise ValueError(
+            f"keep_rows must be [{bs}] bool, int8 or int32, got {list(keep_rows.shape)} {keep_rows.dtype}"
+        )
+    return keep_rows
 
 
 @triton.jit
@@ -104,6 +140,7 @@ def _page_bounds_kernel(
     REQ_TO_TOKEN,
     RPI,
     SEQ,
+    KEEP_ROWS,
     OUT,
     CENTERS,
     sm_scale,
@@ -137,6 +174,9 @@ def _page_bounds_kernel(
     n_pages = tl.minimum((seq_len + PAGE - 1) // PAGE, max_pages)
     n_live = tl.where(seq_len >= skip_below, (n_pages + BLOCK_P - 1) // BLOCK_P, 0)
     n_blocks = (max_pages + BLOCK_P - 1) // BLOCK_P if FILL else n_live
+    if KEEP_ROWS is not None:  # None specializes away: the plain launch compiles as before
+        # a row that reuses its earlier selection (--psa-reuse-steps) needs no bounds: no work at all
+        n_blocks = tl.where(tl.load(KEEP_ROWS + b) != 0, 0, n_blocks)
     for pblk in range(tl.program_id(2), n_blocks, tl.num_programs(2)):
         j = pblk * BLOCK_P + tl.arange(0, BLOCK_P)
         best = tl.full([BLOCK_P], float("-inf"), tl.float32)
@@ -223,6 +263,7 @@ def page_bounds(
     centers: torch.Tensor | None = None,
     skip_below: int = 0,
     fill: bool = True,
+    keep_rows: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Bound every page's logits for a decode batch (Triton). See the module docstring.
 
@@ -232,8 +273,11 @@ def page_bounds(
     fill=False leaves every entry past a request's last page, and every entry of a skipped request,
     unwritten: for consumers that mask by page count (select_pages, certified_decode), it saves
     storing -inf over the server's whole width each layer.
+    keep_rows: optional [bs] flags (bool / int8 / int32, on q's device); a flagged row is skipped
+    entirely, whatever fill says: nothing of it is written (its selection is reused).
     """
     bs, hq, hkv, d, g = _check(q, kmin, kmax, req_to_token, req_pool_indices, seq_lens, page_size, block_size)
+    _check_keep_rows(keep_rows, bs)
     if out is None:
         out = torch.empty((bs, hkv, max_pages), dtype=torch.float32, device=q.device)
     elif out.shape != (bs, hkv, max_pages) or out.dtype != torch.float32:
@@ -255,6 +299,7 @@ def page_bounds(
         req_to_token,
         req_pool_indices,
         seq_lens,
+        keep_rows,
         out,
         centers if with_centers else out,
         sm_scale,

@@ -22,6 +22,8 @@ Shapes and dtypes:
     bounds    [bs, Hkv, N] float32 (page_bounds output; -inf past the last page)
     seq_lens  [bs] int32 / int64
     mass_logits  optional [bs, Hkv, N] float32 (page_bounds centers), same layout as bounds
+    keep_rows optional [bs] bool / int8 / int32: rows that reuse the selection already held in the
+              page_idx / counts buffers (--psa-reuse-steps); nothing of theirs is read or written
     -> page_idx [bs, Hkv, W] int32  selected logical page indices, ascending in [:count], -1 after
        counts   [bs, Hkv]    int32
     W = params.topk in top-k mode, else params.max_pages.
@@ -80,14 +82,24 @@ def select_pages_ref(
     params: SelectParams,
     mass_logits: torch.Tensor | None = None,
     dense_below: int = 0,
+    page_idx: torch.Tensor | None = None,
+    counts: torch.Tensor | None = None,
+    keep_rows: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pure-torch reference of select_pages: a stable descending sort and a cumulative sum."""
+    """Pure-torch reference of select_pages: a stable descending sort and a cumulative sum.
+
+    Rows flagged in keep_rows are left untouched in page_idx / counts (when given; else -1 / 0).
+    """
     bs, hkv, n = bounds.shape
+    keep = _check_keep_rows(keep_rows, bs)
     _, valid, forced, ntok = page_layout(seq_lens, n, page_size, params.sink_pages, params.local_pages)
     width = params.width
+    out_idx, out_counts = page_idx, counts
     page_idx = torch.full((bs, hkv, width), -1, dtype=torch.int32, device=bounds.device)
     counts = torch.zeros((bs, hkv), dtype=torch.int32, device=bounds.device)
     for b in range(bs):
+        if keep is not None and bool(keep[b]):
+            continue
         for h in range(hkv):
             u = bounds[b, h].double()
             f, c = forced[b], valid[b] & ~forced[b]
@@ -122,7 +134,29 @@ def select_pages_ref(
             idx = torch.nonzero(sel).flatten()
             counts[b, h] = idx.numel()
             page_idx[b, h, : idx.numel()] = idx.to(torch.int32)
-    return page_idx, counts
+    if out_idx is None and out_counts is None:
+        return page_idx, counts
+    if out_idx is None:
+        out_idx = torch.full_like(page_idx, -1)
+    if out_counts is None:
+        out_counts = torch.zeros_like(counts)
+    if out_idx.shape != (bs, hkv, width) or out_counts.shape != (bs, hkv):
+        raise ValueError(f"page_idx must be [{bs}, {hkv}, {width}] and counts [{bs}, {hkv}]")
+    live = slice(None) if keep is None else ~keep.to(device=bounds.device, dtype=torch.bool)
+    out_idx[live] = page_idx[live]
+    out_counts[live] = counts[live]
+    return out_idx, out_counts
+
+
+def _check_keep_rows(keep_rows: torch.Tensor | None, bs: int) -> torch.Tensor | None:
+    """keep_rows: None, or [bs] bool / int8 / int32 flags (nonzero: the row reuses its selection)."""
+    if keep_rows is None:
+        return None
+    if keep_rows.shape != (bs,) or keep_rows.dtype not in (torch.bool, torch.int8, torch.int32):
+        raise ValueError(
+            f"keep_rows must be [{bs}] bool, int8 or int32, got {list(keep_rows.shape)} {keep_rows.dtype}"
+        )
+    return keep_rows
 
 
 @triton.jit
@@ -208,6 +242,7 @@ def _select_pages_kernel(
     BOUNDS,
     MASS_LOGITS,
     SEQ,
+    KEEP_ROWS,
     OUT,
     COUNTS,
     n_pages_max,
@@ -235,15 +270,21 @@ def _select_pages_kernel(
     short = (seq_len < dense_below) & (npages <= MAX_PAGES)
     row = OUT + b * stride_ob + h * stride_oh
     wpos = tl.arange(0, BLOCK_W)
-    if short:
-        # pages 0..npages-1 in order: no bounds to read, nothing to rank
-        tl.store(row + wpos, tl.where(wpos < npages, wpos, -1), mask=wpos < MAX_PAGES)
-        tl.store(COUNTS + b * hkv + h, npages.to(tl.int32))
+    if KEEP_ROWS is not None:  # None specializes away: the plain launch compiles as before
+        # a row that reuses its earlier selection (--psa-reuse-steps) keeps what OUT / COUNTS hold
+        live = tl.load(KEEP_ROWS + b) == 0
     else:
-        _select_row(
-            BOUNDS, MASS_LOGITS, COUNTS, row, b, h, seq_len, npages, stride_bb, stride_bh, hkv, tau,
-            PAGE, SINK, LOCAL, MIN_PAGES, MAX_PAGES, TOPK, BLOCK_N, BLOCK_W,
-        )  # fmt: skip
+        live = True
+    if live:
+        if short:
+            # pages 0..npages-1 in order: no bounds to read, nothing to rank
+            tl.store(row + wpos, tl.where(wpos < npages, wpos, -1), mask=wpos < MAX_PAGES)
+            tl.store(COUNTS + b * hkv + h, npages.to(tl.int32))
+        else:
+            _select_row(
+                BOUNDS, MASS_LOGITS, COUNTS, row, b, h, seq_len, npages, stride_bb, stride_bh, hkv, tau,
+                PAGE, SINK, LOCAL, MIN_PAGES, MAX_PAGES, TOPK, BLOCK_N, BLOCK_W,
+            )  # fmt: skip
 
 
 @triton.jit
@@ -327,10 +368,14 @@ def select_pages(
     mass_logits: torch.Tensor | None = None,
     dense_below: int = 0,
     num_warps: int | None = None,
+    keep_rows: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Select pages per (request, kv head) on device (Triton). See the module docstring.
 
     num_warps: launch override (scripts/tune_select.py); default by the row width N.
+    keep_rows: optional [bs] flags (bool / int8 / int32, on bounds' device); a flagged row is skipped
+    entirely (bounds not read, nothing written), so pass the page_idx / counts buffers that hold its
+    earlier selection.
     """
     if bounds.dim() != 3 or bounds.dtype != torch.float32:
         raise ValueError(f"bounds must be [bs, Hkv, N] float32, got {list(bounds.shape)} {bounds.dtype}")
@@ -351,6 +396,7 @@ def select_pages(
         counts = torch.empty((bs, hkv), dtype=torch.int32, device=bounds.device)
     if page_idx.shape != (bs, hkv, width) or counts.shape != (bs, hkv):
         raise ValueError(f"page_idx must be [{bs}, {hkv}, {width}] and counts [{bs}, {hkv}]")
+    _check_keep_rows(keep_rows, bs)
     if bs == 0:
         return page_idx, counts
     block_n = next_pow2(max(n, 16))
@@ -358,6 +404,7 @@ def select_pages(
         bounds,
         mass_logits,
         seq_lens,
+        keep_rows,
         page_idx,
         counts,
         n,

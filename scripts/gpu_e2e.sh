@@ -101,6 +101,7 @@ bench|bench_triton|bench_log)
     SIZES=(--batch-size 1 4 16 --input-len 4096 32768 131072)
     case $B in
     psa) ARGS=("${BENCH_PSA[@]}") ;;
+    psa_reuse4) ARGS=("${BENCH_PSA[@]}" --psa-reuse-steps 4) ;;  # selection reuse, 4 steps
     psa_nolog) ARGS=("${BENCH_PSA[@]}"); SIZES=(--batch-size 1 4 --input-len 32768 131072) ;;
     psa_accesslog) ARGS=("${BENCH_PSA[@]}" --psa-access-log "$OUT/accesslog" --psa-access-log-source dummy-weights-8b-bench)
                    SIZES=(--batch-size 1 4 --input-len 32768 131072) ;;

@@ -9,6 +9,9 @@ recorded there read each replay's values).
 Every KV write refreshes the page summaries of the written blocks: prefill/extend after FlashInfer
 stored K/V, decode after our own set_kv_buffer. Requests shorter than --psa-dense-below select all
 their pages inside the kernels (their bounds are skipped), which equals dense attention.
+
+--psa-reuse-steps R > 1 (estimated / topk modes; see SelectionReuse): a batch row may decode with
+the page lists selected for it up to R - 1 steps earlier, skipping bounds and select for that row.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from sglang_psa.memory.summary_pool import SummaryPool, set_active_pool
 from .config import PSAConfig, validate_against_server
 from .kernel_ops import KernelOps, select_params
 from .recall import selection_recall
+from .reuse import SelectionReuse
 from .stats import DecodeStats
 
 if TYPE_CHECKING:
@@ -96,6 +100,12 @@ class PSAAttnBackend(AttentionBackend):
 
         self.access_log = self._make_access_log(model_runner) if self.cfg.access_log else None
         self._log_step = 0
+        self.reuse: SelectionReuse | None = None
+        if self.cfg.reuse_steps > 1:
+            self.reuse = SelectionReuse(
+                self.cfg.reuse_steps, self.kv_pool.layer_num, self.kv_pool.head_num, self.width,
+                max_rows=self.req_to_token.shape[0], device=self.device,
+            )  # fmt: skip
 
     def _make_access_log(self, model_runner: Any):
         """Opt-in selection log (--psa-access-log DIR): bounded, rotated .npz files per tp rank."""
@@ -117,7 +127,10 @@ class PSAAttnBackend(AttentionBackend):
             self._on_decode_step(in_capture=False)
             self._log_begin_step(forward_batch)
             self._count_dense_step(forward_batch)
+            if self.reuse is not None:
+                self.reuse.begin_decode(forward_batch, self.page_size, in_graph=False)
         else:
+            self._invalidate_reuse()
             self.dense.init_forward_metadata(forward_batch)
 
     def init_forward_metadata_out_graph(self, forward_batch: ForwardBatch, in_capture=False):
@@ -127,13 +140,21 @@ class PSAAttnBackend(AttentionBackend):
             if not in_capture:
                 self._log_begin_step(forward_batch)
         else:
+            self._invalidate_reuse()
             self.dense.init_forward_metadata_out_graph(forward_batch, in_capture=in_capture)
 
     def init_forward_metadata_in_graph(self, forward_batch: ForwardBatch):
         if forward_batch.forward_mode.is_decode_or_idle():
             self._count_dense_step(forward_batch)
+            if self.reuse is not None:
+                self.reuse.begin_decode(forward_batch, self.page_size, in_graph=True)
         else:
+            self._invalidate_reuse()  # one in-place add on a permanent tensor: recordable
             self.dense.init_forward_metadata_in_graph(forward_batch)
+
+    def _invalidate_reuse(self) -> None:
+        if self.reuse is not None:
+            self.reuse.invalidate()
 
     def _log_begin_step(self, forward_batch: ForwardBatch) -> None:
         # The next begin_step closes the previous step, so no after-forward hook is needed.
@@ -150,6 +171,14 @@ class PSAAttnBackend(AttentionBackend):
 
     def _on_decode_step(self, in_capture: bool) -> None:
         self._capturing = in_capture
+        if self.reuse is not None:
+            # Warm-up runs during capture execute the tag updates on padding rows; the first step
+            # after capture starts from no stored selection (an extend in between does the same).
+            if in_capture:
+                self._reuse_dirty = True
+            elif getattr(self, "_reuse_dirty", False):
+                self._reuse_dirty = False
+                self.reuse.invalidate()
         if self.stats is None:
             return
         if in_capture:
@@ -163,6 +192,8 @@ class PSAAttnBackend(AttentionBackend):
 
     def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int, **kwargs):
         self.dense.init_cuda_graph_state(max_bs, max_num_tokens, **kwargs)
+        if self.reuse is not None:
+            self.reuse.init_graph_rows(max_bs)
 
     def get_cuda_graph_seq_len_fill_value(self):
         # Padded rows: seq_len 1 in req_to_token row 0 (SGLang's padding row), i.e. page 0.
@@ -225,10 +256,19 @@ class PSAAttnBackend(AttentionBackend):
         # mode estimates the tail with (see page_bounds); topk and certified never read them.
         # Requests below dense_below take every page, so their bounds are skipped (and select never
         # reads them).
+        # --psa-reuse-steps: rows flagged in `keep` decode over the lists the buffers still hold from
+        # an earlier step; bounds and select skip them (extra kernel arguments only when reuse is on).
+        reuse_kw, select_out = {}, {}
+        bufs = self.reuse.current if self.reuse is not None else None
+        if bufs is not None and bs <= bufs.rows:
+            li = lid - self.kv_pool.start_layer
+            reuse_kw = {"keep_rows": bufs.keep[:bs]}
+            select_out = {"page_idx": bufs.page_idx[li, :bs], "counts": bufs.counts[li, :bs]}
         res = ops.page_bounds(
             q, kmin, kmax, self.req_to_token, rpi, seq_lens, self.page_size, self.block_size,
             layer.scaling, self.max_pages_ctx, with_centers=self._use_centers, skip_below=dense_below,
             fill=False,  # select / certified mask by page count: the unused width stays unwritten
+            **reuse_kw,
         )  # fmt: skip
         bounds, centers = res if self._use_centers else (res, None)
         if self.cfg.mode in ("certified", "progressive"):
@@ -241,8 +281,9 @@ class PSAAttnBackend(AttentionBackend):
             )  # fmt: skip
         else:
             page_idx, counts = ops.select_pages(
-                bounds, seq_lens, self.page_size, self.params, mass_logits=centers, dense_below=dense_below
-            )
+                bounds, seq_lens, self.page_size, self.params, mass_logits=centers, dense_below=dense_below,
+                **select_out, **reuse_kw,
+            )  # fmt: skip
             logged = page_idx
             out, _lse = ops.sparse_decode(
                 q, k_cache, v_cache, self.req_to_token, rpi, seq_lens, page_idx, counts,

@@ -15,6 +15,7 @@ import os
 from typing import Any
 
 MODES = ("estimated", "progressive", "certified", "topk")
+REUSE_MODES = ("estimated", "topk")  # modes that store a page list --psa-reuse-steps can reuse
 # Page sizes the kernels are written for (tl.arange needs powers of two; 16 keeps the bound cost
 # at 1/16 of the K+V bytes, 128 is the largest tile the decode kernel keeps in registers).
 MIN_PAGE_SIZE = 16
@@ -42,7 +43,7 @@ class PSAConfig:
     local_pages: int = 4
     page_size: int = 32  # used as --page-size when the user gives none
     block_size: int = 0  # logical sub-page for the bounds; 0 means the page size (no sub-pages)
-    reuse_steps: int = 1  # keep a selection for this many decode steps (1 = select every step)
+    reuse_steps: int = 1  # a selection serves up to this many decode steps (1 = select every step)
     dense_below: int = 2048  # requests shorter than this (tokens) decode densely
     first_round_pages: int = 16  # progressive / certified modes: pages in the first round
     stats: bool = False  # accumulate per-layer selection statistics on the device
@@ -145,12 +146,13 @@ class PSAConfig:
             raise bad("page-size", f"a power of two in {MIN_PAGE_SIZE}..{MAX_PAGE_SIZE}", self.page_size)
         if self.block_size and not _is_pow2(self.block_size):
             raise bad("block-size", "0 (= page size) or a power of two", self.block_size)
-        if self.reuse_steps > 1:
-            # Reusing a selection needs a device-side skip of bounds+select in the kernels (see
-            # docs); until then accepting the flag would silently do nothing.
+        if self.reuse_steps > 1 and self.mode not in REUSE_MODES:
+            # progressive / certified visit pages in rounds inside the decode kernel: there is no
+            # stored page list a later step could reuse.
             raise ValueError(
-                f"--psa-reuse-steps {self.reuse_steps} is not supported yet (selection reuse needs "
-                "kernel support); use --psa-reuse-steps 1"
+                f"--psa-reuse-steps {self.reuse_steps} reuses a stored page selection, which --psa-mode "
+                f"{self.mode} does not make (it visits pages in rounds); use --psa-mode "
+                f"{' or '.join(REUSE_MODES)}, or --psa-reuse-steps 1"
             )
         if page_size is not None:
             self.validate_page_size(page_size)

@@ -43,7 +43,11 @@ _FLAG_HELP = {
     "local_pages": "PSA most recent pages that are always kept.",
     "page_size": "--page-size PSA uses when none is given (power of two in 16..128).",
     "block_size": "PSA logical sub-page size for the page bounds (0 = page size).",
-    "reuse_steps": "PSA: reuse a page selection for this many decode steps (1 = every step).",
+    "reuse_steps": "PSA (estimated / topk modes): a page selection serves up to this many decode steps "
+    "(LServe-style reuse; 1 = select every step). A request reselects early when its page count grows, "
+    "its batch row changes, or after any prefill/extend. Costs rows x layers x kv heads x W x 4 bytes "
+    "of GPU memory (rows = the largest CUDA-graph batch size, and the largest eager batch beyond it; "
+    "W = --psa-max-pages, or --psa-topk in topk mode).",
     "dense_below": "PSA: requests shorter than this many tokens decode densely.",
     "first_round_pages": "PSA progressive/certified modes: pages visited in the first round.",
     "stats": "PSA: collect per-layer selection statistics (logged; Prometheus with --enable-metrics).",

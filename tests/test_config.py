@@ -24,13 +24,26 @@ from sglang_psa.config import PSAConfig, validate_against_server, validate_model
         ({"page_size": 24}, "--psa-page-size must be a power of two in 16..128"),
         ({"page_size": 256}, "--psa-page-size must be a power of two in 16..128"),
         ({"block_size": 12}, "--psa-block-size must be 0"),
-        ({"reuse_steps": 4}, "--psa-reuse-steps 4 is not supported yet"),
+        ({"reuse_steps": 0}, "--psa-reuse-steps must be >= 1"),
+        (
+            {"reuse_steps": 4, "mode": "certified"},
+            "--psa-reuse-steps 4 .* --psa-mode certified .* use --psa-mode estimated or topk, or "
+            "--psa-reuse-steps 1",
+        ),
+        ({"reuse_steps": 2, "mode": "progressive"}, "--psa-reuse-steps 2 .* --psa-mode progressive"),
         ({"stats_interval": 0}, "--psa-stats-interval must be >= 1"),
     ],
 )
 def test_invalid_options_name_the_flag(kwargs, match):
     with pytest.raises(ValueError, match=match):
         PSAConfig(**kwargs).validate()
+
+
+@pytest.mark.parametrize("mode", ["estimated", "topk"])
+def test_reuse_steps_accepted_in_list_modes(mode):
+    cfg = PSAConfig(reuse_steps=4, mode=mode, topk=64).validate(page_size=32)
+    assert cfg.reuse_steps == 4
+    PSAConfig(reuse_steps=1, mode="certified").validate(page_size=32)  # R = 1: any mode
 
 
 def test_defaults_are_valid():
