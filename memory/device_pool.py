@@ -5,12 +5,20 @@ page ids on the host: one sync per layer, which keeps tiered decode out of CUDA 
 holds the same state as device tensors and places a layer's pages with a fixed sequence of tensor
 ops (gather, top-k, cumsum, scatter), so a decode step that calls it can be captured.
 
-Policy: `HotPagePool` without quotas and with `protect_calls=None` (the access-pattern study found
-one shared LRU pool better than per-layer quotas on every real source), i.e. for the misses of one
-call, in ascending page order: free slots lowest index first, then evictable slots least recently
-used first (ties by slot index); a slot is evictable unless pinned or used since `new_step()`.
+Policy "lru" (the default): `HotPagePool` without quotas and with `protect_calls=None` (the
+access-pattern study found one shared LRU pool better than per-layer quotas on every real source),
+i.e. for the misses of one call, in ascending page order: free slots lowest index first, then
+evictable slots least recently used first (ties by slot index); a slot is evictable unless pinned or
+used since `new_step()`.
 Misses left without a slot overflow (slot -1): the caller reads them from the host tier. With the
 same calls both pools make identical choices (tests/test_device_pool.py checks the slot tables).
+It costs dozens of small torch ops per call (a top-k over the whole capacity among them).
+
+Policy "clock": CLOCK / second chance (reference bits and a hand, victims from a window of
+`clock_window` x M slots after the hand; memory/fused_place.py describes it), one Triton launch per
+call, no global sort. It is not HotPagePool's LRU, so it can overflow where LRU would not (only
+when the window holds no eligible slot). "lru" stays the default until a GPU run shows clock is
+faster (scripts/bench_tiered.py --placement lru,clock).
 
 State (device, C = capacity, L layers, P pages per layer):
     slot_of     [L * P + 1] int32   slot of (layer, page) at layer * P + page, -1 = absent; the
@@ -22,6 +30,8 @@ State (device, C = capacity, L layers, P pages per layer):
     pinned      [C + 1] bool        sink / local-window pages, never evicted
     tick, step_start  [] int64      call-order clock and its value at new_step()
     counters    [4] int64           hits, misses, evictions, overflow pages (read when convenient)
+    ref         [C + 1] int8        clock only: reference bits
+    hand        [] int64            clock only: the hand (next slot to examine)
 
 Inputs are `pages [M] int32`: one layer's pages, ascending and unique, padded with -1 at the end
 (`union_pages` builds that from a selection). M is static; the count of valid pages is not.
@@ -36,6 +46,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .fused_place import clock_place, clock_place_ref
 from .hot_pool import HostTier
 
 _BIG = 2**62  # key of slots that cannot be evicted
@@ -48,11 +59,16 @@ class Placement:
     slots: the slot holding each page after the call, -1 for padding and overflow.
     fetch: the page got a new slot and its K/V must be copied from the host tier.
     hit:   the page was resident before the call.
+
+    loc, copy (clock only): loc = slots with overflow pages at scratch_base + overflow rank when
+    place() got a scratch_base, copy = fetch | overflow then (else loc = slots, copy = fetch).
     """
 
     slots: torch.Tensor
     fetch: torch.Tensor
     hit: torch.Tensor
+    loc: torch.Tensor | None = None
+    copy: torch.Tensor | None = None
 
 
 def union_pages(page_idx: torch.Tensor, counts: torch.Tensor, num_pages: int, width: int) -> torch.Tensor:
@@ -90,9 +106,16 @@ class DevicePagePool:
         device: str | torch.device = "cpu",
         host: HostTier | None = None,
         scratch_slots: int = 0,
+        policy: str = "lru",
+        clock_window: int = 4,
+        clock_impl: str = "triton",
     ):
         if capacity < 0:
             raise ValueError(f"capacity must be >= 0, got {capacity}")
+        if policy not in ("lru", "clock") or clock_impl not in ("triton", "torch") or clock_window < 1:
+            raise ValueError(f"bad policy {policy!r}, clock_impl {clock_impl!r} or window {clock_window}")
+        # clock_impl "torch": the readable reference (host loops; tests compare the two)
+        self.policy, self.clock_window, self.clock_impl = policy, clock_window, clock_impl
         self.capacity, self.num_layers, self.num_pages = capacity, num_layers, num_pages
         self.device = torch.device(device)
         self.host = HostTier.for_pool(host, num_layers, num_pages, page_size, num_kv_heads, head_dim, dtype)
@@ -113,6 +136,11 @@ class DevicePagePool:
         self.step_start = torch.zeros((), dtype=torch.int64, device=dev)
         self.counters = torch.zeros(4, dtype=torch.int64, device=dev)  # hits, misses, evictions, overflow
         self._slot_idx = torch.arange(capacity, device=dev)
+        if policy == "clock":
+            self.ref = torch.zeros(capacity + 1, dtype=torch.int8, device=dev)
+            self.hand = torch.zeros((), dtype=torch.int64, device=dev)
+            # all-zero workspace of fused_place.union_selected (the tiered path's union)
+            self.union_bitmap = torch.zeros(num_pages, dtype=torch.int8, device=dev)
 
     # ------------------------------------------------------------------ reads
     def table(self) -> torch.Tensor:
@@ -132,14 +160,26 @@ class DevicePagePool:
         """Pages used from now on are protected from eviction until the next new_step()."""
         self.step_start.copy_(self.tick)
 
-    def place(self, layer: int, pages: torch.Tensor, pin: torch.Tensor | None = None) -> Placement:
-        """Touch the resident pages, give the missing ones slots (evicting LRU pages), update maps.
+    def place(
+        self,
+        layer: int,
+        pages: torch.Tensor,
+        pin: torch.Tensor | None = None,
+        scratch_base: int = -1,
+        acc: torch.Tensor | None = None,
+        acc_mode: int = 0,
+    ) -> Placement:
+        """Touch the resident pages, give the missing ones slots (evicting by the policy), update maps.
 
         pages [M] int32 ascending unique, -1 padded at the end; pin [M] bool (optional): pin those
         pages once resident. Device ops only. The caller copies K/V for `fetch` (`fetch_ref`).
+        Clock only: scratch_base, acc, acc_mode (fused_place.clock_place) fill Placement.loc / copy
+        and DeviceTieredAttention's counters in the same launch.
         """
         if not 0 <= layer < self.num_layers:
             raise IndexError(f"layer {layer} out of range [0, {self.num_layers})")
+        if self.policy == "clock":
+            return self._place_clock(layer, pages, pin, scratch_base, acc, acc_mode)
         m, c = pages.shape[0], self.capacity
         pages = pages.to(self.device, torch.int64)
         valid = pages >= 0
@@ -188,6 +228,21 @@ class DevicePagePool:
         slots = torch.where(hit, cur, torch.where(ok, new_slot, -1)).to(torch.int32)
         return Placement(slots=slots, fetch=ok, hit=hit)
 
+    def _place_clock(self, layer, pages, pin, scratch_base, acc, acc_mode) -> Placement:
+        if self.clock_impl == "torch":
+            out = clock_place_ref(self, layer, pages, pin, self.clock_window, scratch_base)
+            if acc is not None:
+                slots, fetch, hit, loc, copy = out
+                placed = fetch.sum()
+                if acc_mode == 1:
+                    over = (pages >= 0).to(self.device) & ~hit & ~fetch
+                    acc[:4] += torch.stack([(pages >= 0).sum().to(acc.device), hit.sum(), placed, over.sum()])
+                elif acc_mode == 2:
+                    acc[4] += placed
+        else:
+            out = clock_place(self, layer, pages, pin, self.clock_window, scratch_base, acc, acc_mode)
+        return Placement(*out)
+
     def fetch_ref(self, layer: int, pages: torch.Tensor, placement: Placement) -> None:
         """Copy the K/V of placement.fetch pages from the host tier into their slots.
 
@@ -214,6 +269,8 @@ class DevicePagePool:
         self.slot_layer.index_fill_(0, s, -1)
         self.slot_page.index_fill_(0, s, -1)
         self.pinned.index_fill_(0, s, False)
+        if self.policy == "clock":
+            self.ref.index_fill_(0, s, 0)
         self.slot_of.index_fill_(0, torch.where(slots >= 0, keys, self._sink_key), -1)
         self._reset_sink_slot()
 

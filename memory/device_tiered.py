@@ -44,6 +44,7 @@ import torch
 from sglang_psa.kernels import sparse_decode
 
 from .device_pool import DevicePagePool, union_pages
+from .fused_place import page_table, union_selected
 from .uva_fetch import PageFetcher
 
 COUNTER_NAMES = ("needed", "hits", "fetched", "overflow", "prefetched")
@@ -82,7 +83,10 @@ class DeviceTieredAttention:
         """A pool of `capacity` slots (plus `width` scratch slots) over `host`, and the attention."""
         nl, npg, p, hkv, d = host.k.shape
         dt = host.k.dtype
-        pool = DevicePagePool(capacity, nl, npg, p, hkv, d, dt, device, host=host, scratch_slots=width)
+        pool_kw = {k: kw.pop(k) for k in ("policy", "clock_window", "clock_impl") if k in kw}  # placement
+        pool = DevicePagePool(
+            capacity, nl, npg, p, hkv, d, dt, device, host=host, scratch_slots=width, **pool_kw
+        )
         return cls(pool, width, **kw)
 
     @staticmethod
@@ -127,6 +131,10 @@ class DeviceTieredAttention:
         self._pending.add(layer)
 
     def _prefetch_body(self, layer: int, pages: torch.Tensor) -> None:
+        if self.pool.policy == "clock":  # one launch: place + the prefetched counter
+            pl = self.pool.place(layer, pages, acc=self.counters, acc_mode=2)
+            self.fetcher.copy(layer, pages, pl.slots, pl.fetch)
+            return
         pl = self.pool.place(layer, pages)
         self.fetcher.copy(layer, pages, pl.slots, pl.fetch)
         self.counters[4] += pl.fetch.sum()
@@ -137,6 +145,21 @@ class DeviceTieredAttention:
             self._pending.discard(layer)
 
     # ------------------------------------------------------------------ forward
+    def _place_fused(self, layer, req_to_token, req_pool_indices, page_idx, counts, prefetch_next, copy):
+        """Policy "clock": union, place and page table in three Triton launches (fused_place.py);
+        the same union, scratch use, copies, counters and table as forward's torch path."""
+        pool, p = self.pool, self.pool.k.shape[1]
+        self._join(layer)  # before the union: it is written in place of the prediction prefetch read
+        union = self.last_union[layer]
+        union_selected(req_to_token, req_pool_indices, page_idx, counts, p, pool.num_pages, self.width,
+                       pool.union_bitmap, out=union)  # fmt: skip
+        pl = pool.place(layer, union, scratch_base=self._scratch0, acc=self.counters, acc_mode=1)
+        if copy:
+            self.fetcher.copy(layer, union, pl.loc, pl.copy)
+        if prefetch_next:
+            self.prefetch(layer + 1)
+        return page_table(req_to_token, req_pool_indices, p, pool.num_pages, union, pl.loc)
+
     def forward(
         self,
         layer: int,
@@ -156,6 +179,12 @@ class DeviceTieredAttention:
         copy=False skips the host copies (wrong output; benchmarks use it to time the rest).
         """
         pool, p = self.pool, self.pool.k.shape[1]
+        if pool.policy == "clock":
+            args = (req_to_token, req_pool_indices, page_idx, counts)
+            table = self._place_fused(layer, *args, prefetch_next, copy)
+            k_rows, v_rows = pool.k.view(-1, *pool.k.shape[2:]), pool.v.view(-1, *pool.v.shape[2:])
+            return self.attend(q, k_rows, v_rows, req_to_token, req_pool_indices, seq_lens, page_idx, counts,
+                               p, sm_scale, page_table=table)  # fmt: skip
         dev = q.device
         bs, hkv, w = page_idx.shape
         # physical page of each logical page: [bs, N], N static (the table's width)

@@ -28,12 +28,28 @@ versions give each warp one contiguous chunk of items.
 
 `backend="torch"` is the same index logic as plain tensor indexing (CPU tests; on a GPU it reads the
 source indices on the host, so it is eager-only there and serves as the reference).
+
+`backend="triton"` (memory/page_copy.py) is the compacted copy: the pages to copy are packed to the
+front on the device with a device count, and a Triton kernel over (M pages, chunks of a page) copies
+the first `count` of them; programs past the count exit, so the work scales with the real copies
+(no dummies, the sink slot is never written). Still fixed shapes and no host sync. `host_ptr` says
+how the pinned host tier reaches the kernel ("auto", "tensor", "int": see page_copy), `block` /
+`triton_warps` its tile. Selectable only; the default stays the sgl-kernel path.
+
+Negative-index skipping (what compacting with -1 padding would need on the sgl-kernel path): the
+installed sglang-kernel 0.4.5 `transfer_kernel_impl` (sm_90 / sm_90a SASS in sgl_kernel/sm90/common_ops,
+KV and MLA variants, read with cuobjdump) loads both indices and copies with no sign test, and gives
+warp w the items w * items_per_warp + i (one contiguous chunk per warp). The upstream transfer.cu
+stored at sgl-project/sglang 1243cf3 skips `src < 0 || dst < 0` and strides items over warps, but
+0.4.5's binary does not do either, so -1 padding is not offered here (a -1 would be read as an
+address before the buffer).
 """
 
 from __future__ import annotations
 
 import torch
 
+from . import page_copy
 from .hot_pool import HostTier
 
 
@@ -48,8 +64,9 @@ class PageFetcher:
 
     dst_k, dst_v [S, P, Hkv, D] on the device (a DevicePagePool's k / v); sink_slot: a slot that
     absorbs the dummy entries. backend: "auto" (kernel when dst is on CUDA and the host tier is
-    pinned), "kernel" or "torch". block_quota / num_warps: the kernel's launch cap (SGLang uses 2
-    blocks of 32 warps for loads; more blocks pull more bytes in flight over PCIe).
+    pinned), "kernel", "triton" (compacted copy, page_copy.py) or "torch". block_quota / num_warps:
+    the sgl kernel's launch cap (SGLang uses 2 blocks of 32 warps for loads; more blocks pull more
+    bytes in flight over PCIe). host_ptr / block / triton_warps: the Triton backend's options.
     """
 
     def __init__(
@@ -62,6 +79,9 @@ class PageFetcher:
         pad: str = "device",
         block_quota: int = 8,
         num_warps: int = 32,
+        host_ptr: str = "auto",
+        block: int = 4096,
+        triton_warps: int = 4,
     ):
         num_layers, _, p, hkv, d = host.k.shape
         if dst_k.shape[1:] != (p, hkv, d) or dst_v.shape != dst_k.shape or dst_k.dtype != host.k.dtype:
@@ -77,15 +97,26 @@ class PageFetcher:
         if backend == "auto":
             pinned = host.k.is_pinned() and host.v.is_pinned()
             backend = "kernel" if dev.type == "cuda" and pinned else "torch"
-        if backend not in ("kernel", "torch"):
-            raise ValueError(f"backend must be 'auto', 'kernel' or 'torch', got {backend!r}")
+        if backend not in ("kernel", "torch", "triton"):
+            raise ValueError(f"backend must be 'auto', 'kernel', 'triton' or 'torch', got {backend!r}")
+        self.block, self.triton_warps = block, triton_warps
+        if backend == "triton":
+            if dev.type == "cuda" and not (host.k.is_pinned() and host.v.is_pinned()):
+                raise ValueError("the triton backend on CUDA needs a pinned host tier")
+            if host_ptr == "auto" and dev.type == "cuda":
+                host_ptr = page_copy.pick_host_ptr(host.k[0], host.v[0], dst_k, dst_v)
+            elif host_ptr == "auto":
+                host_ptr = "tensor"
+            if host_ptr not in ("tensor", "int"):
+                raise ValueError(f"host_ptr must be 'auto', 'tensor' or 'int', got {host_ptr!r}")
+        self.host_ptr = host_ptr if backend == "triton" else None
         if backend == "kernel":
             if dev.type != "cuda" or not (host.k.is_pinned() and host.v.is_pinned()):
                 raise ValueError("the kernel backend needs a CUDA destination and a pinned host tier")
             if self.item_size % 8:
                 raise ValueError(f"item size {self.item_size} B must be a multiple of 8 (kernel copies u64)")
             self._ops = _kernel_ops()
-        self.backend, self.pad = backend, pad if backend == "kernel" else "host"
+        self.backend, self.pad = backend, pad if backend == "kernel" else "host"  # triton: no dummies
         self.block_quota, self.num_warps = block_quota, num_warps
         self._t = torch.arange(p, device=dev)
         # dummy source item per (layer, K/V); row 0 = K, row 1 = V
@@ -124,8 +155,13 @@ class PageFetcher:
 
         pages may hold -1 and slots anything where copy is False. No host sync on the kernel path.
         """
-        src_k, src_v, dst = self.indices(layer, pages, slots, copy)
         hk, hv = self.host.k[layer], self.host.v[layer]
+        if self.backend == "triton":
+            pages_c, slots_c, count = page_copy.compact(copy.to(self._t.device), pages, slots)
+            page_copy.copy_pages(hk, hv, self.dst_k, self.dst_v, pages_c, slots_c, count,
+                                 self.block, self.triton_warps, self.host_ptr)  # fmt: skip
+            return
+        src_k, src_v, dst = self.indices(layer, pages, slots, copy)
         if self.backend == "torch":
             rows = hk.shape[1:]
             dk, dv = self.dst_k.view(-1, *rows[1:]), self.dst_v.view(-1, *rows[1:])

@@ -14,12 +14,15 @@ Hot pool sizes are multiples of the per-step budget B (unique pages of all layer
 mean over steps), capped at the whole cache. Reported per pool size: ms per step, hit rate, bytes
 fetched per step, fetch time (sync - nofetch) and the fraction of it hidden by the prefetch
 ((sync - overlap) / (sync - nofetch)); plus a micro-benchmark of the fetch kernel (GB/s for full
-copies, cost of an all-dummy call) for both pads and several block quotas. The host tier holds one
+copies, cost of an all-dummy call) for both pads and several block quotas, and for the Triton compacted
+copy (--fetch-backend triton selects it for the step too) at several blocks. The host tier holds one
 layer's K/V for every layer (stride-0 layer dim): PCIe traffic is the same, 1 GiB of pinned memory
 instead of 32. Writes <out>/tiered-<stamp>.json.
 
     python scripts/bench_tiered.py --out benchmarks/results           # H100: < 2 min
+    python scripts/bench_tiered.py --fetch-backend triton --out benchmarks/results
     python scripts/bench_tiered.py --smoke --out /tmp/x               # CPU, tiny, seconds
+Each pool size runs per --placement (default lru,clock; recorded as "placement" in each pool row).
 """
 
 from __future__ import annotations
@@ -244,8 +247,10 @@ def bench_tiered(shape, cfg, timer, graph, capacity, fetch_kw, resident_last):
     return res
 
 
-def bench_fetch(shape, timer, pads, quotas, reps=5):
-    """Fetch kernel alone: `width` pages copied (full) and an all-dummy call, per pad and block quota."""
+def bench_fetch(shape, timer, pads, quotas, reps=5, triton_blocks=(), host_ptr="auto"):
+    """Fetch kernel alone: `width` pages copied (full), every other one (half) and an all-dummy call, per
+    pad and block quota of the sgl-kernel path, and per block (elements per program) of the Triton
+    compacted copy."""
     dev = shape.q.device
     m = min(shape.width, shape.num_pages - 1)  # distinct host pages (page 0 excluded)
     dst_k = torch.empty(m + 1, *shape.k.shape[1:], dtype=shape.k.dtype, device=dev)
@@ -254,19 +259,23 @@ def bench_fetch(shape, timer, pads, quotas, reps=5):
     slots = torch.arange(m, device=dev)
     page_bytes = 2 * shape.k[0].numel() * shape.k.element_size()
     rows = []
-    for pad in pads:
-        for bq in quotas:
-            f = PageFetcher(shape.host, dst_k, dst_v, sink_slot=m, pad=pad, block_quota=bq)
-            r = {"pad": f.pad, "backend": f.backend, "block_quota": bq, "pages": m}
-            for name, mask in (("full", torch.ones(m, dtype=torch.bool, device=dev)),
-                               ("dummy", torch.zeros(m, dtype=torch.bool, device=dev))):  # fmt: skip
-                f.copy(0, pages, slots, mask)  # warm-up
-                ms = min(timer(lambda f=f, mask=mask: f.copy(0, pages, slots, mask)) for _ in range(reps))
-                r[f"{name}_ms"] = ms
-            r["full_gbs"] = m * page_bytes / r["full_ms"] / 1e6
-            if f.backend == "torch" and dev.type == "cuda":
-                r["note"] = "torch fallback (host-side gather), eager"
-            rows.append(r)
+    configs = [{"pad": pad, "block_quota": bq} for pad in pads for bq in quotas]
+    configs += [{"backend": "triton", "block": blk, "host_ptr": host_ptr} for blk in triton_blocks]
+    half = torch.arange(m, device=dev) % 2 == 0
+    for kw in configs:
+        f = PageFetcher(shape.host, dst_k, dst_v, sink_slot=m, **kw)
+        r = {"pad": f.pad, "backend": f.backend, "block_quota": kw.get("block_quota"), "pages": m}
+        if f.backend == "triton":
+            r.update(pad=None, block=f.block, host_ptr=f.host_ptr)
+        for name, mask in (("full", torch.ones(m, dtype=torch.bool, device=dev)), ("half", half),
+                           ("dummy", torch.zeros(m, dtype=torch.bool, device=dev))):  # fmt: skip
+            f.copy(0, pages, slots, mask)  # warm-up
+            ms = min(timer(lambda f=f, mask=mask: f.copy(0, pages, slots, mask)) for _ in range(reps))
+            r[f"{name}_ms"] = ms
+        r["full_gbs"] = m * page_bytes / r["full_ms"] / 1e6
+        if f.backend == "torch" and dev.type == "cuda":
+            r["note"] = "torch fallback (host-side gather), eager"
+        rows.append(r)
     return rows
 
 
@@ -286,7 +295,26 @@ def main(argv=None) -> dict:
     ap.add_argument("--rho", type=float, default=0.9, help="step-to-step correlation of page scores")
     ap.add_argument("--pad", default="device", choices=["device", "host"])
     ap.add_argument("--block-quota", type=int, default=8)
+    ap.add_argument(
+        "--fetch-backend",
+        default="sgl",
+        choices=["sgl", "triton"],
+        help="sgl: sgl-kernel transfer_kv (M*P items); triton: compacted copy (page_copy.py)",
+    )
+    ap.add_argument("--fetch-block", type=int, default=4096, help="triton: elements per program")
+    ap.add_argument(
+        "--host-ptr",
+        default="auto",
+        choices=["auto", "tensor", "int"],
+        help="triton: how the pinned host tier reaches the kernel",
+    )
     ap.add_argument("--no-graph", action="store_true")
+    ap.add_argument(
+        "--placement",
+        default="lru,clock",
+        help="pool policies to run, comma-separated: lru (torch ops, global LRU) and/or clock "
+        "(fused Triton union/place/table, memory/fused_place.py); default both",
+    )
     args = ap.parse_args(argv)
     cfg = dict(SMOKE if args.smoke else FULL)
     for k in ("shapes", "mults", "steps"):
@@ -299,6 +327,8 @@ def main(argv=None) -> dict:
     graph = dev.type == "cuda" and not args.no_graph
     timer = Timer(dev)
     fetch_kw = {"pad": args.pad, "block_quota": args.block_quota}
+    if args.fetch_backend == "triton":
+        fetch_kw = {"backend": "triton", "block": args.fetch_block, "host_ptr": args.host_ptr}
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     doc = {
         "benchmark": "bench_tiered", "date": stamp, "commit": git_commit(),
@@ -307,6 +337,10 @@ def main(argv=None) -> dict:
                    "sink_pages": SINK, "local_pages": LOCAL, "smoke": args.smoke},
         "shapes": [],
     }  # fmt: skip
+    placements = args.placement.split(",")
+    if not placements or any(x not in ("lru", "clock") for x in placements):
+        sys.exit(f"--placement: lru and/or clock, got {args.placement!r}")
+    doc["config"]["placements"] = placements
     t0 = time.perf_counter()
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"tiered-{'smoke-' if args.smoke else ''}{stamp}.json")
@@ -320,19 +354,23 @@ def main(argv=None) -> dict:
         row["pools"] = []
         for mult in (float(x) for x in cfg["mults"].split(",")):
             cap = min(int(round(mult * shape.step_budget)), shape.nl * shape.num_pages)
-            r = bench_tiered(shape, cfg, timer, graph, cap, fetch_kw, last)
-            row["pools"].append({"mult": mult, **r})
-            if graph:
-                torch.cuda.empty_cache()  # the pool (and its graphs) are gone: give the memory back
-            print(f"{spec} pool {mult}x ({cap} pages): resident {row['resident_ms_per_step']:.2f} ms, "
-                  f"sync {r['sync']['ms_per_step']:.2f}, overlap {r['overlap']['ms_per_step']:.2f}, "
-                  f"nofetch {r['nofetch']['ms_per_step']:.2f} ms/step, hit {r['sync']['hit_rate']:.2f}, "
-                  f"hidden {r['hidden_fraction']:.2f}", flush=True)  # fmt: skip
+            for placement in placements:  # DevicePagePool policy (build() passes it to the pool)
+                r = bench_tiered(shape, cfg, timer, graph, cap, {**fetch_kw, "policy": placement}, last)
+                row["pools"].append({"mult": mult, "placement": placement, **r})
+                if graph:
+                    torch.cuda.empty_cache()  # the pool (and its graphs) are gone: give the memory back
+                print(f"{spec} pool {mult}x ({cap} pages) {placement}: resident "
+                      f"{row['resident_ms_per_step']:.2f} ms, "
+                      f"sync {r['sync']['ms_per_step']:.2f}, overlap {r['overlap']['ms_per_step']:.2f}, "
+                      f"nofetch {r['nofetch']['ms_per_step']:.2f} ms/step, hit {r['sync']['hit_rate']:.2f}, "
+                      f"hidden {r['hidden_fraction']:.2f}", flush=True)  # fmt: skip
         pads = ["device", "host"] if dev.type == "cuda" else ["host"]
         quotas = [2, 8, 32] if dev.type == "cuda" else [2]
         doc["shapes"].append(row)
         _write(doc, path, t0)  # after each part, so a later failure keeps what was measured
-        row["fetch_kernel"] = bench_fetch(shape, timer, pads, quotas)
+        blocks = [2048, 4096, 8192] if dev.type == "cuda" else [1024]
+        hp = args.host_ptr
+        row["fetch_kernel"] = bench_fetch(shape, timer, pads, quotas, triton_blocks=blocks, host_ptr=hp)
         _write(doc, path, t0)
         del shape
     print(f"wrote {path} ({doc['wall_s']:.1f} s)")

@@ -13,6 +13,8 @@ def test_bench_tiered_smoke(tmp_path):
     saved = json.loads(open(doc["path"]).read())
     assert saved["commit"] and saved["date"] and saved["device"]
     (shape,) = saved["shapes"]
+    assert saved["config"]["placements"] == ["lru", "clock"]
+    assert sorted(pool["placement"] for pool in shape["pools"]) == ["clock", "lru"]
     assert shape["resident_ms_per_step"] > 0 and shape["fetch_kernel"]
     for pool in shape["pools"]:
         for mode in ("sync", "overlap"):

@@ -17,6 +17,7 @@ from sglang_psa.memory.uva_fetch import PageFetcher
 L, P, HKV, G, D = 2, 16, 2, 2, 64
 LENS = [9 * P + 1, 6 * P]  # request 1 shares request 0's first 3 pages (a radix-tree prefix)
 W = 5  # selected pages per (request, kv head)
+POLICIES = ["lru", "clock"]  # clock: the fused Triton placement (memory/fused_place.py)
 
 
 class Batch:
@@ -108,6 +109,7 @@ def test_fetcher_copies_pages_and_sends_dummies_to_the_sink():
 
 
 # ----------------------------------------------------------------------------- exactness
+@pytest.mark.parametrize("policy", POLICIES)
 @settings(max_examples=60, deadline=None)
 @given(
     capacity=st.integers(0, 30),
@@ -115,9 +117,9 @@ def test_fetcher_copies_pages_and_sends_dummies_to_the_sink():
     steps=st.integers(1, 4),
     prefetch=st.booleans(),
 )
-def test_device_tiered_equals_resident(capacity, seed, steps, prefetch):
+def test_device_tiered_equals_resident(policy, capacity, seed, steps, prefetch):
     b = Batch(seed)
-    t = b.tiered(capacity)
+    t = b.tiered(capacity, policy=policy)
     calls = record_copies(t)
     g = torch.Generator().manual_seed(seed + 1)
     for _ in range(steps):
@@ -141,10 +143,11 @@ def test_device_tiered_equals_resident(capacity, seed, steps, prefetch):
         event("hits")
 
 
+@pytest.mark.parametrize("policy", POLICIES)
 @pytest.mark.parametrize("capacity", [0, 4, 64])
-def test_triton_kernel_through_the_pool_equals_resident_kernel(capacity):
+def test_triton_kernel_through_the_pool_equals_resident_kernel(capacity, policy):
     b = Batch(3)
-    t = b.tiered(capacity, attend=sparse_decode)
+    t = b.tiered(capacity, attend=sparse_decode, policy=policy)
     g = torch.Generator().manual_seed(5)
     for _ in range(2):
         t.begin_step()
@@ -155,9 +158,10 @@ def test_triton_kernel_through_the_pool_equals_resident_kernel(capacity):
             assert torch.allclose(out, ref, atol=1e-5) and torch.allclose(lse, ref_lse, atol=1e-5)
 
 
-def test_tiny_pool_overflows_into_scratch_and_stays_exact():
+@pytest.mark.parametrize("policy", POLICIES)
+def test_tiny_pool_overflows_into_scratch_and_stays_exact(policy):
     b = Batch(1)
-    t = b.tiered(2)
+    t = b.tiered(2, policy=policy)
     g = torch.Generator().manual_seed(2)
     t.begin_step()
     idx, cnt = b.select(g)
@@ -170,9 +174,10 @@ def test_tiny_pool_overflows_into_scratch_and_stays_exact():
 
 
 # ----------------------------------------------------------------------------- staleness
-def test_invalidated_page_is_refetched_never_served_stale():
+@pytest.mark.parametrize("policy", POLICIES)
+def test_invalidated_page_is_refetched_never_served_stale(policy):
     b = Batch(2)
-    t = b.tiered(64)
+    t = b.tiered(64, policy=policy)
     idx = torch.tensor([[[0, 1, 2], [2, 3, 4]], [[0, 1, 5], [0, 2, 3]]], dtype=torch.int32)
     cnt = torch.full((2, HKV), 3, dtype=torch.int32)
     t.begin_step()
@@ -191,9 +196,10 @@ def test_invalidated_page_is_refetched_never_served_stale():
     assert s["fetched"] == s["needed"] - s["hits"] and s["needed"] - s["hits"] >= 1
 
 
-def test_prefetch_turns_next_layer_misses_into_hits():
+@pytest.mark.parametrize("policy", POLICIES)
+def test_prefetch_turns_next_layer_misses_into_hits(policy):
     b = Batch(4)
-    t = b.tiered(64)
+    t = b.tiered(64, policy=policy)
     g = torch.Generator().manual_seed(0)
     sel = [b.select(g) for _ in range(L)]
     t.begin_step()
@@ -232,12 +238,13 @@ def test_uva_transfer_kernel_equals_torch_fallback(pad):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("policy", POLICIES)
 @pytest.mark.parametrize("capacity", [3, 64])
-def test_whole_step_replays_in_a_cuda_graph(capacity):
+def test_whole_step_replays_in_a_cuda_graph(capacity, policy):
     """Both layers (place, UVA fetch, prefetch on the side stream, attention) captured once and
     replayed with new selections give resident decode's result, also with a pool that overflows."""
     b = Batch(7, device="cuda", dtype=torch.bfloat16)
-    t = b.tiered(capacity, attend=sparse_decode)
+    t = b.tiered(capacity, attend=sparse_decode, policy=policy)
     g = torch.Generator().manual_seed(1)
     idx_buf = torch.full((L, 2, HKV, W), -1, dtype=torch.int32, device="cuda")
     cnt_buf = torch.zeros(L, 2, HKV, dtype=torch.int32, device="cuda")

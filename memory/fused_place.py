@@ -1,0 +1,399 @@
+"""One layer's tiered placement in three Triton launches: union, CLOCK place, page table.
+
+DevicePagePool's LRU `place` and device_tiered.py's torch path spend ~a hundred tiny torch kernels
+per layer (docs/TIERED.md, cause 1: ~0.5 ms per layer on an H100, independent of the pool size).
+This module does the same work in three single-purpose kernels, each beside its pure-torch
+reference (same results, readable, host loops allowed):
+
+1. `union_selected` (ref `union_selected_ref`): physical page of every selected logical page
+   (req_to_token[rpi[b], page_idx * P] // P) and their sorted unique union [width] int32, -1
+   padded; equal to device_pool.union_pages of the gathered selection. One program: mark a byte
+   bitmap over physical pages, then one pass over the bitmap in blocks with a running count
+   (compaction by cumsum), clearing the bitmap behind it (so it is all zero between calls).
+   Cost: O(bs*Hkv*W + num_pages) in one CTA (num_pages / 4096 loop iterations); a sort of the
+   bs*Hkv*W entries would be O(entries) instead, but tl.sort takes seconds under the CPU
+   interpreter the tests run on.
+2. `clock_place` (ref `clock_place_ref`): CLOCK (second-chance) placement of pages [M] into the
+   pool, described below. One program: lookup/touch, window scan, install.
+3. `page_table` (ref `page_table_ref`): table [bs, N] int32, logical page j of request b -> loc of
+   its physical page in the union (binary search of the sorted union), 0 where not in the union.
+   Grid (bs, cdiv(N, 1024)).
+
+CLOCK policy (`DevicePagePool(policy="clock")`), per call place(layer, pages [M], pin):
+  - state: a reference bit per slot (`ref` [C + 1] int8) and a hand (`hand` [] int64, a slot index),
+    besides the LRU pool's map, `last_use` (here: the stamp of the last call that used the slot,
+    = `tick`, and `tick` += 1 per call) and `pinned`;
+  - hits (page resident): ref = 1, last_use = stamp, pinned |= pin;
+  - misses (in page order) take victims found by scanning slots hand, hand + 1, ... (mod C) over at
+    most S = min(window * M, C) slots (window: a static multiple, default 4): a free slot is a
+    victim; a pinned slot or one used in the current step (last_use >= step_start, this call's hits
+    included) is skipped untouched; a referenced slot has its bit cleared and is skipped (second
+    chance); any other slot is a victim. The scan stops at the victim of the last miss; the hand
+    moves past the last slot examined. Victim r (in scan order) goes to miss r (in page order):
+    its old key is evicted, the page installed with ref = 1, last_use = stamp, pinned = pin.
+  - misses beyond the victims found in the window overflow (slot -1; with `scratch_base`, loc =
+    scratch_base + overflow rank, the tiered path's scratch slots): exact, just not cached.
+  - counters: pool.counters += (hits, misses, evictions, overflow), all on the device.
+No global sort, O(M + S) work per call, fixed shapes, no host sync.
+
+Shapes and dtypes (C = capacity, L layers, NP physical pages, M = width):
+    req_to_token [R, T] int32/int64; req_pool_indices [bs] int; page_idx [bs, Hkv, W] int (valid in
+    [:count]); counts [bs, Hkv] int  ->  union [M] int32 (ascending unique, -1 padded)
+    pool state: slot_of [L * NP + 1] int32, slot_layer / slot_page / last_use [C + 1] int64,
+    pinned [C + 1] bool, ref [C + 1] int8, tick / step_start / hand [] int64, counters [4] int64
+    clock_place -> slots [M] int32, fetch [M] bool, hit [M] bool, loc [M] int32, copy [M] bool
+    page_table(union [M] int32, loc [M] int32) -> table [bs, N] int32, N = ceil(T / P)
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK = 1024  # elements per loop iteration of the single-program kernels
+
+
+def _next_pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+# ============================================================================ union
+def union_selected_ref(
+    req_to_token: torch.Tensor,
+    req_pool_indices: torch.Tensor,
+    page_idx: torch.Tensor,
+    counts: torch.Tensor,
+    page_size: int,
+    num_pages: int,
+    width: int,
+) -> torch.Tensor:
+    """Reference: [width] int32 sorted unique physical pages of the selection, -1 padded."""
+    from .device_pool import union_pages
+
+    phys = req_to_token[req_pool_indices.long()][:, ::page_size].long() // page_size  # [bs, N]
+    bs, hkv, _ = page_idx.shape
+    n = phys.shape[1]
+    sel = torch.gather(phys[:, None, :].expand(bs, hkv, n), 2, page_idx.long().clamp(0, n - 1))
+    return union_pages(sel, counts, num_pages, width)
+
+
+@triton.jit
+def _union_kernel(
+    r2t_ptr, r2t_s0, rpi_ptr, idx_ptr, idx_s0, idx_s1, idx_s2, cnt_ptr, cnt_s0, cnt_s1,
+    bitmap_ptr, out_ptr,
+    E, HKV, W, N, P, NP, WIDTH,
+    BLOCK: tl.constexpr,
+):  # fmt: skip
+    offs = tl.arange(0, BLOCK)
+    # phase A: mark the physical page of every kept entry
+    for e0 in range(0, E, BLOCK):
+        e = e0 + offs
+        em = e < E
+        b = e // (HKV * W)
+        h = (e // W) % HKV
+        w = e % W
+        c = tl.load(cnt_ptr + b * cnt_s0 + h * cnt_s1, mask=em, other=0)
+        keep = em & (w < c)
+        j = tl.load(idx_ptr + b * idx_s0 + h * idx_s1 + w * idx_s2, mask=keep, other=0).to(tl.int64)
+        j = tl.minimum(tl.maximum(j, 0), N - 1)
+        r = tl.load(rpi_ptr + b, mask=keep, other=0).to(tl.int64)
+        tok = tl.load(r2t_ptr + r * r2t_s0 + j * P, mask=keep, other=0).to(tl.int64)
+        ph = tl.minimum(tl.maximum(tok // P, 0), NP - 1)
+        tl.store(bitmap_ptr + ph, tl.full([BLOCK], 1, tl.int8), mask=keep)
+    tl.debug_barrier()
+    # phase B: compact the marked pages in ascending order, clear the bitmap
+    total = tl.zeros([], dtype=tl.int32)
+    for p0 in range(0, NP, BLOCK):
+        pg = p0 + offs
+        pm = pg < NP
+        mark = tl.load(bitmap_ptr + pg, mask=pm, other=0) != 0
+        pos = total + tl.cumsum(mark.to(tl.int32), axis=0) - 1
+        tl.store(out_ptr + pos, pg.to(tl.int32), mask=mark & (pos < WIDTH))
+        tl.store(bitmap_ptr + pg, tl.zeros([BLOCK], tl.int8), mask=mark)
+        total += tl.sum(mark.to(tl.int32), axis=0)
+    for o0 in range(0, WIDTH, BLOCK):
+        o = o0 + offs
+        tl.store(out_ptr + o, tl.full([BLOCK], -1, tl.int32), mask=(o < WIDTH) & (o >= total))
+
+
+def union_selected(
+    req_to_token: torch.Tensor,
+    req_pool_indices: torch.Tensor,
+    page_idx: torch.Tensor,
+    counts: torch.Tensor,
+    page_size: int,
+    num_pages: int,
+    width: int,
+    bitmap: torch.Tensor,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One launch: union_selected_ref's result, written to out [width] int32 (allocated if None).
+
+    bitmap [num_pages] int8, all zero (left all zero): a workspace kept by the caller.
+    """
+    bs, hkv, w = page_idx.shape
+    if out is None:
+        out = torch.empty(width, dtype=torch.int32, device=page_idx.device)
+    if bitmap.shape != (num_pages,) or bitmap.dtype != torch.int8:
+        raise ValueError(f"bitmap must be [{num_pages}] int8, got {list(bitmap.shape)} {bitmap.dtype}")
+    n = -(-req_to_token.shape[1] // page_size)
+    _union_kernel[(1,)](
+        req_to_token, req_to_token.stride(0), req_pool_indices,
+        page_idx, *page_idx.stride(), counts, *counts.stride(),
+        bitmap, out, bs * hkv * w, hkv, w, n, page_size, num_pages, width,
+        BLOCK=BLOCK, num_warps=4,
+    )  # fmt: skip
+    return out
+
+
+# ============================================================================ clock placement
+def clock_place_ref(pool, layer: int, pages: torch.Tensor, pin: torch.Tensor | None, window: int,
+                    scratch_base: int = -1):  # fmt: skip
+    """Reference CLOCK placement (module docstring), slot by slot with host reads.
+
+    pool: a DevicePagePool (its state tensors are updated in place). pages [M] int (ascending
+    unique, -1 = padding), pin [M] bool or None, window: the scan covers min(window * M, C) slots.
+    Returns (slots [M] int32, fetch [M] bool, hit [M] bool, loc [M] int32, copy [M] bool).
+    """
+    c, npg, m = pool.capacity, pool.num_pages, pages.shape[0]
+    pg = pages.tolist()
+    pn = [False] * m if pin is None else [bool(x) for x in pin.tolist()]
+    stamp, step_start = int(pool.tick), int(pool.step_start)
+    slot_of, lyr, pag = pool.slot_of, pool.slot_layer, pool.slot_page
+    last, pinned, ref = pool.last_use, pool.pinned, pool.ref
+    slots, fetch, hit, over = [-1] * m, [False] * m, [False] * m, [False] * m
+    misses = []
+    for i, p in enumerate(pg):  # lookup; touch the hits
+        if p < 0:
+            continue
+        s = int(slot_of[layer * npg + p])
+        if s >= 0:
+            hit[i], slots[i] = True, s
+            last[s], ref[s] = stamp, 1
+            pinned[s] = bool(pinned[s]) or pn[i]
+        else:
+            misses.append(i)
+    victims, examined, hand = [], 0, int(pool.hand)
+    while len(victims) < len(misses) and examined < min(window * m, c):  # the scan
+        s = (hand + examined) % c
+        examined += 1
+        if int(lyr[s]) < 0:
+            victims.append(s)
+        elif bool(pinned[s]) or int(last[s]) >= step_start:
+            continue
+        elif int(ref[s]):
+            ref[s] = 0
+        else:
+            victims.append(s)
+    if c:
+        pool.hand.fill_((hand + examined) % c)
+    evictions = 0
+    for r, i in enumerate(misses):  # install, in page order
+        if r >= len(victims):
+            over[i] = True
+            continue
+        s = victims[r]
+        if int(lyr[s]) >= 0:
+            slot_of[int(lyr[s]) * npg + int(pag[s])] = -1
+            evictions += 1
+        slot_of[layer * npg + pg[i]] = s
+        lyr[s], pag[s], last[s], ref[s], pinned[s] = layer, pg[i], stamp, 1, pn[i]
+        slots[i], fetch[i] = s, True
+    pool.tick += 1
+    nh, nm, no = sum(hit), len(misses), sum(over)
+    pool.counters += torch.tensor([nh, nm, evictions, no], device=pool.counters.device)
+    loc, r = list(slots), 0
+    for i in range(m):
+        if over[i]:
+            loc[i] = scratch_base + r if scratch_base >= 0 else -1
+            r += 1
+    dev = pool.device
+    as_t = lambda x, dt: torch.tensor(x, dtype=dt, device=dev)
+    copy = [f or (o and scratch_base >= 0) for f, o in zip(fetch, over)]
+    return (as_t(slots, torch.int32), as_t(fetch, torch.bool), as_t(hit, torch.bool),
+            as_t(loc, torch.int32), as_t(copy, torch.bool))  # fmt: skip
+
+
+@triton.jit
+def _clock_place_kernel(
+    pages_ptr, pin_ptr, M, layer, NP, C1, S, scratch_base,
+    slot_of_ptr, slot_layer_ptr, slot_page_ptr, last_use_ptr, pinned_ptr, ref_ptr,
+    tick_ptr, step_start_ptr, hand_ptr, counters_ptr, acc_ptr, victims_ptr,
+    slots_ptr, fetch_ptr, hit_ptr, loc_ptr, copy_ptr,
+    HAS_PIN: tl.constexpr, ACC_MODE: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    offs = tl.arange(0, BLOCK)
+    stamp = tl.load(tick_ptr)
+    step_start = tl.load(step_start_ptr)
+    zero = tl.zeros([], dtype=tl.int32)
+    # phase 0: look the pages up, touch the hits (they become protected), count
+    nvalid, nhit, nmiss = zero, zero, zero
+    for m0 in range(0, M, BLOCK):
+        i = m0 + offs
+        im = i < M
+        pg = tl.load(pages_ptr + i, mask=im, other=-1).to(tl.int64)
+        valid = pg >= 0
+        cur = tl.load(slot_of_ptr + layer * NP + pg, mask=valid, other=-1)
+        hit = valid & (cur >= 0)
+        tl.store(last_use_ptr + cur, tl.zeros([BLOCK], tl.int64) + stamp, mask=hit)
+        tl.store(ref_ptr + cur, tl.full([BLOCK], 1, tl.int8), mask=hit)
+        if HAS_PIN:
+            pn = tl.load(pin_ptr + i, mask=valid, other=0) != 0
+            old = tl.load(pinned_ptr + cur, mask=hit, other=0) != 0
+            tl.store(pinned_ptr + cur, old | pn, mask=hit)
+        tl.store(slots_ptr + i, cur, mask=im)  # cur until phase 2
+        nvalid += tl.sum(valid.to(tl.int32), axis=0)
+        nhit += tl.sum(hit.to(tl.int32), axis=0)
+    nmiss = nvalid - nhit
+    tl.debug_barrier()
+    # phase 1: scan S slots from the hand; victims in scan order -> victims[0 ..)
+    hand = tl.load(hand_ptr)
+    ncand, nexam = zero, zero
+    for j0 in range(0, S, BLOCK):
+        j = j0 + offs
+        jm = j < S
+        s = (hand + j) % C1
+        free = tl.load(slot_layer_ptr + s, mask=jm, other=-1) < 0
+        prot = (tl.load(pinned_ptr + s, mask=jm, other=0) != 0) | (
+            tl.load(last_use_ptr + s, mask=jm, other=0) >= step_start
+        )
+        refd = tl.load(ref_ptr + s, mask=jm, other=0) != 0
+        cand = jm & (free | (~prot & ~refd))
+        incl = ncand + tl.cumsum(cand.to(tl.int32), axis=0)
+        examined = jm & (incl - cand.to(tl.int32) < nmiss)
+        tl.store(victims_ptr + incl - 1, s.to(tl.int32), mask=cand & examined)
+        tl.store(ref_ptr + s, tl.zeros([BLOCK], tl.int8), mask=examined & ~free & ~prot & refd)
+        ncand += tl.sum(cand.to(tl.int32), axis=0)
+        nexam += tl.sum(examined.to(tl.int32), axis=0)
+    ntaken = tl.minimum(ncand, nmiss)
+    tl.store(hand_ptr, (hand + nexam) % C1)
+    tl.debug_barrier()
+    # phase 2: misses in page order take the victims; evict old keys, install, write the outputs
+    rank0, nevict = zero, zero
+    for m0 in range(0, M, BLOCK):
+        i = m0 + offs
+        im = i < M
+        pg = tl.load(pages_ptr + i, mask=im, other=-1).to(tl.int64)
+        valid = pg >= 0
+        cur = tl.load(slots_ptr + i, mask=im, other=-1)
+        hit = valid & (cur >= 0)
+        miss = valid & ~hit
+        rank = rank0 + tl.cumsum(miss.to(tl.int32), axis=0) - 1
+        placed = miss & (rank < ntaken)
+        v = tl.load(victims_ptr + rank, mask=placed, other=0).to(tl.int64)
+        old_l = tl.load(slot_layer_ptr + v, mask=placed, other=-1)
+        old_p = tl.load(slot_page_ptr + v, mask=placed, other=0)
+        ev = placed & (old_l >= 0)
+        tl.store(slot_of_ptr + old_l * NP + old_p, tl.full([BLOCK], -1, tl.int32), mask=ev)
+        tl.store(slot_of_ptr + layer * NP + pg, v.to(tl.int32), mask=placed)
+        tl.store(slot_layer_ptr + v, tl.zeros([BLOCK], tl.int64) + layer, mask=placed)
+        tl.store(slot_page_ptr + v, pg, mask=placed)
+        tl.store(last_use_ptr + v, tl.zeros([BLOCK], tl.int64) + stamp, mask=placed)
+        tl.store(ref_ptr + v, tl.full([BLOCK], 1, tl.int8), mask=placed)
+        if HAS_PIN:
+            pn = tl.load(pin_ptr + i, mask=valid, other=0) != 0
+        else:
+            pn = tl.zeros([BLOCK], tl.int1)
+        tl.store(pinned_ptr + v, pn, mask=placed)
+        over = miss & ~placed
+        slot = tl.where(hit, cur, tl.where(placed, v.to(tl.int32), -1))
+        tl.store(slots_ptr + i, slot, mask=im)
+        tl.store(fetch_ptr + i, placed, mask=im)
+        tl.store(hit_ptr + i, hit, mask=im)
+        if scratch_base >= 0:
+            tl.store(loc_ptr + i, tl.where(over, scratch_base + rank - ntaken, slot), mask=im)
+            tl.store(copy_ptr + i, placed | over, mask=im)
+        else:
+            tl.store(loc_ptr + i, slot, mask=im)
+            tl.store(copy_ptr + i, placed, mask=im)
+        rank0 += tl.sum(miss.to(tl.int32), axis=0)
+        nevict += tl.sum(ev.to(tl.int32), axis=0)
+    nover = nmiss - ntaken
+    tl.store(tick_ptr, stamp + 1)
+    tl.store(counters_ptr + 0, tl.load(counters_ptr + 0) + nhit)
+    tl.store(counters_ptr + 1, tl.load(counters_ptr + 1) + nmiss)
+    tl.store(counters_ptr + 2, tl.load(counters_ptr + 2) + nevict)
+    tl.store(counters_ptr + 3, tl.load(counters_ptr + 3) + nover)
+    if ACC_MODE == 1:  # DeviceTieredAttention.forward: needed, hits, fetched, overflow
+        tl.store(acc_ptr + 0, tl.load(acc_ptr + 0) + nvalid)
+        tl.store(acc_ptr + 1, tl.load(acc_ptr + 1) + nhit)
+        tl.store(acc_ptr + 2, tl.load(acc_ptr + 2) + ntaken)
+        tl.store(acc_ptr + 3, tl.load(acc_ptr + 3) + nover)
+    if ACC_MODE == 2:  # DeviceTieredAttention prefetch: prefetched
+        tl.store(acc_ptr + 4, tl.load(acc_ptr + 4) + ntaken)
+
+
+def clock_place(pool, layer: int, pages: torch.Tensor, pin: torch.Tensor | None, window: int,
+                scratch_base: int = -1, acc: torch.Tensor | None = None, acc_mode: int = 0):  # fmt: skip
+    """One launch: clock_place_ref's results and state updates.
+
+    acc (optional) [5] int64 gets DeviceTieredAttention's counters: acc_mode 1 adds (valid pages,
+    hits, placed, overflow) at [0:4], acc_mode 2 adds placed at [4].
+    """
+    dev, m = pool.device, pages.shape[0]
+    pages = pages.to(dev).contiguous()
+    slots = torch.empty(m, dtype=torch.int32, device=dev)
+    loc = torch.empty_like(slots)
+    victims = torch.empty(max(m, 1), dtype=torch.int32, device=dev)
+    fetch = torch.empty(m, dtype=torch.bool, device=dev)
+    hit, copy = torch.empty_like(fetch), torch.empty_like(fetch)
+    has_pin = pin is not None
+    pin_t = pin.to(dev, torch.bool).contiguous() if has_pin else fetch
+    _clock_place_kernel[(1,)](
+        pages, pin_t, m, layer, pool.num_pages, max(pool.capacity, 1), min(window * m, pool.capacity),
+        scratch_base, pool.slot_of, pool.slot_layer, pool.slot_page, pool.last_use, pool.pinned,
+        pool.ref, pool.tick, pool.step_start, pool.hand, pool.counters,
+        acc if acc is not None else pool.counters, victims, slots, fetch, hit, loc, copy,
+        HAS_PIN=has_pin, ACC_MODE=acc_mode if acc is not None else 0, BLOCK=BLOCK, num_warps=4,
+    )  # fmt: skip
+    return slots, fetch, hit, loc, copy
+
+
+# ============================================================================ page table
+def page_table_ref(req_to_token, req_pool_indices, page_size, num_pages, union, loc) -> torch.Tensor:
+    """Reference: [bs, N] int32, loc of each logical page's physical page in the union, else 0."""
+    phys = req_to_token[req_pool_indices.long()][:, ::page_size].long() // page_size
+    valid = union >= 0
+    where = torch.zeros(num_pages + 1, dtype=torch.int32, device=union.device)
+    where[torch.where(valid, union.long(), num_pages)] = loc.clamp(min=0).to(torch.int32)
+    return where[phys.clamp(0, num_pages - 1)].contiguous()
+
+
+@triton.jit
+def _page_table_kernel(
+    r2t_ptr, r2t_s0, rpi_ptr, union_ptr, loc_ptr, table_ptr, tab_s0, N, P, NP, M,
+    STEPS: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    b = tl.program_id(0)
+    j = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    jm = j < N
+    r = tl.load(rpi_ptr + b).to(tl.int64)
+    tok = tl.load(r2t_ptr + r * r2t_s0 + j.to(tl.int64) * P, mask=jm, other=0).to(tl.int64)
+    ph = tl.minimum(tl.maximum(tok // P, 0), NP - 1)
+    # lower bound of ph in union (ascending, then -1 padding = +inf): steps 2^(STEPS-1) .. 1
+    pos = tl.zeros([BLOCK], dtype=tl.int64)
+    for k in tl.static_range(STEPS):
+        nxt = pos + (1 << (STEPS - 1 - k))
+        ok = jm & (nxt <= M)
+        u = tl.load(union_ptr + nxt - 1, mask=ok, other=-1).to(tl.int64)
+        pos = tl.where(ok & (u >= 0) & (u < ph), nxt, pos)
+    found = jm & (pos < M)
+    u = tl.load(union_ptr + pos, mask=found, other=-1).to(tl.int64)
+    found = found & (u == ph)
+    lc = tl.load(loc_ptr + pos, mask=found, other=0)
+    tl.store(table_ptr + b * tab_s0 + j, tl.where(found, tl.maximum(lc, 0), 0).to(tl.int32), mask=jm)
+
+
+def page_table(req_to_token, req_pool_indices, page_size, num_pages, union, loc) -> torch.Tensor:
+    """One launch: page_table_ref's table [bs, N] int32 (union [M] int32 sorted, loc [M] int32)."""
+    bs = req_pool_indices.shape[0]
+    n = -(-req_to_token.shape[1] // page_size)
+    m = union.shape[0]
+    table = torch.empty(bs, n, dtype=torch.int32, device=union.device)
+    steps = max(1, m.bit_length())  # 2^(steps-1) <= m: the largest first step
+    _page_table_kernel[(bs, triton.cdiv(n, BLOCK))](
+        req_to_token, req_to_token.stride(0), req_pool_indices, union, loc, table, table.stride(0),
+        n, page_size, num_pages, m, STEPS=steps, BLOCK=BLOCK, num_warps=4,
+    )  # fmt: skip
+    return table

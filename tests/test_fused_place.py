@@ -1,0 +1,258 @@
+"""fused_place.py: the Triton union / CLOCK place / page table (CPU interpreter) equal their torch
+references, and the CLOCK pool keeps its invariants over random traces."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from hypothesis import event, given, settings
+from hypothesis import strategies as st
+
+from sglang_psa.memory import fused_place
+from sglang_psa.memory.device_pool import DevicePagePool
+
+L, NP, M = 3, 12, 8
+
+
+def padded(pages: list[int], m: int = M) -> torch.Tensor:
+    return torch.tensor(sorted(pages) + [-1] * (m - len(pages)), dtype=torch.int32)
+
+
+def clock_pool(capacity: int, window: int, impl: str) -> DevicePagePool:
+    return DevicePagePool(capacity, L, NP, 2, 1, 2, torch.float32, policy="clock", clock_window=window,
+                          clock_impl=impl)  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- union / table
+def random_selection(g: torch.Generator, bs: int, hkv: int, w: int, npages: int, p: int = 4):
+    """req_to_token over shuffled physical pages (shared prefixes allowed) and a random selection."""
+    n = 6
+    r2t = torch.zeros(bs + 1, n * p + 3, dtype=torch.int32)  # one spare row, a partial last page
+    for b in range(bs):
+        phys = torch.randint(0, npages, (n + 1,), generator=g)
+        r2t[b + 1] = (phys[:, None] * p + torch.arange(p)).flatten()[: r2t.shape[1]].to(torch.int32)
+    rpi = torch.randperm(bs, generator=g) + 1
+    idx = torch.randint(-1, n + 1, (bs, hkv, w), generator=g, dtype=torch.int32)  # clamped like the ref
+    cnt = torch.randint(0, w + 1, (bs, hkv), generator=g, dtype=torch.int32)
+    return r2t, rpi, idx, cnt, p
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**16), bs=st.integers(1, 3), hkv=st.integers(1, 3), w=st.integers(1, 5),
+       npages=st.integers(1, 30), width_cut=st.integers(0, 3))  # fmt: skip
+def test_union_and_table_equal_their_references(seed, bs, hkv, w, npages, width_cut):
+    for blk in (4, 1024):  # BLOCK 4: every loop of the single-program kernels runs several blocks
+        fused_place.BLOCK = blk
+        try:
+            g = torch.Generator().manual_seed(seed)
+            r2t, rpi, idx, cnt, p = random_selection(g, bs, hkv, w, npages)
+            width = max(1, min(bs * hkv * w, npages) - width_cut)  # also narrower than the union
+            bitmap = torch.zeros(npages, dtype=torch.int8)
+            want = fused_place.union_selected_ref(r2t, rpi, idx, cnt, p, npages, width)
+            got = fused_place.union_selected(r2t, rpi, idx, cnt, p, npages, width, bitmap)
+            assert torch.equal(got, want) and bitmap.eq(0).all()
+            loc = torch.randint(-1, 50, (width,), generator=g, dtype=torch.int32)
+            tab = fused_place.page_table(r2t, rpi, p, npages, want, loc)
+            assert torch.equal(tab, fused_place.page_table_ref(r2t, rpi, p, npages, want, loc))
+        finally:
+            fused_place.BLOCK = 1024
+
+
+# ----------------------------------------------------------------------------- clock traces
+def random_trace(rng: random.Random, n: int) -> list[tuple]:
+    """place / step / invalidate / unpin ops over a small key space (so pages recur and evict)."""
+    ops = []
+    for _ in range(n):
+        r = rng.random()
+        pages = sorted(rng.sample(range(NP), rng.randint(0, M)))
+        if r < 0.6:
+            pins = [rng.random() < 0.08 for _ in range(M)]
+            ops.append(("place", rng.randrange(L), pages, pins, rng.random() < 0.5))
+        elif r < 0.85:
+            ops.append(("step",))
+        elif r < 0.95:
+            layers = None if rng.random() < 0.5 else rng.sample(range(L), rng.randint(1, L))
+            ops.append(("invalidate", layers, pages[:3]))
+        else:
+            ops.append(("unpin", rng.randrange(L), pages))
+    return ops
+
+
+STATE = ("slot_of", "slot_layer", "slot_page", "last_use", "pinned", "ref", "tick", "step_start", "hand",
+         "counters")  # fmt: skip
+
+
+def check_map(pool: DevicePagePool) -> None:
+    """No slot holds two keys; slot_of and slot_layer / slot_page are inverse."""
+    tab = pool.table()
+    lyr, pg = torch.nonzero(tab >= 0, as_tuple=True)
+    slots = tab[lyr, pg].long()
+    assert slots.unique().numel() == slots.numel(), "a slot holds two keys"
+    assert torch.equal(pool.slot_layer[slots], lyr) and torch.equal(pool.slot_page[slots], pg)
+    assert int((pool.slot_layer[: pool.capacity] >= 0).sum()) == slots.numel()
+    assert pool.slot_of[-1] == -1
+
+
+def expected_overflow(pool: DevicePagePool, layer: int, pages: list[int]) -> int:
+    """Misses minus the eligible slots of the window, from the state before the call."""
+    c = pool.capacity
+    cur = [int(pool.slot_of[layer * NP + p]) for p in pages]
+    nmiss = sum(s < 0 for s in cur)
+    hits = {s for s in cur if s >= 0}
+    h, ss = int(pool.hand), int(pool.step_start)
+    window = [(h + j) % c for j in range(min(pool.clock_window * M, c))]
+    free = [int(pool.slot_layer[s]) < 0 for s in window]
+    prot = [bool(pool.pinned[s]) or int(pool.last_use[s]) >= ss or s in hits for s in window]
+    # a referenced slot only becomes eligible on a later call (its bit is cleared, it is skipped)
+    eligible = sum(f or (not p and not int(pool.ref[s])) for s, f, p in zip(window, free, prot))
+    return max(0, nmiss - eligible)
+
+
+@settings(max_examples=50, deadline=None)
+@given(capacity=st.integers(0, 12), window=st.sampled_from([1, 2, 4]), seed=st.integers(0, 2**32 - 1),
+       length=st.integers(1, 40), block4=st.booleans())  # fmt: skip
+def test_clock_kernel_equals_reference_and_keeps_invariants(capacity, window, seed, length, block4):
+    fused_place.BLOCK = 4 if block4 else 1024
+    ops = random_trace(random.Random(seed), length)
+    try:
+        tri, ref = clock_pool(capacity, window, "triton"), clock_pool(capacity, window, "torch")
+        used: set[tuple[int, int]] = set()  # used this step (or pinned): never evicted
+        pinned: set[tuple[int, int]] = set()
+        for op in ops:
+            if op[0] == "place":
+                _, layer, pages, pins, scratch = op
+                ids, pin = padded(pages), torch.tensor(pins)
+                pin[len(pages) :] = False
+                want_over = expected_overflow(ref, layer, sorted(pages))
+                before = ref.counters.clone()
+                base = 100 if scratch else -1
+                a = tri.place(layer, ids, pin, scratch_base=base)
+                b = ref.place(layer, ids, pin, scratch_base=base)
+                for f in ("slots", "fetch", "hit", "loc", "copy"):
+                    assert torch.equal(getattr(a, f), getattr(b, f)), f
+                d = (ref.counters - before).tolist()
+                assert d[3] == want_over
+                if d[3]:
+                    event("overflow")
+                if d[2]:
+                    event("eviction")
+                n = len(pages)
+                assert (b.slots[:n] >= 0).sum() + d[3] == n and b.slots[n:].eq(-1).all()
+                if scratch:  # overflow pages get consecutive scratch slots in page order
+                    over = ~b.hit & ~b.fetch & (ids >= 0)
+                    assert b.loc[over].tolist() == list(range(100, 100 + int(over.sum())))
+                for p, s, pn in zip(sorted(pages), b.slots.tolist(), pin.tolist()):
+                    if s >= 0:
+                        used.add((layer, p))
+                        if pn:
+                            pinned.add((layer, p))
+            elif op[0] == "step":
+                tri.new_step()
+                ref.new_step()
+                used = set()
+            elif op[0] == "invalidate":
+                _, layers, pages = op
+                tri.invalidate(padded(pages), layers)
+                ref.invalidate(padded(pages), layers)
+                gone = {(lyr, p) for lyr in (layers or range(L)) for p in pages}
+                used -= gone
+                pinned -= gone
+            else:
+                _, layer, pages = op
+                tri.unpin(layer, padded(pages))
+                ref.unpin(layer, padded(pages))
+                pinned -= {(layer, p) for p in pages}
+            for name in STATE:
+                assert torch.equal(getattr(tri, name), getattr(ref, name)), name
+            check_map(ref)
+            for lyr, p in used | pinned:
+                assert ref.slot_of[lyr * NP + p] >= 0, f"protected page {(lyr, p)} was evicted"
+    finally:
+        fused_place.BLOCK = 1024
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_clock_hand_trace(impl):
+    """Second chance, hand movement, protection of this step's pages, overflow and pins by hand."""
+    pool = clock_pool(3, 1, impl)
+    pool.new_step()
+    a = pool.place(0, padded([1, 2, 3]))  # free slots 0, 1, 2 in scan order; hand wraps to 0
+    assert a.slots[:3].tolist() == [0, 1, 2] and int(pool.hand) == 0
+    b = pool.place(0, padded([4]))  # all three used this step: no victim in the window -> overflow
+    assert b.slots[0] == -1 and int(pool.hand) == 0  # window 1 x M = 8 >= C: examined all 3, hand back to 0
+    pool.new_step()
+    pool.place(0, padded([2]))  # hit: slot 1 referenced and used this step
+    # scan from 0 over the window (3 slots): slot 0 referenced -> bit cleared, slot 1 used this step
+    # -> skipped, slot 2 referenced -> bit cleared: no victim, the page overflows
+    c = pool.place(1, padded([5]))
+    assert c.slots[0] == -1 and pool.ref.tolist()[:3] == [0, 1, 0]
+    pool.new_step()
+    d = pool.place(1, padded([5, 6]))  # slots 0 and 2 (bits cleared last step); slot 1: second chance
+    assert d.slots[:2].tolist() == [0, 2] and int(pool.hand) == 0 and pool.ref[1] == 0
+    assert pool.lookup(0, padded([1, 3]))[:2].tolist() == [-1, -1]
+    assert pool.stats() == {"hits": 1, "misses": 7, "evictions": 2, "overflow": 2}
+    # pins: a pinned slot is skipped, never evicted
+    pool.new_step()
+    pool.place(0, padded([2]), torch.tensor([True] + [False] * (M - 1)))
+    pool.new_step()
+    pool.ref.zero_()
+    e = pool.place(2, padded([7, 8, 9]))
+    assert 1 not in e.slots.tolist() and pool.lookup(0, padded([2]))[0] == 1
+
+
+@pytest.mark.parametrize("capacity", [0, 5, 40])
+def test_tiered_clock_triton_equals_torch_reference(capacity):
+    """DeviceTieredAttention with the clock kernel and with its torch reference: same outputs, counters
+    and pool state over steps with prefetch (the reference also fills the tiered counters)."""
+    from test_tiered_device import Batch
+
+    from sglang_psa.kernels import sparse_decode_ref
+
+    b = Batch(11)
+    ts = [b.tiered(capacity, policy="clock", clock_impl=impl) for impl in ("triton", "torch")]
+    g = torch.Generator().manual_seed(4)
+    for _ in range(3):
+        for t in ts:
+            t.begin_step(prefetch_first=True)
+        for layer in range(2):
+            idx, cnt = b.select(g)
+            outs = [b.run(t, layer, idx, cnt, prefetch_next=True)[0] for t in ts]
+            assert torch.equal(outs[0], outs[1])
+            assert torch.equal(outs[0], b.resident(layer, idx, cnt, attend=sparse_decode_ref)[0])
+    assert ts[0].stats() == ts[1].stats()
+    for name in STATE:
+        assert torch.equal(getattr(ts[0].pool, name), getattr(ts[1].pool, name)), name
+
+
+@pytest.mark.gpu
+def test_compiled_kernels_equal_references_on_the_gpu():
+    """The compiled (not interpreted) kernels: union / table and clock traces against the references."""
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        sel = random_selection(g, 3, 2, 5, 2000)
+        r2t, rpi, idx, cnt, p = (t.cuda() if torch.is_tensor(t) else t for t in sel)
+        bitmap = torch.zeros(2000, dtype=torch.int8, device="cuda")
+        want = fused_place.union_selected_ref(r2t, rpi, idx, cnt, p, 2000, 30)
+        assert torch.equal(fused_place.union_selected(r2t, rpi, idx, cnt, p, 2000, 30, bitmap), want)
+        loc = torch.randint(0, 50, (30,), dtype=torch.int32, device="cuda")
+        tab = fused_place.page_table(r2t, rpi, p, 2000, want, loc)
+        assert torch.equal(tab, fused_place.page_table_ref(r2t, rpi, p, 2000, want, loc))
+    for seed in range(20):
+        rng = random.Random(seed)
+        cap = rng.randint(0, 12)
+        pools = [DevicePagePool(cap, L, NP, 2, 1, 2, torch.float32, "cuda", policy="clock", clock_window=2,
+                                clock_impl=impl) for impl in ("triton", "torch")]  # fmt: skip
+        for op in random_trace(rng, 40):
+            for pool in pools:
+                if op[0] == "place":
+                    pool.place(op[1], padded(op[2]).cuda(), torch.tensor(op[3]).cuda(), scratch_base=7)
+                elif op[0] == "step":
+                    pool.new_step()
+                elif op[0] == "invalidate":
+                    pool.invalidate(padded(op[2]).cuda(), op[1])
+                else:
+                    pool.unpin(op[1], padded(op[2]).cuda())
+            for name in STATE:
+                assert torch.equal(getattr(pools[0], name), getattr(pools[1], name)), name
