@@ -117,3 +117,14 @@ def compact_selection(page_idx: torch.Tensor, keep: torch.Tensor) -> tuple[torch
     idx = torch.gather(page_idx, -1, order)
     idx = torch.where(torch.arange(idx.shape[-1], device=idx.device) < counts[..., None], idx, -1)
     return idx.to(torch.int32).contiguous(), counts.contiguous()
+
+
+def check_keep_rows(keep_rows: torch.Tensor | None, bs: int) -> torch.Tensor | None:
+    """keep_rows: None, or [bs] bool / int8 / int32 flags (nonzero: the row reuses its selection)."""
+    if keep_rows is None:
+        return None
+    if keep_rows.shape != (bs,) or keep_rows.dtype not in (torch.bool, torch.int8, torch.int32):
+        raise ValueError(
+            f"keep_rows must be [{bs}] bool, int8 or int32, got {list(keep_rows.shape)} {keep_rows.dtype}"
+        )
+    return keep_rows

@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_int, check_kv, check_page_size, f32_dot, next_pow2, num_pages_of
+from ._common import check_int, check_keep_rows, check_kv, check_page_size, f32_dot, next_pow2, num_pages_of
 
 
 def _check(q, kmin, kmax, req_to_token, req_pool_indices, seq_lens, page_size, block_size):
@@ -74,7 +74,7 @@ def page_bounds_ref(
     Rows flagged in keep_rows are left untouched in out / centers (when given; else -inf).
     """
     bs, hq, hkv, d, g = _check(q, kmin, kmax, req_to_token, req_pool_indices, seq_lens, page_size, block_size)
-    keep = _check_keep_rows(keep_rows, bs)
+    keep = check_keep_rows(keep_rows, bs)
     nsub = page_size // block_size
     res = torch.full((bs, hkv, max_pages), float("-inf"), dtype=torch.float32, device=q.device)
     res_c = res.clone()
@@ -119,17 +119,6 @@ def page_bounds_ref(
                 raise ValueError(f"centers must be [{bs}, {hkv}, {max_pages}] float32 like out")
             centers[live] = res_c[live]
     return (out, centers) if with_centers else out
-
-
-def _check_keep_rows(keep_rows: torch.Tensor | None, bs: int) -> torch.Tensor | None:
-    """keep_rows: None, or [bs] bool / int8 / int32 flags (nonzero: the row reuses its selection)."""
-    if keep_rows is None:
-        return None
-    if keep_rows.shape != (bs,) or keep_rows.dtype not in (torch.bool, torch.int8, torch.int32):
-        raise ValueError(
-            f"keep_rows must be [{bs}] bool, int8 or int32, got {list(keep_rows.shape)} {keep_rows.dtype}"
-        )
-    return keep_rows
 
 
 @triton.jit
@@ -277,7 +266,7 @@ def page_bounds(
     entirely, whatever fill says: nothing of it is written (its selection is reused).
     """
     bs, hq, hkv, d, g = _check(q, kmin, kmax, req_to_token, req_pool_indices, seq_lens, page_size, block_size)
-    _check_keep_rows(keep_rows, bs)
+    check_keep_rows(keep_rows, bs)
     if out is None:
         out = torch.empty((bs, hkv, max_pages), dtype=torch.float32, device=q.device)
     elif out.shape != (bs, hkv, max_pages) or out.dtype != torch.float32:

@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_int, next_pow2, page_layout
+from ._common import check_int, check_keep_rows, next_pow2, page_layout
 
 
 @dataclass(frozen=True)
@@ -91,7 +91,7 @@ def select_pages_ref(
     Rows flagged in keep_rows are left untouched in page_idx / counts (when given; else -1 / 0).
     """
     bs, hkv, n = bounds.shape
-    keep = _check_keep_rows(keep_rows, bs)
+    keep = check_keep_rows(keep_rows, bs)
     _, valid, forced, ntok = page_layout(seq_lens, n, page_size, params.sink_pages, params.local_pages)
     width = params.width
     out_idx, out_counts = page_idx, counts
@@ -146,17 +146,6 @@ def select_pages_ref(
     out_idx[live] = page_idx[live]
     out_counts[live] = counts[live]
     return out_idx, out_counts
-
-
-def _check_keep_rows(keep_rows: torch.Tensor | None, bs: int) -> torch.Tensor | None:
-    """keep_rows: None, or [bs] bool / int8 / int32 flags (nonzero: the row reuses its selection)."""
-    if keep_rows is None:
-        return None
-    if keep_rows.shape != (bs,) or keep_rows.dtype not in (torch.bool, torch.int8, torch.int32):
-        raise ValueError(
-            f"keep_rows must be [{bs}] bool, int8 or int32, got {list(keep_rows.shape)} {keep_rows.dtype}"
-        )
-    return keep_rows
 
 
 @triton.jit
@@ -396,7 +385,7 @@ def select_pages(
         counts = torch.empty((bs, hkv), dtype=torch.int32, device=bounds.device)
     if page_idx.shape != (bs, hkv, width) or counts.shape != (bs, hkv):
         raise ValueError(f"page_idx must be [{bs}, {hkv}, {width}] and counts [{bs}, {hkv}]")
-    _check_keep_rows(keep_rows, bs)
+    check_keep_rows(keep_rows, bs)
     if bs == 0:
         return page_idx, counts
     block_n = next_pow2(max(n, 16))

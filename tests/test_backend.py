@@ -97,7 +97,8 @@ class Batch:
             k, v = self._kv(len(loc))
             self.b.forward_extend(torch.zeros(len(loc), HQ * D), k, v, layer(i), fb)
 
-    def decode(self):
+    def begin_decode(self):
+        """One more token per request: the decode step's forward batch, metadata initialised."""
         loc = torch.stack([s[n] for s, n in zip(self.slots, self.lens)])
         self.lens = [n + 1 for n in self.lens]
         fb = types.SimpleNamespace(
@@ -106,6 +107,10 @@ class Batch:
             rids=[f"req{r}" for r in self.rows],
         )  # fmt: skip
         self.b.init_forward_metadata(fb)
+        return fb
+
+    def decode(self):
+        fb = self.begin_decode()
         outs = []
         for i in range(LAYERS):
             q = torch.randn(len(self.lens), HQ * D, generator=self.gen)

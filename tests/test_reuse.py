@@ -139,14 +139,7 @@ class Recorder:
 def decode(batch):
     """Batch.decode, but returning the queries and the forward batch (to recompute attention)."""
     b = batch.b
-    loc = torch.stack([s[n] for s, n in zip(batch.slots, batch.lens)])
-    batch.lens = [n + 1 for n in batch.lens]
-    fb = types.SimpleNamespace(
-        forward_mode=ForwardMode.DECODE, out_cache_loc=loc, batch_size=len(batch.lens),
-        seq_lens=torch.tensor(batch.lens), req_pool_indices=torch.tensor(batch.rows),
-        rids=[f"req{r}" for r in batch.rows],
-    )  # fmt: skip
-    b.init_forward_metadata(fb)
+    fb = batch.begin_decode()
     outs, qs = [], []
     for i in range(LAYERS):
         q = torch.randn(len(batch.lens), HQ * D, generator=batch.gen)
