@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -23,6 +24,12 @@ def f32_dot(dtype: torch.dtype) -> bool:
     product is exact in fp32, so upcasting there computes the same function the GPU path does.
     """
     return dtype == torch.float32 or (dtype == torch.bfloat16 and interpret_mode())
+
+
+@functools.cache
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (launch sizing; queried once per device)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def next_pow2(n: int) -> int:

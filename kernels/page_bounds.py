@@ -30,7 +30,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_int, check_keep_rows, check_kv, check_page_size, f32_dot, next_pow2, num_pages_of
+from ._common import (
+    check_int,
+    check_keep_rows,
+    check_kv,
+    check_page_size,
+    f32_dot,
+    next_pow2,
+    num_pages_of,
+    sm_count,
+)
 
 
 def _check(q, kmin, kmax, req_to_token, req_pool_indices, seq_lens, page_size, block_size):
@@ -232,7 +241,7 @@ def _programs_per_row(rows: int, blocks: int, device: torch.device) -> int:
     One program per block of the full width would launch bs x Hkv x N / BLOCK_P programs (8.8k at
     16 x 4k in a 140k-token server), nearly all of them with nothing to do.
     """
-    sms = 4 if device.type != "cuda" else torch.cuda.get_device_properties(device).multi_processor_count
+    sms = 4 if device.type != "cuda" else sm_count(device)
     return max(1, min(blocks, triton.cdiv(8 * sms, max(1, rows))))
 
 

@@ -13,8 +13,8 @@ fp32 bounds, the way top-p samplers search a threshold, over the candidates' own
 as soon as the threshold separates the answer (typically ~10 steps, at most 33). The budget cap is
 tested first: when even the cap's best pages miss the target, they are the answer and the mass
 bisection is skipped; a request that takes every page (below dense_below, or a budget covering it)
-needs no bisection at all. Everything stays on device
-with fixed shapes, so the step is CUDA-graph capturable.
+needs no bisection at all. Everything stays on device with fixed shapes, so the step is CUDA-graph
+capturable.
 
 dense_below: requests with seq_len < dense_below select every page (when they fit the width W).
 
@@ -361,7 +361,7 @@ def select_pages(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Select pages per (request, kv head) on device (Triton). See the module docstring.
 
-    num_warps: launch override (scripts/tune_select.py); default by the row width N.
+    num_warps: launch override (scripts/profile_decode_stages.py --select-warps); default by the row width N.
     keep_rows: optional [bs] flags (bool / int8 / int32, on bounds' device); a flagged row is skipped
     entirely (bounds not read, nothing written), so pass the page_idx / counts buffers that hold its
     earlier selection.

@@ -42,6 +42,7 @@ from ._common import (
     next_pow2,
     num_pages_of,
     page_layout,
+    sm_count,
 )
 
 _LOG2E = 1.4426950408889634
@@ -304,7 +305,7 @@ def default_num_splits(bs: int, hkv: int, max_items: int, device: torch.device) 
     """Static split count: enough programs to fill the GPU, never more splits than pages."""
     if device.type != "cuda" or interpret_mode():
         return max(1, min(4, max_items))
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = sm_count(device)
     want = triton.cdiv(4 * sms, max(1, bs * hkv))
     return int(max(1, min(64, want, triton.cdiv(max_items, 2))))
 

@@ -147,7 +147,7 @@ class DeviceTieredAttention:
     # ------------------------------------------------------------------ forward
     def _place_fused(self, layer, req_to_token, req_pool_indices, page_idx, counts, prefetch_next, copy):
         """Policy "clock": union, place and page table in three Triton launches (fused_place.py);
-        the same union, scratch use, copies, counters and table as forward's torch path."""
+        the same union, scratch use, copies, counters and table as _place_torch."""
         pool, p = self.pool, self.pool.k.shape[1]
         self._join(layer)  # before the union: it is written in place of the prediction prefetch read
         union = self.last_union[layer]
@@ -179,13 +179,16 @@ class DeviceTieredAttention:
         copy=False skips the host copies (wrong output; benchmarks use it to time the rest).
         """
         pool, p = self.pool, self.pool.k.shape[1]
-        if pool.policy == "clock":
-            args = (req_to_token, req_pool_indices, page_idx, counts)
-            table = self._place_fused(layer, *args, prefetch_next, copy)
-            k_rows, v_rows = pool.k.view(-1, *pool.k.shape[2:]), pool.v.view(-1, *pool.v.shape[2:])
-            return self.attend(q, k_rows, v_rows, req_to_token, req_pool_indices, seq_lens, page_idx, counts,
-                               p, sm_scale, page_table=table)  # fmt: skip
-        dev = q.device
+        args = (req_to_token, req_pool_indices, page_idx, counts, prefetch_next, copy)
+        table = self._place_fused(layer, *args) if pool.policy == "clock" else self._place_torch(layer, *args)
+        k_rows, v_rows = pool.k.view(-1, *pool.k.shape[2:]), pool.v.view(-1, *pool.v.shape[2:])
+        return self.attend(q, k_rows, v_rows, req_to_token, req_pool_indices, seq_lens, page_idx, counts, p,
+                           sm_scale, page_table=table)  # fmt: skip
+
+    def _place_torch(self, layer, req_to_token, req_pool_indices, page_idx, counts, prefetch_next, copy):
+        """Policy "lru": union, place, copies and page table [bs, N] int32 as torch ops."""
+        pool, p = self.pool, self.pool.k.shape[1]
+        dev = page_idx.device
         bs, hkv, w = page_idx.shape
         # physical page of each logical page: [bs, N], N static (the table's width)
         phys = (req_to_token[req_pool_indices.long()][:, ::p].long() // p).to(dev)
@@ -207,8 +210,4 @@ class DeviceTieredAttention:
         # page table: logical page -> slot, through a map over physical pages (entry NP: padding)
         where = torch.zeros(pool.num_pages + 1, dtype=torch.int32, device=dev)
         where[torch.where(valid, union.long(), pool.num_pages)] = loc.clamp(min=0).to(torch.int32)
-        table = where[phys.clamp(0, pool.num_pages - 1)].contiguous()
-        k_rows = pool.k.view(-1, *pool.k.shape[2:])
-        v_rows = pool.v.view(-1, *pool.v.shape[2:])
-        return self.attend(q, k_rows, v_rows, req_to_token, req_pool_indices, seq_lens, page_idx, counts, p,
-                           sm_scale, page_table=table)  # fmt: skip
+        return where[phys.clamp(0, pool.num_pages - 1)].contiguous()

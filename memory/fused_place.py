@@ -54,10 +54,6 @@ import triton.language as tl
 BLOCK = 1024  # elements per loop iteration of the single-program kernels
 
 
-def _next_pow2(n: int) -> int:
-    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
-
-
 # ============================================================================ union
 def union_selected_ref(
     req_to_token: torch.Tensor,
