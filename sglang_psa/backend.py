@@ -172,13 +172,7 @@ class PSAAttnBackend(AttentionBackend):
     def _on_decode_step(self, in_capture: bool) -> None:
         self._capturing = in_capture
         if self.reuse is not None:
-            # Warm-up runs during capture execute the tag updates on padding rows; the first step
-            # after capture starts from no stored selection (an extend in between does the same).
-            if in_capture:
-                self._reuse_dirty = True
-            elif getattr(self, "_reuse_dirty", False):
-                self._reuse_dirty = False
-                self.reuse.invalidate()
+            self.reuse.on_decode_step(in_capture)
         if self.stats is None:
             return
         if in_capture:

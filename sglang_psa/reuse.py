@@ -76,6 +76,7 @@ class SelectionReuse:
         self.eager: ReuseBuffers | None = None
         self.current: ReuseBuffers | None = None  # the set this step's layers use (None: no reuse)
         self._graph_sets_kept: list[ReuseBuffers] = []
+        self._dirty = False  # capture warm-ups wrote junk tags
 
     def _alloc(self, rows: int) -> ReuseBuffers:
         bufs = ReuseBuffers(rows, self.layers, self.hkv, self.width, self.device)
@@ -115,6 +116,15 @@ class SelectionReuse:
         made.copy_(torch.where(keep, made, self.step))
         bufs.rpi_tag[:bs].copy_(rpi)
         bufs.npages_tag[:bs].copy_(npages)
+
+    def on_decode_step(self, in_capture: bool) -> None:
+        """Host side of a decode step. Warm-up runs during capture execute the tag updates on padding
+        rows, so the first step after capture starts from no stored selection (as after an extend)."""
+        if in_capture:
+            self._dirty = True
+        elif self._dirty:
+            self._dirty = False
+            self.invalidate()
 
     def invalidate(self) -> None:
         """Every stored selection becomes too old to reuse (extend / mixed forward; after capture)."""
