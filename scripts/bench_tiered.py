@@ -9,7 +9,9 @@ step-to-step overlap of selections is in the JSON. Every step is one CUDA graph 
   resident   sparse_decode over the full device cache;
   sync       DeviceTieredAttention: place, UVA fetch of misses + overflow, attention from the pool;
   overlap    the same, plus layer l+1's prefetch (previous step's union) on a side stream during l;
-  nofetch    sync with the host copies skipped (wrong output): the step's cost without fetching.
+  nofetch    sync with the host copies skipped (wrong output): the step's cost without fetching;
+  direct     (once per shape, no pool) sparse_decode reading the selected pages straight from the
+             pinned host tier over UVA (memory/host_kv.cuda_view).
 Hot pool sizes are multiples of the per-step budget B (unique pages of all layers in one step, the
 mean over steps), capped at the whole cache. Reported per pool size: ms per step, hit rate, bytes
 fetched per step, fetch time (sync - nofetch) and the fraction of it hidden by the prefetch
@@ -41,6 +43,7 @@ import torch
 from sglang_psa.kernels import sparse_decode
 from sglang_psa.memory.device_pool import union_pages
 from sglang_psa.memory.device_tiered import DeviceTieredAttention
+from sglang_psa.memory.host_kv import cuda_view
 from sglang_psa.memory.hot_pool import HostTier
 from sglang_psa.memory.uva_fetch import PageFetcher
 
@@ -172,13 +175,17 @@ def prepare(shape: Shape, step_fn, graph: bool):
     return run, lambda: outs
 
 
-def bench_resident(shape, cfg, timer, graph):
+def bench_resident(shape, cfg, timer, graph, k_rows=None, v_rows=None):
+    """sparse_decode over the device cache, or over (k_rows, v_rows) when given (the UVA host view)."""
+    k_rows = shape.k_rows if k_rows is None else k_rows
+    v_rows = shape.v_rows if v_rows is None else v_rows
+
     def step(idx):
         return [
             sparse_decode(
                 shape.q,
-                shape.k_rows,
-                shape.v_rows,
+                k_rows,
+                v_rows,
                 shape.r2t,
                 shape.rpi,
                 shape.seq,
@@ -351,6 +358,12 @@ def main(argv=None) -> dict:
                "union_mean_pages_per_layer": shape.union_mean, "step_budget_pages": shape.step_budget,
                "selection_overlap_step_to_step": selection_overlap(shape.sel, shape.n)}  # fmt: skip
         row["resident_ms_per_step"], last = bench_resident(shape, cfg, timer, graph)
+        if dev.type == "cuda":  # no pool: the attention kernel reads the selected pages over PCIe
+            hk, hv = (cuda_view(t[0]).view(-1, *t.shape[-2:]) for t in (shape.host.k, shape.host.v))
+            row["direct_uva_ms_per_step"], d_last = bench_resident(shape, cfg, timer, graph, hk, hv)
+            row["direct_uva_max_abs_diff"] = max(float((a - b).abs().max()) for a, b in zip(d_last, last))
+            print(f"{spec}: resident {row['resident_ms_per_step']:.2f} ms/step, direct over UVA "
+                  f"{row['direct_uva_ms_per_step']:.2f} ms/step", flush=True)  # fmt: skip
         row["pools"] = []
         for mult in (float(x) for x in cfg["mults"].split(",")):
             cap = min(int(round(mult * shape.step_budget)), shape.nl * shape.num_pages)
