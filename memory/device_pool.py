@@ -263,7 +263,17 @@ class DevicePagePool:
         keys = torch.where(
             pages[None, :] >= 0, lyr[:, None] * self.num_pages + pages[None, :], self._sink_key
         )
-        keys = keys.reshape(-1)
+        self._free_keys(keys.reshape(-1))
+
+    def invalidate_layer(self, layer: int, pages: torch.Tensor) -> None:
+        """invalidate(pages, [layer]) with no host tensor, so a captured decode step can call it (the
+        tiered backend does, for every page a KV write touches). pages: any shape, -1 allowed."""
+        pages = pages.reshape(-1).to(self.device, torch.int64)
+        ok = (pages >= 0) & (pages < self.num_pages)
+        self._free_keys(torch.where(ok, layer * self.num_pages + pages, self._sink_key))
+
+    def _free_keys(self, keys: torch.Tensor) -> None:
+        """Free the slots of map keys [n] (the sink key = nothing); their pins and reference bits go too."""
         slots = self.slot_of[keys].long()
         s = torch.where(slots >= 0, slots, self.capacity)
         self.slot_layer.index_fill_(0, s, -1)

@@ -3,7 +3,7 @@
 The device twin of tiered_decode.TieredAttention, built on DevicePagePool (map and LRU victim choice
 as tensor ops) and PageFetcher (SGLang's UVA transfer kernel). One layer's call:
   1. physical page of every selected logical page (req_to_token[rpi, j * P] // P), and their union
-     over requests and kv heads: [M] ascending, -1 padded (M static: `width`);
+     over requests and kv heads: [M] ascending, -1 padded (M static: min(width, bs x Hkv x W));
   2. `pool.place`: hits are touched, misses get free or LRU slots, all on the device;
   3. pages that found no slot (everything evictable is in use this step) overflow into the pool's
      scratch rows C+1 .. C+M: overflow page number r (in page order) goes to scratch slot C+1+r;
@@ -150,8 +150,8 @@ class DeviceTieredAttention:
         the same union, scratch use, copies, counters and table as _place_torch."""
         pool, p = self.pool, self.pool.k.shape[1]
         self._join(layer)  # before the union: it is written in place of the prediction prefetch read
-        union = self.last_union[layer]
-        union_selected(req_to_token, req_pool_indices, page_idx, counts, p, pool.num_pages, self.width,
+        union = self._union_row(layer, page_idx)
+        union_selected(req_to_token, req_pool_indices, page_idx, counts, p, pool.num_pages, union.shape[0],
                        pool.union_bitmap, out=union)  # fmt: skip
         pl = pool.place(layer, union, scratch_base=self._scratch0, acc=self.counters, acc_mode=1)
         if copy:
@@ -159,6 +159,16 @@ class DeviceTieredAttention:
         if prefetch_next:
             self.prefetch(layer + 1)
         return page_table(req_to_token, req_pool_indices, p, pool.num_pages, union, pl.loc)
+
+    def _union_row(self, layer: int, page_idx: torch.Tensor) -> torch.Tensor:
+        """This call's union buffer: the first m = min(width, rows x Hkv x W) entries of the layer's
+        row (static per batch shape, so a small batch does not pay for the widest one); the rest of
+        the row is cleared so the next step's prefetch reads no stale prediction."""
+        bs, hkv, w = page_idx.shape
+        m = min(self.width, bs * hkv * w)
+        if m < self.width:
+            self.last_union[layer, m:].fill_(-1)
+        return self.last_union[layer, :m]
 
     def forward(
         self,
@@ -194,8 +204,9 @@ class DeviceTieredAttention:
         phys = (req_to_token[req_pool_indices.long()][:, ::p].long() // p).to(dev)
         n = phys.shape[1]
         sel = torch.gather(phys[:, None, :].expand(bs, hkv, n), 2, page_idx.long().clamp(0, n - 1))
-        union = union_pages(sel, counts, pool.num_pages, self.width)  # [M] int32
         self._join(layer)
+        union = self._union_row(layer, page_idx)
+        union.copy_(union_pages(sel, counts, pool.num_pages, union.shape[0]))  # [m] int32
         pl = pool.place(layer, union)
         valid = union >= 0
         over = valid & ~pl.hit & ~pl.fetch
@@ -203,7 +214,6 @@ class DeviceTieredAttention:
         loc = torch.where(over, scratch, pl.slots.long())  # [M] slot or scratch slot, -1 padding
         if copy:
             self.fetcher.copy(layer, union, loc, pl.fetch | over)
-        self.last_union[layer].copy_(union)
         self.counters[:4] += torch.stack([valid.sum(), pl.hit.sum(), pl.fetch.sum(), over.sum()])
         if prefetch_next:
             self.prefetch(layer + 1)

@@ -34,7 +34,9 @@ CLOCK policy (`DevicePagePool(policy="clock")`), per call place(layer, pages [M]
   - misses beyond the victims found in the window overflow (slot -1; with `scratch_base`, loc =
     scratch_base + overflow rank, the tiered path's scratch slots): exact, just not cached.
   - counters: pool.counters += (hits, misses, evictions, overflow), all on the device.
-No global sort, O(M + S) work per call, fixed shapes, no host sync.
+No global sort, fixed shapes, no host sync. Work per call follows the union, not its static width M:
+the lookup stops at the first block of padding and the scan at the last miss's victim, so a call
+costs O(valid pages + slots examined), M only in a tail of constant stores.
 
 Shapes and dtypes (C = capacity, L layers, NP physical pages, M = width):
     req_to_token [R, T] int32/int64; req_pool_indices [bs] int; page_idx [bs, Hkv, W] int (valid in
@@ -225,8 +227,12 @@ def _clock_place_kernel(
     zero = tl.zeros([], dtype=tl.int32)
     # phase 0: look the pages up, touch the hits (they become protected), count
     nvalid, nhit, nmiss = zero, zero, zero
-    for m0 in range(0, M, BLOCK):
-        i = m0 + offs
+    # pages ascend with the -1 padding at the end: stop at the first block that starts with padding
+    # (mend: the blocks before it hold every valid page), so the work follows the union, not M
+    mend = zero
+    go = mend < M
+    while go:
+        i = mend + offs
         im = i < M
         pg = tl.load(pages_ptr + i, mask=im, other=-1).to(tl.int64)
         valid = pg >= 0
@@ -241,12 +247,15 @@ def _clock_place_kernel(
         tl.store(slots_ptr + i, cur, mask=im)  # cur until phase 2
         nvalid += tl.sum(valid.to(tl.int32), axis=0)
         nhit += tl.sum(hit.to(tl.int32), axis=0)
+        mend += BLOCK
+        go = tl.load(pages_ptr + mend, mask=mend < M, other=-1) >= 0
     nmiss = nvalid - nhit
     tl.debug_barrier()
     # phase 1: scan S slots from the hand; victims in scan order -> victims[0 ..)
     hand = tl.load(hand_ptr)
     ncand, nexam = zero, zero
-    for j0 in range(0, S, BLOCK):
+    j0 = zero
+    while (j0 < S) & (ncand < nmiss):  # past the last miss's victim nothing changes: stop there
         j = j0 + offs
         jm = j < S
         s = (hand + j) % C1
@@ -262,12 +271,13 @@ def _clock_place_kernel(
         tl.store(ref_ptr + s, tl.zeros([BLOCK], tl.int8), mask=examined & ~free & ~prot & refd)
         ncand += tl.sum(cand.to(tl.int32), axis=0)
         nexam += tl.sum(examined.to(tl.int32), axis=0)
+        j0 += BLOCK
     ntaken = tl.minimum(ncand, nmiss)
     tl.store(hand_ptr, (hand + nexam) % C1)
     tl.debug_barrier()
     # phase 2: misses in page order take the victims; evict old keys, install, write the outputs
     rank0, nevict = zero, zero
-    for m0 in range(0, M, BLOCK):
+    for m0 in range(0, mend, BLOCK):
         i = m0 + offs
         im = i < M
         pg = tl.load(pages_ptr + i, mask=im, other=-1).to(tl.int64)
@@ -305,6 +315,16 @@ def _clock_place_kernel(
             tl.store(copy_ptr + i, placed, mask=im)
         rank0 += tl.sum(miss.to(tl.int32), axis=0)
         nevict += tl.sum(ev.to(tl.int32), axis=0)
+    # the padding after the valid blocks: no slot, nothing to copy
+    for m0 in range(mend, M, BLOCK):
+        i = m0 + offs
+        im = i < M
+        none = tl.full([BLOCK], -1, tl.int32)
+        tl.store(slots_ptr + i, none, mask=im)
+        tl.store(loc_ptr + i, none, mask=im)
+        tl.store(fetch_ptr + i, tl.zeros([BLOCK], tl.int1), mask=im)
+        tl.store(hit_ptr + i, tl.zeros([BLOCK], tl.int1), mask=im)
+        tl.store(copy_ptr + i, tl.zeros([BLOCK], tl.int1), mask=im)
     nover = nmiss - ntaken
     tl.store(tick_ptr, stamp + 1)
     tl.store(counters_ptr + 0, tl.load(counters_ptr + 0) + nhit)

@@ -37,10 +37,13 @@ def _get(url: str, timeout: float = 60) -> str:
         return r.read().decode()
 
 
+VOCAB = 8000  # ids below it exist in every model the checks use (--vocab lowers it)
+
+
 def prompt_ids(n: int, seed: int) -> list[int]:
-    # ids < 8192: the tiny model's tokenizer vocabulary; deterministic per (n, seed)
+    # ids < VOCAB: inside the tokenizer vocabulary; deterministic per (n, seed)
     rng = random.Random(seed * 1_000_003 + n)
-    return [rng.randrange(10, 8000) for _ in range(n)]
+    return [rng.randrange(10, VOCAB) for _ in range(n)]
 
 
 def cmd_generate(a) -> dict:
@@ -238,7 +241,10 @@ def main() -> int:
     p.add_argument("--n", type=int, default=200)
     p.add_argument("--max-len", type=int, default=32768)
     p.add_argument("--label", default="")
+    p.add_argument("--vocab", type=int, default=VOCAB, help="prompt token ids are drawn below this")
     a = p.parse_args()
+    global VOCAB
+    VOCAB = a.vocab
     res = {"cmd": a.cmd, "label": a.label, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
     res.update({"generate": cmd_generate, "compare": cmd_compare, "serve": cmd_serve,
                 "robust": cmd_robust}[a.cmd](a))  # fmt: skip

@@ -3,6 +3,7 @@
 # each well under 9 minutes. Run from the repo root on the device machine (carry .devbundle):
 #   bash scripts/gpu_e2e.sh STAGE
 # Stages: smoke | equal | serve | serve_fi | robust | bench | bench_triton | bench_log | serving | eval
+#         tiered_equal | capacity (issue 6)
 # Results: $OUT/*.json (+ server logs) and benchmarks/results/*.json.
 set -uo pipefail
 STAGE=${1:?stage}
@@ -25,7 +26,7 @@ model() {  # model DIR PRESET MAXLEN
 
 start_server() {  # start_server LOGNAME ARGS...
   local log=$OUT/$1.log; shift
-  python3 -m sglang.launch_server --load-format dummy --port $PORT --mem-fraction-static 0.7 ${SERVER_EXTRA:-} "$@" > "$log" 2>&1 &
+  python3 -m sglang.launch_server --load-format ${LOAD_FORMAT:-dummy} --port $PORT --mem-fraction-static 0.7 ${SERVER_EXTRA:-} "$@" > "$log" 2>&1 &
   SERVER=$!
   for _ in $(seq 240); do
     python3 -c "import urllib.request as u; u.urlopen('$URL/health', timeout=2)" 2>/dev/null && return 0
@@ -158,6 +159,65 @@ eval)
   PSA_COMMIT=$COMMIT timeout 400 python3 scripts/eval_accuracy.py --parallel 8 --model models/psa-llama-2m \
     --lengths 4096,8192 --samples 20 --log-dir "$OUT/evallogs" --access-log "$OUT/accesslog_trained" \
     2>&1 | tee "$OUT/eval.log"
+  ;;
+tiered_equal)
+  # Issue 6: tiered mode (KV pool in pinned host memory, decode through the GPU hot pool) must return
+  # resident PSA's greedy tokens, at tau 1.0 and tau 0.9, with a pool that holds everything, one with
+  # no slots at all (every page through scratch) and one that evicts all the time. The trained model:
+  # real weights, real attention (dummy weights repeat tokens, which makes equality too easy).
+  export LOAD_FORMAT=auto
+  GEN="$CLIENT generate --vocab 4000 --lens 2048 4096 8192 12288 --concurrent --max-new-tokens 48"
+  COMMON=(--model-path models/psa-llama-2m --attention-backend psa --page-size 32 --psa-max-pages 512
+          --context-length 32768 --max-running-requests 4 --cuda-graph-max-bs 4)
+  TIER=(--radix-cache-backend psa --psa-tiered --psa-host-kv-gb 1 --psa-stats-interval 8)
+  T1=(--psa-tau 1.0 --psa-dense-below 0); T09=(--psa-tau 0.9 --psa-dense-below 2048)
+  one() { local name=$1; shift
+    start_server te_$name "${COMMON[@]}" "$@" || return 1
+    $GEN --out "$OUT/te_$name.json"; grep "PSA tiered" "$OUT/te_$name.log" | tail -3; stop_server; }
+  one res_t1 "${T1[@]}"; one tier_t1 "${T1[@]}" "${TIER[@]}"
+  one tier_t1_nopool "${T1[@]}" "${TIER[@]}" --psa-hot-pool-gb 0.001
+  one res_t09 "${T09[@]}"; one tier_t09_evict "${T09[@]}" "${TIER[@]}" --psa-hot-pool-gb 0.075
+  one tier_t09_lru_prefetch "${T09[@]}" "${TIER[@]}" --psa-hot-pool-gb 0.075 --psa-hot-policy lru --psa-prefetch
+  rc=0
+  for pair in "tier_t1 res_t1" "tier_t1_nopool res_t1" "tier_t09_evict res_t09" "tier_t09_lru_prefetch res_t09"; do
+    set -- $pair
+    $CLIENT compare --a "$OUT/te_$1.json" --b "$OUT/te_$2.json" --out "$OUT/te_cmp_$1.json" || rc=1
+  done
+  python3 - "$OUT" "$COMMIT" "$DEV" <<'PY'
+import glob, json, os, sys, time
+out = {"benchmark": "tiered_equal", "commit": sys.argv[2], "device": sys.argv[3], "date": time.strftime("%Y-%m-%d"),
+       "model": "models/psa-llama-2m (trained), greedy, 4 concurrent prompts of 2k-12k tokens, 48 new tokens",
+       "compare": {}}
+for f in sorted(glob.glob(os.path.join(sys.argv[1], "te_cmp_*.json"))):
+    d = json.load(open(f))
+    out["compare"][os.path.basename(f)[7:-5]] = {"all_equal": d["all_equal"],
+        "rows": [{k: r[k] for k in ("len", "equal", "first_diff", "n_tokens")} for r in d["rows"]]}
+json.dump(out, open("benchmarks/results/e2e_tiered_equal.json", "w"), separators=(",", ":"))
+print(json.dumps({k: v["all_equal"] for k, v in out["compare"].items()}))
+PY
+  exit $rc ;;
+capacity)
+  # Issue 6: concurrent 64k requests and decode throughput at each backend's own maximum, one run.
+  model $M8 llama3-8b 140000
+  N=${CAP_N:-8}; L=${CAP_LEN:-65536}
+  CAP=(--model-path $M8 --page-size 32 --context-length 70000 --max-running-requests 16 --cuda-graph-max-bs 16
+       --disable-prefill-cuda-graph)
+  FILES=()
+  for B in ${CAP_RUNS:-tiered flashinfer hicache}; do
+    case $B in
+    flashinfer) ARGS=(--attention-backend flashinfer) ;;
+    hicache) ARGS=(--attention-backend flashinfer --enable-hierarchical-cache --hicache-size ${HICACHE_GB:-48}) ;;
+    tiered*) ARGS=("${BENCH_PSA[@]}" --radix-cache-backend psa --psa-tiered --psa-host-kv-gb ${HOST_GB:-66}
+                   --psa-stats-interval 16 ${TIER_EXTRA:-}) ;;
+    esac
+    start_server cap_$B "${CAP[@]}" "${ARGS[@]}" || { grep -iE "error|Traceback" "$OUT/cap_$B.log" | tail -5; continue; }
+    timeout ${CAP_TIMEOUT:-300} python3 scripts/bench_capacity.py run --n $N --len $L --out-len ${CAP_OUT:-64} \
+      --label $B --out "$OUT/cap_$B.json" && FILES+=("$OUT/cap_$B.json")
+    grep -E "PSA tiered|#running-req" "$OUT/cap_$B.log" | tail -4
+    stop_server
+  done
+  python3 scripts/bench_capacity.py merge --baseline flashinfer --out "benchmarks/results/capacity-$COMMIT.json" \
+    --meta "{\"commit\": \"$COMMIT\", \"device\": \"$DEV\", \"date\": \"$(date -u +%F)\", \"model\": \"llama3-8b shape, dummy weights, mem 0.7, page 32\", \"psa\": \"${BENCH_PSA[*]}\"}" "${FILES[@]}"
   ;;
 *) echo "unknown stage $STAGE"; exit 2 ;;
 esac

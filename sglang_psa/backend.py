@@ -12,6 +12,9 @@ their pages inside the kernels (their bounds are skipped), which equals dense at
 
 --psa-reuse-steps R > 1 (estimated / topk modes; see SelectionReuse): a batch row may decode with
 the page lists selected for it up to R - 1 steps earlier, skipping bounds and select for that row.
+
+--psa-tiered (sglang_psa/tiered.py): the KV pool is in pinned host memory; the selected pages reach
+the attention kernel through TieredDecode's GPU hot pool, and every KV write invalidates its pages there.
 """
 
 from __future__ import annotations
@@ -100,6 +103,13 @@ class PSAAttnBackend(AttentionBackend):
 
         self.access_log = self._make_access_log(model_runner) if self.cfg.access_log else None
         self._log_step = 0
+        self.tiered = None
+        if self.cfg.tiered:
+            from .tiered import TieredDecode
+
+            self.tiered = TieredDecode(
+                self.cfg, self.kv_pool, self.page_size, self.req_to_token.shape[0], self.width, self.device
+            )
         self.reuse: SelectionReuse | None = None
         if self.cfg.reuse_steps > 1:
             self.reuse = SelectionReuse(
@@ -129,6 +139,8 @@ class PSAAttnBackend(AttentionBackend):
             self._count_dense_step(forward_batch)
             if self.reuse is not None:
                 self.reuse.begin_decode(forward_batch, self.page_size, in_graph=False)
+            if self.tiered is not None:
+                self.tiered.begin_step()
         else:
             self._invalidate_reuse()
             self.dense.init_forward_metadata(forward_batch)
@@ -148,6 +160,8 @@ class PSAAttnBackend(AttentionBackend):
             self._count_dense_step(forward_batch)
             if self.reuse is not None:
                 self.reuse.begin_decode(forward_batch, self.page_size, in_graph=True)
+            if self.tiered is not None:
+                self.tiered.begin_step()
         else:
             self._invalidate_reuse()  # one in-place add on a permanent tensor: recordable
             self.dense.init_forward_metadata_in_graph(forward_batch)
@@ -173,6 +187,8 @@ class PSAAttnBackend(AttentionBackend):
         self._capturing = in_capture
         if self.reuse is not None:
             self.reuse.on_decode_step(in_capture)
+        if self.tiered is not None and not in_capture:
+            self.tiered.report(self.cfg.stats_interval)
         if self.stats is None:
             return
         if in_capture:
@@ -235,6 +251,8 @@ class PSAAttnBackend(AttentionBackend):
     def _update_summaries(self, layer: RadixAttention, loc: torch.Tensor) -> None:
         k_cache = self.kv_pool.get_key_buffer(layer.layer_id)
         self.summaries.update(layer.layer_id, k_cache, loc, self.ops.update_page_summaries)
+        if self.tiered is not None:
+            self.tiered.on_write(layer.layer_id, loc)
 
     def _psa_decode(self, q, layer, forward_batch) -> torch.Tensor:
         bs = q.shape[0]
@@ -279,10 +297,15 @@ class PSAAttnBackend(AttentionBackend):
                 **select_out, **reuse_kw,
             )  # fmt: skip
             logged = page_idx
-            out, _lse = ops.sparse_decode(
-                q, k_cache, v_cache, self.req_to_token, rpi, seq_lens, page_idx, counts,
-                self.page_size, layer.scaling,
-            )  # fmt: skip
+            if self.tiered is not None:  # the selected pages come through the hot pool
+                out = self.tiered.forward(
+                    lid, q, self.req_to_token, rpi, seq_lens, page_idx, counts, layer.scaling
+                )
+            else:
+                out, _lse = ops.sparse_decode(
+                    q, k_cache, v_cache, self.req_to_token, rpi, seq_lens, page_idx, counts,
+                    self.page_size, layer.scaling,
+                )  # fmt: skip
         if self.stats is not None:
             self.stats.add_layer(lid, counts)
             if self.cfg.measure_recall:

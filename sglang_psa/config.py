@@ -15,6 +15,7 @@ import os
 from typing import Any
 
 MODES = ("estimated", "progressive", "certified", "topk")
+HOT_POLICIES = ("clock", "lru")  # DevicePagePool placement policies (memory/device_pool.py)
 REUSE_MODES = ("estimated", "topk")  # modes that store a page list --psa-reuse-steps can reuse
 # Page sizes the kernels are written for (tl.arange needs powers of two; 16 keeps the bound cost
 # at 1/16 of the K+V bytes, 128 is the largest tile the decode kernel keeps in registers).
@@ -52,6 +53,13 @@ class PSAConfig:
     access_log: str = ""  # directory for the selection access log ("" = off); see access_log.py
     access_log_requests: int = 4  # requests traced at a time when the access log is on
     access_log_source: str = "server"  # label stored in the log (e.g. dummy-weights-server)
+    # tiered mode (sglang_psa/tiered.py): the token KV pool lives in pinned host memory, decode reads
+    # the selected pages through a GPU hot-page pool shared by all layers and requests
+    tiered: bool = False
+    host_kv_gb: float = 0.0  # host tier size; 0 = half of the host's available memory
+    hot_pool_gb: float = 0.0  # GPU hot pool size; 0 = what SGLang would have given the KV pool
+    hot_policy: str = "clock"  # clock | lru
+    prefetch: bool = False  # tiered: fetch layer l+1's previous pages on a side stream during layer l
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -154,9 +162,26 @@ class PSAConfig:
                 f"{self.mode} does not make (it visits pages in rounds); use --psa-mode "
                 f"{' or '.join(REUSE_MODES)}, or --psa-reuse-steps 1"
             )
+        if self.tiered:
+            self._validate_tiered()
         if page_size is not None:
             self.validate_page_size(page_size)
         return self
+
+    def _validate_tiered(self) -> None:
+        if self.mode not in REUSE_MODES:
+            # progressive / certified read K/V inside their own decode kernel, not through a page list
+            raise ValueError(
+                f"--psa-tiered serves the page lists of --psa-mode {' or '.join(REUSE_MODES)}, "
+                f"not --psa-mode {self.mode}; change --psa-mode or drop --psa-tiered"
+            )
+        for name in ("host_kv_gb", "hot_pool_gb"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+                raise ValueError(f"--psa-{name.replace('_', '-')} must be a size in GiB >= 0, got {v!r}")
+        if self.hot_policy not in HOT_POLICIES:
+            choices = ", ".join(HOT_POLICIES)
+            raise ValueError(f"--psa-hot-policy must be one of {choices}, got {self.hot_policy!r}")
 
     def validate_page_size(self, page_size: int | None) -> None:
         if page_size is None or not _is_pow2(page_size) or not (MIN_PAGE_SIZE <= page_size <= MAX_PAGE_SIZE):
@@ -235,6 +260,12 @@ def validate_against_server(cfg: PSAConfig, server_args: Any, model_config: Any 
         raise ValueError(
             "--attention-backend psa does not support --enable-hierarchical-cache yet (pages "
             "loaded back from host skip PSA's page summaries); remove --enable-hierarchical-cache"
+        )
+    radix = getattr(sa, "radix_cache_backend", None)
+    if cfg.tiered and radix != "psa":
+        raise ValueError(
+            "--psa-tiered keeps the token KV pool in host memory and needs PSA's radix cache: add "
+            f"--radix-cache-backend psa (got --radix-cache-backend {radix!r})"
         )
     if getattr(sa, "enable_hisparse", False):
         raise ValueError(

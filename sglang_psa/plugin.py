@@ -57,6 +57,15 @@ _FLAG_HELP = {
     "access_log": "PSA: directory for a bounded, rotated log of selected pages ('' = off).",
     "access_log_requests": "PSA: how many requests the access log traces at a time.",
     "access_log_source": "PSA: source label written into the access log.",
+    "tiered": "PSA tiered mode: SGLang's token KV pool lives in pinned host memory (its capacity is "
+    "--psa-host-kv-gb, so more and longer requests are admitted) and decode reads the selected pages "
+    "through one GPU hot-page pool shared by all layers and requests. Needs --radix-cache-backend psa.",
+    "host_kv_gb": "PSA tiered: GiB of pinned host memory for the token KV pool (0 = half of the "
+    "host's available memory).",
+    "hot_pool_gb": "PSA tiered: GiB of GPU memory for the hot-page pool (0 = the KV-pool budget SGLang "
+    "computes from --mem-fraction-static).",
+    "hot_policy": "PSA tiered: hot-pool replacement, clock (fused Triton placement) or lru.",
+    "prefetch": "PSA tiered: prefetch layer l+1's previous-step pages on a side stream during layer l.",
 }
 
 
@@ -147,6 +156,24 @@ def attach_config(server_args: Any, cfg: PSAConfig) -> None:
     object.__setattr__(server_args, SERVER_ARGS_ATTR, cfg.to_dict())
 
 
+# Tiered mode (--psa-tiered): the token KV pool in pinned host memory (sglang_psa/tiered.py). The
+# hooks pass through unless this process's PSA config asks for tiered mode.
+_PROFILE = "sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator._profile_available_bytes"
+_KV_BUFFERS = "sglang.srt.mem_cache.memory_pool.MHATokenToKVPool._create_buffers_normal"
+
+
+def _around_profile(original, self, *args, **kwargs):
+    from .tiered import profile_available_bytes
+
+    return profile_available_bytes(original, self, *args, **kwargs)
+
+
+def _around_kv_buffers(original, self):
+    from .tiered import create_kv_buffers
+
+    return create_kv_buffers(original, self)
+
+
 # ---------------------------------------------------------------------------------- factories
 def create_psa_backend(runner):
     from .backend import PSAAttnBackend
@@ -182,6 +209,8 @@ def register() -> None:
     HookRegistry.register(f"{_SA}.from_cli_args", _around_from_cli_args, HookType.AROUND)
     HookRegistry.register(_REPLAY_VIEW, _around_replay_view, HookType.AROUND)
     HookRegistry.register(f"{_SA}.__init__", _around_init, HookType.AROUND)
+    HookRegistry.register(_PROFILE, _around_profile, HookType.AROUND)
+    HookRegistry.register(_KV_BUFFERS, _around_kv_buffers, HookType.AROUND)
     _registered = True
 
 

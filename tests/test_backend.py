@@ -20,6 +20,7 @@ from sglang.srt.model_executor.forward_batch_info import ForwardMode  # noqa: E4
 from sglang_psa.backend import PSAAttnBackend  # noqa: E402
 from sglang_psa.config import PSAConfig  # noqa: E402
 from sglang_psa.kernels import dense_decode_ref  # noqa: E402
+from sglang_psa.tiered import host_kv_buffers  # noqa: E402
 
 P, HQ, HKV, D, LAYERS = 16, 4, 2, 64, 2
 SLOTS, CTX = P * 64, P * 16
@@ -49,10 +50,13 @@ def make_backend(**cfg):
     kv = MHATokenToKVPool(size=SLOTS, page_size=P, dtype=torch.float32, head_num=HKV,
                           head_dim=D, layer_num=LAYERS, device="cpu", enable_memory_saver=False,
                           enable_alt_stream=False)  # fmt: skip
+    if cfg.get("tiered"):  # what the plugin's pool hook does in tiered mode
+        host_kv_buffers(kv)
     sa = types.SimpleNamespace(
         attention_backend="psa", prefill_attention_backend=None, decode_attention_backend=None,
         page_size=P, speculative_algorithm=None, kv_cache_dtype="auto", enable_metrics=False,
         disable_cuda_graph=True, _psa_config=PSAConfig(page_size=P, **cfg).to_dict(),
+        radix_cache_backend="psa" if cfg.get("tiered") else None,
     )  # fmt: skip
     runner = types.SimpleNamespace(
         server_args=sa, page_size=P, device="cpu", use_mla_backend=False, tp_rank=0,

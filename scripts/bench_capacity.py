@@ -1,0 +1,159 @@
+#!/usr/bin/env python3
+"""Long-context capacity and decode throughput of one running server (issue 6), standard library only.
+
+Sends --n requests of --len random tokens at once (greedy, ignore_eos, --out-len new tokens each)
+through SGLang's streaming /generate and timestamps every streamed token. From the timeline:
+  peak_concurrency     most requests decoding at the same time (first token seen, not finished);
+  decode_tok_s_at_peak tokens streamed while exactly that many decode, per second of that time
+                       (prefill of late requests included if it overlaps: it is what the batch saw);
+  token_capacity       the server's max_total_num_tokens (from /get_server_info).
+`merge` folds several runs (one per backend) into one JSON with ratios against --baseline.
+
+    python scripts/bench_capacity.py run --n 8 --len 65536 --label flashinfer --out a.json
+    python scripts/bench_capacity.py merge --baseline flashinfer --out res.json a.json b.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import json
+import random
+import sys
+import time
+import urllib.request
+
+
+def stream_one(url: str, ids: list[int], out_len: int, t0: float) -> dict:
+    body = {"input_ids": ids, "stream": True,
+            "sampling_params": {"max_new_tokens": out_len, "temperature": 0, "ignore_eos": True}}  # fmt: skip
+    headers = {"Content-Type": "application/json"}
+    req = urllib.request.Request(f"{url}/generate", json.dumps(body).encode(), headers)
+    marks: list[tuple[float, int]] = []  # (seconds since t0, completion tokens so far)
+    err = None
+    try:
+        with urllib.request.urlopen(req, timeout=3600) as r:
+            for raw in r:
+                line = raw.decode().strip()
+                if not line.startswith("data:") or line == "data: [DONE]":
+                    continue
+                d = json.loads(line[5:])
+                if "error" in d:
+                    err = str(d["error"])[:300]
+                    break
+                n = int(d.get("meta_info", {}).get("completion_tokens", 0))
+                if n and (not marks or n > marks[-1][1]):
+                    marks.append((time.perf_counter() - t0, n))
+    except Exception as e:  # recorded, the run goes on
+        err = repr(e)[:300]
+    return {"marks": marks, "error": err, "tokens": marks[-1][1] if marks else 0}
+
+
+def timeline(reqs: list[dict]) -> dict:
+    """Peak decode concurrency and the token rate while it holds (see the module docstring)."""
+    spans = [(r["marks"][0][0], r["marks"][-1][0]) for r in reqs if r["marks"]]
+    edges = sorted({t for s in spans for t in s})
+    best, peak_time = 0, 0.0
+    per_level: dict[int, float] = {}
+    for a, b in zip(edges, edges[1:]):
+        c = sum(1 for s, e in spans if s <= a and e >= b)
+        per_level[c] = per_level.get(c, 0.0) + (b - a)
+        best = max(best, c)
+    tokens = 0
+    for a, b in zip(edges, edges[1:]):
+        if sum(1 for s, e in spans if s <= a and e >= b) != best:
+            continue
+        peak_time += b - a
+        for r in reqs:  # tokens whose stream mark falls in (a, b]
+            tokens += sum(1 for i, (t, _n) in enumerate(r["marks"]) if a < t <= b and i > 0)
+    return {
+        "peak_concurrency": best,
+        "seconds_at_peak": peak_time,
+        "tokens_at_peak": tokens,
+        "decode_tok_s_at_peak": tokens / peak_time if peak_time > 0 else 0.0,
+        "seconds_by_concurrency": {str(k): round(v, 3) for k, v in sorted(per_level.items())},
+    }
+
+
+def server_info(url: str) -> dict:
+    try:
+        with urllib.request.urlopen(f"{url}/get_server_info", timeout=30) as r:
+            info = json.loads(r.read())
+    except Exception as e:
+        return {"error": repr(e)}
+
+    def find(d, key):
+        if isinstance(d, dict):
+            if key in d:
+                return d[key]
+            for v in d.values():
+                x = find(v, key)
+                if x is not None:
+                    return x
+        if isinstance(d, list):
+            for v in d:
+                x = find(v, key)
+                if x is not None:
+                    return x
+        return None
+
+    keys = ("max_total_num_tokens", "max_running_requests", "attention_backend", "mem_fraction_static",
+            "enable_hierarchical_cache", "radix_cache_backend", "page_size")  # fmt: skip
+    return {k: find(info, k) for k in keys}
+
+
+def cmd_run(a) -> dict:
+    rng = random.Random(a.seed)
+    prompts = [[rng.randrange(10, a.vocab) for _ in range(a.len)] for _ in range(a.n)]
+    info = server_info(a.url)
+    t0 = time.perf_counter()
+    with cf.ThreadPoolExecutor(a.n) as ex:
+        reqs = list(ex.map(lambda p: stream_one(a.url, p, a.out_len, t0), prompts))
+    wall = time.perf_counter() - t0
+    cap = info.get("max_total_num_tokens")
+    res = {"label": a.label, "n": a.n, "len": a.len, "out_len": a.out_len, "wall_s": wall, "server": info,
+           "fits_by_tokens": (cap // (a.len + a.out_len)) if isinstance(cap, int) else None,
+           "errors": [r["error"] for r in reqs if r["error"]], "tokens": [r["tokens"] for r in reqs],
+           **timeline(reqs),
+           "first_token_s": [round(r["marks"][0][0], 3) if r["marks"] else None for r in reqs],
+           "finish_s": [round(r["marks"][-1][0], 3) if r["marks"] else None for r in reqs]}  # fmt: skip
+    print(f"{a.label}: peak {res['peak_concurrency']} concurrent, "
+          f"{res['decode_tok_s_at_peak']:.1f} tok/s at peak, "
+          f"capacity {cap} tokens, errors {len(res['errors'])}, wall {wall:.1f} s", flush=True)  # fmt: skip
+    return res
+
+
+def cmd_merge(a) -> dict:
+    runs = [json.load(open(p)) for p in a.files]
+    base = next((r for r in runs if r["label"] == a.baseline), None)
+    for r in runs:
+        if base and base["peak_concurrency"] and base["decode_tok_s_at_peak"]:
+            r["concurrency_vs_baseline"] = r["peak_concurrency"] / base["peak_concurrency"]
+            r["throughput_vs_baseline"] = r["decode_tok_s_at_peak"] / base["decode_tok_s_at_peak"]
+    return {"benchmark": "bench_capacity", "baseline": a.baseline, "runs": runs}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("cmd", choices=["run", "merge"])
+    p.add_argument("--url", default="http://127.0.0.1:30000")
+    p.add_argument("--n", type=int, default=8)
+    p.add_argument("--len", type=int, default=65536)
+    p.add_argument("--out-len", type=int, default=64)
+    p.add_argument("--vocab", type=int, default=8000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--label", default="")
+    p.add_argument("--baseline", default="flashinfer")
+    p.add_argument("--meta", default="{}", help="merge: JSON object added to the result (device, commit...)")
+    p.add_argument("--out", required=True)
+    p.add_argument("files", nargs="*")
+    a = p.parse_args()
+    res = cmd_run(a) if a.cmd == "run" else cmd_merge(a)
+    res.update(json.loads(a.meta))
+    with open(a.out, "w") as f:
+        json.dump(res, f, separators=(",", ":"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

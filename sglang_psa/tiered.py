@@ -1,0 +1,200 @@
+"""Tiered mode (`--psa-tiered`): the token KV pool in pinned host memory, a GPU hot-page pool for decode.
+
+How it fits SGLang without replacing its allocator, radix tree or scheduler:
+  - `profile_available_bytes` (around KVCacheConfigurator._profile_available_bytes) reports the host
+    tier's size instead of the free GPU memory, so SGLang sizes its token pool, admission and radix
+    cache for host capacity (--psa-host-kv-gb). The GPU bytes SGLang would have given the pool are
+    kept as the hot pool's default budget.
+  - `create_kv_buffers` (around MHATokenToKVPool._create_buffers_normal) allocates that pool as one
+    pinned host buffer [2, L, tokens, Hkv, D] and hands SGLang per-layer CUDA views of it
+    (memory/host_kv.py). Every existing kernel keeps working on those views over PCIe: the KV
+    writes, FlashInfer's prefill over cached prefixes, PSA's summary updates. Token slot ids stay
+    SGLang's own, so prefix sharing, locking and eviction are the radix cache's, unchanged.
+  - `TieredDecode` (built by the backend) serves decode attention: the page lists PSA selected
+    (from GPU-resident summaries, before any KV moves) go through DeviceTieredAttention: union per
+    layer, hot-map lookup and placement (CLOCK or LRU), copies of the misses host -> pool, attention
+    over pool slots through a page table. One pool of (layer, page) slots is shared by all layers and
+    requests; pages that find no slot go through scratch slots, so results never depend on the pool.
+  - Every KV write invalidates the written pages' slots of that layer (`on_write`), so a page rewritten
+    after the radix cache freed and reused it, or the page a decode step appends to, is refetched,
+    never served stale.
+Everything per step is device ops with static shapes: decode stays in CUDA graphs.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from .config import PSAConfig, uses_psa
+
+logger = logging.getLogger(__name__)
+
+# Bytes SGLang's profiler found for the device KV pool (the hot pool's default budget); set by the hook
+# in the process that builds the pools.
+_gpu_kv_budget: int | None = None
+
+
+def host_available_bytes() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("cannot read MemAvailable from /proc/meminfo; pass --psa-host-kv-gb")
+
+
+def host_kv_bytes(cfg: PSAConfig) -> int:
+    """The host tier's size: --psa-host-kv-gb, or half of the available host memory."""
+    if cfg.host_kv_gb > 0:
+        return int(cfg.host_kv_gb * 2**30)
+    return host_available_bytes() // 2
+
+
+def _tiered_config(server_args: Any = None) -> PSAConfig | None:
+    cfg = PSAConfig.from_server_args(server_args) if server_args is not None else PSAConfig.from_env()
+    if cfg is None or not cfg.tiered:
+        return None
+    if server_args is not None and not uses_psa(server_args):
+        return None
+    return cfg
+
+
+# ---------------------------------------------------------------------------------- SGLang hooks
+def profile_available_bytes(original, self, *args, **kwargs) -> int:
+    """KVCacheConfigurator._profile_available_bytes: the host tier's bytes in tiered mode."""
+    gpu_bytes = original(self, *args, **kwargs)
+    cfg = _tiered_config(getattr(self, "server_args", None))
+    if cfg is None:
+        return gpu_bytes
+    global _gpu_kv_budget
+    _gpu_kv_budget = gpu_bytes
+    host = host_kv_bytes(cfg)
+    avail = host_available_bytes()
+    if host > 0.9 * avail:
+        raise ValueError(
+            f"--psa-host-kv-gb {host / 2**30:.1f} GiB does not fit the host's available memory "
+            f"({avail / 2**30:.1f} GiB, 90% usable); lower --psa-host-kv-gb"
+        )
+    logger.info(
+        "PSA tiered: token KV pool sized for %.1f GiB of pinned host memory (the device KV budget "
+        "would have been %.1f GiB; it goes to the hot pool unless --psa-hot-pool-gb is set)",
+        host / 2**30,
+        gpu_bytes / 2**30,
+    )
+    return host
+
+
+def create_kv_buffers(original, self) -> None:
+    """MHATokenToKVPool._create_buffers_normal: in tiered mode, `host_kv_buffers(self)` instead."""
+    if _tiered_config() is None:
+        return original(self)
+    host_kv_buffers(self)
+
+
+def host_kv_buffers(pool: Any) -> None:
+    """Give an MHATokenToKVPool its K/V as one pinned host buffer `pool.psa_host_kv` [2, L, T, Hkv, D]
+    and per-layer CUDA views of it (on a CPU pool, the host slices themselves)."""
+    from sglang_psa.memory.host_kv import cuda_view, pinned_empty
+
+    if getattr(pool, "use_hnd", False) or getattr(pool, "kv_cache_layout", "nhd") not in ("nhd", "NHD", None):
+        raise ValueError("--psa-tiered needs SGLang's default NHD KV layout; drop --kv-cache-layout")
+    k_shape, v_shape = pool._kv_buffer_shapes()
+    if k_shape != v_shape:
+        raise ValueError(f"--psa-tiered needs equal K and V head dims, got {k_shape} and {v_shape}")
+    host = pinned_empty((2, pool.layer_num, *k_shape), pool.store_dtype)
+    on_gpu = torch.device(pool.device).type == "cuda"
+    view = (lambda t: cuda_view(t, pool.device)) if on_gpu else (lambda t: t)
+    pool.k_buffer = [view(host[0, i]) for i in range(pool.layer_num)]
+    pool.v_buffer = [view(host[1, i]) for i in range(pool.layer_num)]
+    pool.psa_host_kv = host
+    logger.info(
+        "PSA tiered: %d layers x %d token slots of KV in pinned host memory (%.1f GiB)",
+        pool.layer_num,
+        k_shape[0],
+        host.numel() * host.element_size() / 2**30,
+    )
+
+
+# ---------------------------------------------------------------------------------- decode
+class TieredDecode:
+    """The backend's decode attention in tiered mode: DeviceTieredAttention over the host token pool.
+
+    kv_pool: SGLang's MHATokenToKVPool built by `create_kv_buffers` (has `psa_host_kv`
+    [2, L, T, Hkv, D]); max_rows: the largest decode batch; width: PSA's page-list width W.
+    """
+
+    def __init__(self, cfg: PSAConfig, kv_pool: Any, page_size: int, max_rows: int, width: int,
+                 device: torch.device):  # fmt: skip
+        from sglang_psa.memory.device_tiered import DeviceTieredAttention
+        from sglang_psa.memory.hot_pool import HostTier
+
+        host = getattr(kv_pool, "psa_host_kv", None)
+        if host is None:
+            raise RuntimeError(
+                "--psa-tiered: SGLang's KV pool is not in host memory (the PSA pool hook did not run; "
+                "is the sglang-psa plugin installed in this environment?)"
+            )
+        self.cfg, self.page_size = cfg, page_size
+        self.start_layer = int(getattr(kv_pool, "start_layer", 0))
+        nl, tokens, hkv, d = host.shape[1:]
+        if tokens % page_size:
+            raise ValueError(f"host KV rows {tokens} are not whole pages of {page_size}")
+        num_pages = tokens // page_size
+        tier = HostTier.__new__(HostTier)  # a view of SGLang's buffer, not an allocation
+        tier.k = host[0].view(nl, num_pages, page_size, hkv, d)
+        tier.v = host[1].view(nl, num_pages, page_size, hkv, d)
+        slot_bytes = 2 * page_size * hkv * d * host.element_size()
+        union_width = DeviceTieredAttention.union_width(max_rows, hkv, width, num_pages)
+        budget = int(cfg.hot_pool_gb * 2**30) if cfg.hot_pool_gb > 0 else int(0.9 * (_gpu_kv_budget or 0))
+        capacity = max(0, budget // slot_bytes - 1 - union_width)
+        self.attn = DeviceTieredAttention.build(
+            capacity, tier, union_width, device, policy=cfg.hot_policy, backend="triton"
+        )
+        self.slot_bytes = slot_bytes
+        self._steps = 0
+        self._last = None
+        self.last_report: dict[str, float] | None = None
+        logger.info(
+            "PSA tiered: hot pool %d page slots + %d scratch (%.2f GiB of GPU memory) over %d host pages "
+            "x %d layers; placement %s, prefetch %s",
+            capacity, union_width, (capacity + 1 + union_width) * slot_bytes / 2**30, num_pages, nl,
+            cfg.hot_policy, cfg.prefetch,
+        )  # fmt: skip
+
+    def begin_step(self) -> None:
+        """Device ops before layer 0 (recorded in the decode graph)."""
+        self.attn.begin_step(prefetch_first=self.cfg.prefetch)
+
+    def on_write(self, layer_id: int, loc: torch.Tensor) -> None:
+        """Drop the written pages of this layer from the hot pool (loc: token slots just written)."""
+        self.attn.pool.invalidate_layer(layer_id - self.start_layer, loc // self.page_size)
+
+    def forward(self, layer_id, q, req_to_token, rpi, seq_lens, page_idx, counts, sm_scale) -> torch.Tensor:
+        out, _lse = self.attn.forward(
+            layer_id - self.start_layer, q, req_to_token, rpi, seq_lens, page_idx, counts, sm_scale,
+            prefetch_next=self.cfg.prefetch,
+        )  # fmt: skip
+        return out
+
+    def report(self, every: int) -> dict[str, float] | None:
+        """Every `every` eager decode steps: hit rate and bytes moved since the last report (one host
+        read of the device counters), logged, returned and kept as `last_report`."""
+        self._steps += 1
+        if self._steps % every:
+            return None
+        now = self.attn.stats()
+        last, self._last = self._last or dict.fromkeys(now, 0), now
+        d = {k: now[k] - last[k] for k in now}
+        moved = (d["fetched"] + d["overflow"] + d["prefetched"]) * self.slot_bytes
+        rep = {
+            "steps": every,
+            "hit_rate": d["hits"] / max(d["needed"], 1),
+            "pages_needed_per_step": d["needed"] / every,
+            "overflow_pages_per_step": d["overflow"] / every,
+            "mib_fetched_per_step": moved / every / 2**20,
+        }
+        logger.info("PSA tiered: %s", ", ".join(f"{k} {v:.3g}" for k, v in rep.items()))
+        self.last_report = rep
+        return rep

@@ -1,0 +1,123 @@
+"""--psa-tiered through the backend on CPU (test_backend.py's harness with SGLang's real pools).
+
+The KV pool gets the plugin's host buffers (sglang_psa.tiered.host_kv_buffers), decode goes through
+TieredDecode's hot pool (Triton kernels under the interpreter). Checked: tiered decode equals dense
+(tau 1.0) and the resident backend (sparse) with a pool far smaller than the working set, a page
+rewritten after reuse is never served stale, and the options fail by name.
+"""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+pytest.importorskip("sglang")
+
+from test_backend import CTX, LAYERS, Batch, P, make_backend  # noqa: E402
+
+from sglang_psa import tiered  # noqa: E402
+from sglang_psa.config import PSAConfig, validate_against_server  # noqa: E402
+
+SLOT_BYTES = 2 * P * 2 * 64 * 4  # one page of K and V, all kv heads, float32 (test_backend's shapes)
+
+
+def pool_gb(slots: int, width: int = 65) -> float:
+    """--psa-hot-pool-gb that leaves `slots` page slots after the sink and `width` scratch slots."""
+    return (slots + 1 + width) * SLOT_BYTES / 2**30
+
+
+def test_tiered_backend_builds_on_host_buffers():
+    b = make_backend(tau=1.0, max_pages=CTX // P, dense_below=0, tiered=True, hot_pool_gb=pool_gb(6))
+    host = b.kv_pool.psa_host_kv
+    assert host.shape == (2, LAYERS, b.kv_pool.size + P, 2, 64)
+    assert b.kv_pool.get_key_buffer(1).data_ptr() == host[0, 1].data_ptr()
+    assert b.tiered is not None and b.tiered.attn.pool.capacity == 6
+
+
+@pytest.mark.parametrize("slots", [0, 6, 200], ids=["no-pool", "evicting", "roomy"])
+def test_tau_one_equals_dense(slots):
+    b = make_backend(tau=1.0, max_pages=CTX // P, dense_below=0, tiered=True, hot_pool_gb=pool_gb(slots))
+    batch = Batch(b, [40, 100, 7], torch.Generator().manual_seed(0))
+    batch.prefill()
+    for _ in range(18):  # crosses page boundaries: the written page is invalidated and refetched
+        for o, ref in batch.decode():
+            torch.testing.assert_close(o, ref, rtol=1e-5, atol=1e-5)
+    s = b.tiered.attn.stats()
+    assert s["needed"] > 0
+    if slots == 0:
+        assert s["hits"] == 0 and s["overflow"] == s["needed"]  # everything through scratch
+    if slots == 200:
+        assert s["hits"] > 0 and s["overflow"] == 0
+
+
+def test_sparse_selection_matches_resident_backend():
+    opts = dict(mode="estimated", tau=0.5, max_pages=6, sink_pages=1, local_pages=1, dense_below=0)
+    resident = make_backend(**opts)
+    tier = make_backend(**opts, tiered=True, hot_pool_gb=pool_gb(5))
+    batches = [Batch(x, [150, 90, 200], torch.Generator().manual_seed(3)) for x in (resident, tier)]
+    for x in batches:
+        x.prefill()
+    for _ in range(12):
+        (a, _), (c, _) = batches[0].decode()[0], batches[1].decode()[0]
+        torch.testing.assert_close(a, c, rtol=1e-6, atol=1e-6)  # same pages; slots differ
+    assert tier.tiered.attn.pool.stats()["evictions"] > 0
+
+
+def test_reused_pages_are_never_served_stale():
+    """A request finishes, its slots are reused by a new one with other K/V: the pool must drop them."""
+    b = make_backend(tau=1.0, max_pages=CTX // P, dense_below=0, tiered=True, hot_pool_gb=pool_gb(200))
+    first = Batch(b, [120, 60], torch.Generator().manual_seed(1))
+    first.prefill()
+    for _ in range(3):
+        first.decode()
+    assert b.tiered.attn.stats()["hits"] > 0  # the first request's pages are hot now
+    second = Batch(b, [100, 70], torch.Generator().manual_seed(2))  # same rows, same slots, new K/V
+    second.prefill()
+    for _ in range(3):
+        for o, ref in second.decode():
+            torch.testing.assert_close(o, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_report_counts_hits_and_bytes():
+    b = make_backend(tau=1.0, max_pages=CTX // P, dense_below=0, tiered=True, hot_pool_gb=pool_gb(200),
+                     stats_interval=2)  # fmt: skip
+    batch = Batch(b, [64, 64], torch.Generator().manual_seed(4))
+    batch.prefill()
+    reps = []
+    for _ in range(5):  # reports as steps 2 and 4 begin: counters of step 1, then of steps 2-3
+        batch.decode()
+        reps.append(b.tiered.last_report)
+    assert reps[0] is None and reps[1] is not None and reps[3] is not reps[1]
+    first, later = reps[1], reps[3]
+    assert first["hit_rate"] < later["hit_rate"] <= 1  # cold pool, then mostly hits
+    assert first["mib_fetched_per_step"] > later["mib_fetched_per_step"] > 0  # the written page
+
+
+def test_tiered_options_fail_by_name():
+    with pytest.raises(ValueError, match="--psa-tiered serves the page lists"):
+        PSAConfig(tiered=True, mode="certified").validate()
+    with pytest.raises(ValueError, match="--psa-hot-policy"):
+        PSAConfig(tiered=True, hot_policy="fifo").validate()
+    with pytest.raises(ValueError, match="--psa-host-kv-gb"):
+        PSAConfig(tiered=True, host_kv_gb=-1).validate()
+    sa = types.SimpleNamespace(attention_backend="psa", page_size=32, radix_cache_backend=None)
+    with pytest.raises(ValueError, match="--radix-cache-backend psa"):
+        validate_against_server(PSAConfig(tiered=True), sa)
+    sa.radix_cache_backend = "psa"
+    validate_against_server(PSAConfig(tiered=True), sa)
+
+
+def test_profile_hook_reports_host_bytes_and_keeps_the_gpu_budget(monkeypatch):
+    cfg = PSAConfig(tiered=True, host_kv_gb=0.5)
+    sa = types.SimpleNamespace(attention_backend="psa", _psa_config=cfg.to_dict())
+    conf = types.SimpleNamespace(server_args=sa)
+    monkeypatch.setattr(tiered, "host_available_bytes", lambda: 64 << 30)
+    assert tiered.profile_available_bytes(lambda self: 7 << 30, conf) == 1 << 29
+    assert tiered._gpu_kv_budget == 7 << 30
+    sa._psa_config = PSAConfig(tiered=True, host_kv_gb=60).to_dict()  # > 90% of what the host has
+    with pytest.raises(ValueError, match="--psa-host-kv-gb"):
+        tiered.profile_available_bytes(lambda self: 7 << 30, conf)
+    sa._psa_config = PSAConfig().to_dict()  # resident mode: the hook passes through
+    assert tiered.profile_available_bytes(lambda self: 7 << 30, conf) == 7 << 30
