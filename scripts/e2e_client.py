@@ -40,6 +40,11 @@ def _get(url: str, timeout: float = 60) -> str:
 VOCAB = 8000  # ids below it exist in every model the checks use (--vocab lowers it)
 
 
+def set_vocab(n: int) -> None:
+    global VOCAB
+    VOCAB = n
+
+
 def prompt_ids(n: int, seed: int) -> list[int]:
     # ids < VOCAB: inside the tokenizer vocabulary; deterministic per (n, seed)
     rng = random.Random(seed * 1_000_003 + n)
@@ -243,8 +248,7 @@ def main() -> int:
     p.add_argument("--label", default="")
     p.add_argument("--vocab", type=int, default=VOCAB, help="prompt token ids are drawn below this")
     a = p.parse_args()
-    global VOCAB
-    VOCAB = a.vocab
+    set_vocab(a.vocab)
     res = {"cmd": a.cmd, "label": a.label, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
     res.update({"generate": cmd_generate, "compare": cmd_compare, "serve": cmd_serve,
                 "robust": cmd_robust}[a.cmd](a))  # fmt: skip

@@ -200,7 +200,7 @@ capacity)
   # Issue 6: concurrent 64k requests and decode throughput at each backend's own maximum, one run.
   model $M8 llama3-8b 140000
   N=${CAP_N:-8}; L=${CAP_LEN:-65536}
-  CAP=(--model-path $M8 --page-size 32 --context-length 70000 --max-running-requests 16 --cuda-graph-max-bs 16
+  CAP=(--model-path $M8 --page-size 32 --context-length 70000 --max-running-requests 16 --cuda-graph-max-bs 8
        --disable-prefill-cuda-graph)
   FILES=()
   for B in ${CAP_RUNS:-tiered flashinfer hicache}; do

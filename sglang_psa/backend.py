@@ -103,13 +103,14 @@ class PSAAttnBackend(AttentionBackend):
 
         self.access_log = self._make_access_log(model_runner) if self.cfg.access_log else None
         self._log_step = 0
-        self.tiered = None
+        self.tiered = self.tiered_prefill = None
         if self.cfg.tiered:
-            from .tiered import TieredDecode
+            from .tiered import TieredDecode, TieredPrefill
 
             self.tiered = TieredDecode(
                 self.cfg, self.kv_pool, self.page_size, self.req_to_token.shape[0], self.width, self.device
             )
+            self.tiered_prefill = TieredPrefill(self.dense, self.req_to_token, self.device)
         self.reuse: SelectionReuse | None = None
         if self.cfg.reuse_steps > 1:
             self.reuse = SelectionReuse(
@@ -144,6 +145,8 @@ class PSAAttnBackend(AttentionBackend):
         else:
             self._invalidate_reuse()
             self.dense.init_forward_metadata(forward_batch)
+            if self.tiered_prefill is not None:
+                self.tiered_prefill.plan(forward_batch)
 
     def init_forward_metadata_out_graph(self, forward_batch: ForwardBatch, in_capture=False):
         if forward_batch.forward_mode.is_decode_or_idle():
@@ -154,6 +157,8 @@ class PSAAttnBackend(AttentionBackend):
         else:
             self._invalidate_reuse()
             self.dense.init_forward_metadata_out_graph(forward_batch, in_capture=in_capture)
+            if self.tiered_prefill is not None:
+                self.tiered_prefill.plan(forward_batch)
 
     def init_forward_metadata_in_graph(self, forward_batch: ForwardBatch):
         if forward_batch.forward_mode.is_decode_or_idle():
@@ -223,7 +228,10 @@ class PSAAttnBackend(AttentionBackend):
         save_kv_cache: bool = True,
         **kwargs,
     ):
-        o = self.dense.forward_extend(q, k, v, layer, forward_batch, save_kv_cache, **kwargs)
+        if self.tiered_prefill is not None:  # the cached prefix is in host memory
+            o = self.tiered_prefill.forward(q, k, v, layer, forward_batch, save_kv_cache, self.kv_pool)
+        else:
+            o = self.dense.forward_extend(q, k, v, layer, forward_batch, save_kv_cache, **kwargs)
         if save_kv_cache and k is not None:
             self._update_summaries(layer, forward_batch.out_cache_loc)
         return o

@@ -15,6 +15,10 @@ How it fits SGLang without replacing its allocator, radix tree or scheduler:
     layer, hot-map lookup and placement (CLOCK or LRU), copies of the misses host -> pool, attention
     over pool slots through a page table. One pool of (layer, page) slots is shared by all layers and
     requests; pages that find no slot go through scratch slots, so results never depend on the pool.
+  - `TieredPrefill` serves extend/prefill attention. FlashInfer's paged prefill would read the cached
+    prefix over PCIe once per query tile (tens of times per chunk: ~10 s per 8k chunk of a 64k prompt
+    on the H100); instead the prefix K/V is gathered once per layer into device memory and attended by
+    a ragged FlashInfer call, merged with SGLang's own ragged pass over the new tokens.
   - Every KV write invalidates the written pages' slots of that layer (`on_write`), so a page rewritten
     after the radix cache freed and reused it, or the page a decode step appends to, is refetched,
     never served stale.
@@ -198,3 +202,68 @@ class TieredDecode:
         logger.info("PSA tiered: %s", ", ".join(f"{k} {v:.3g}" for k, v in rep.items()))
         self.last_report = rep
         return rep
+
+
+class TieredPrefill:
+    """Extend attention when the KV pool is in host memory (see the module docstring).
+
+    Per batch (`plan`, host lists SGLang already has): the token slots of every request's cached
+    prefix, and a ragged FlashInfer wrapper planned for (new tokens x prefix tokens). Per layer
+    (`forward`): SGLang's ragged pass over the new tokens (causal, the dense backend's own planned
+    wrapper, so a batch without prefixes is computed exactly as in resident mode), one gather of the
+    prefix K/V from host memory (each byte crosses PCIe once), a ragged non-causal pass over it, and
+    FlashInfer's merge_state. Without FlashInfer's ragged path (CPU tests, deterministic mode) the dense
+    backend's own forward_extend runs instead: correct, only slower.
+    """
+
+    def __init__(self, dense: Any, req_to_token: torch.Tensor, device: torch.device):
+        self.dense, self.req_to_token, self.device = dense, req_to_token, device
+        self.wrapper = None
+        if hasattr(dense, "prefill_wrapper_ragged") and device.type == "cuda":
+            from flashinfer import BatchPrefillWithRaggedKVCacheWrapper
+
+            self.workspace = torch.empty(128 << 20, dtype=torch.uint8, device=device)
+            self.wrapper = BatchPrefillWithRaggedKVCacheWrapper(self.workspace, "NHD")
+        self.prefix_slots: torch.Tensor | None = None
+        self.planned: Any = None
+
+    def plan(self, fb: Any) -> None:
+        """After the dense backend planned this extend batch: the prefix slots and the prefix pass."""
+        self.prefix_slots, self.planned = None, None
+        md = getattr(self.dense, "forward_metadata", None)
+        capturing = self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        if self.wrapper is None or not getattr(md, "use_ragged", False) or capturing:
+            return
+        self.planned = fb  # forward() takes our path only for the batch planned here
+        if md.extend_no_prefix:
+            return
+        pre, new = list(fb.extend_prefix_lens_cpu), list(fb.extend_seq_lens_cpu)
+        rows = fb.req_pool_indices.tolist()
+        self.prefix_slots = torch.cat([self.req_to_token[r, :p] for r, p in zip(rows, pre)]).long()
+        qo = torch.tensor([0, *new], dtype=torch.int32).cumsum(0, dtype=torch.int32).to(self.device)
+        kv = torch.tensor([0, *pre], dtype=torch.int32).cumsum(0, dtype=torch.int32).to(self.device)
+        d = self.dense
+        heads = (d.num_qo_heads, d.num_kv_heads, d.head_dim)
+        self.wrapper.begin_forward(qo, kv, *heads, q_data_type=d.q_data_type)
+
+    def forward(self, q, k, v, layer, fb, save_kv_cache: bool, kv_pool: Any) -> torch.Tensor:
+        ours = self.planned is fb and k is not None
+        if not ours or getattr(layer, "sliding_window_size", -1) not in (-1, None):
+            return self.dense.forward_extend(q, k, v, layer, fb, save_kv_cache)
+        hq, hkv, d = layer.tp_q_head_num, layer.tp_k_head_num, layer.head_dim
+        q3, k3, v3 = q.view(-1, hq, d), k.view(-1, hkv, d), v.view(-1, hkv, layer.v_head_dim)
+        cap = getattr(layer, "logit_cap", 0.0) or 0.0
+        kw = {"sm_scale": layer.scaling, "logits_soft_cap": cap}
+        if self.prefix_slots is None:
+            o = self.dense.prefill_wrapper_ragged.forward(q3, k3, v3, causal=True, **kw)
+        else:
+            from flashinfer import merge_state
+
+            o1, s1 = self.dense.prefill_wrapper_ragged.forward_return_lse(q3, k3, v3, causal=True, **kw)
+            kp = kv_pool.get_key_buffer(layer.layer_id)[self.prefix_slots]  # one PCIe read per byte
+            vp = kv_pool.get_value_buffer(layer.layer_id)[self.prefix_slots]
+            o2, s2 = self.wrapper.forward_return_lse(q3, kp, vp, causal=False, **kw)
+            o, _ = merge_state(o1, s1, o2, s2)
+        if save_kv_cache:
+            kv_pool.set_kv_buffer(layer, fb.out_cache_loc, k, v, layer.k_scale, layer.v_scale)
+        return o.view(-1, hq * layer.v_head_dim)
