@@ -147,7 +147,7 @@ def main() -> int:
     p.add_argument("--meta", default="{}", help="merge: JSON object added to the result (device, commit...)")
     p.add_argument("--out", required=True)
     p.add_argument("files", nargs="*")
-    a = p.parse_args()
+    a = p.parse_intermixed_args()
     res = cmd_run(a) if a.cmd == "run" else cmd_merge(a)
     res.update(json.loads(a.meta))
     with open(a.out, "w") as f:

@@ -171,7 +171,9 @@ tiered_equal)
           --context-length 32768 --max-running-requests 4 --cuda-graph-max-bs 4)
   TIER=(--radix-cache-backend psa --psa-tiered --psa-host-kv-gb 1 --psa-stats-interval 8)
   T1=(--psa-tau 1.0 --psa-dense-below 0); T09=(--psa-tau 0.9 --psa-dense-below 2048)
+  RUNS=" ${TE_RUNS:-res_t1 tier_t1 tier_t1_nopool res_t09 tier_t09_evict tier_t09_lru_prefetch} "
   one() { local name=$1; shift
+    [[ "$RUNS" == *" $name "* ]] || return 0
     start_server te_$name "${COMMON[@]}" "$@" || return 1
     $GEN --out "$OUT/te_$name.json"; grep "PSA tiered" "$OUT/te_$name.log" | tail -3; stop_server; }
   one res_t1 "${T1[@]}"; one tier_t1 "${T1[@]}" "${TIER[@]}"
@@ -181,6 +183,7 @@ tiered_equal)
   rc=0
   for pair in "tier_t1 res_t1" "tier_t1_nopool res_t1" "tier_t09_evict res_t09" "tier_t09_lru_prefetch res_t09"; do
     set -- $pair
+    [ -f "$OUT/te_$1.json" ] && [ -f "$OUT/te_$2.json" ] || continue
     $CLIENT compare --a "$OUT/te_$1.json" --b "$OUT/te_$2.json" --out "$OUT/te_cmp_$1.json" || rc=1
   done
   python3 - "$OUT" "$COMMIT" "$DEV" <<'PY'

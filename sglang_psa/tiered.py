@@ -225,11 +225,12 @@ class TieredPrefill:
             self.workspace = torch.empty(128 << 20, dtype=torch.uint8, device=device)
             self.wrapper = BatchPrefillWithRaggedKVCacheWrapper(self.workspace, "NHD")
         self.prefix_slots: torch.Tensor | None = None
+        self.indptr: tuple[torch.Tensor, torch.Tensor] | None = None
         self.planned: Any = None
 
     def plan(self, fb: Any) -> None:
         """After the dense backend planned this extend batch: the prefix slots and the prefix pass."""
-        self.prefix_slots, self.planned = None, None
+        self.prefix_slots, self.planned, self.indptr = None, None, None
         md = getattr(self.dense, "forward_metadata", None)
         capturing = self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
         if self.wrapper is None or not getattr(md, "use_ragged", False) or capturing:
@@ -242,9 +243,7 @@ class TieredPrefill:
         self.prefix_slots = torch.cat([self.req_to_token[r, :p] for r, p in zip(rows, pre)]).long()
         qo = torch.tensor([0, *new], dtype=torch.int32).cumsum(0, dtype=torch.int32).to(self.device)
         kv = torch.tensor([0, *pre], dtype=torch.int32).cumsum(0, dtype=torch.int32).to(self.device)
-        d = self.dense
-        heads = (d.num_qo_heads, d.num_kv_heads, d.head_dim)
-        self.wrapper.begin_forward(qo, kv, *heads, q_data_type=d.q_data_type)
+        self.indptr = (qo, kv)  # planned by the first layer's forward, which knows the head shapes
 
     def forward(self, q, k, v, layer, fb, save_kv_cache: bool, kv_pool: Any) -> torch.Tensor:
         ours = self.planned is fb and k is not None
@@ -259,6 +258,9 @@ class TieredPrefill:
         else:
             from flashinfer import merge_state
 
+            if self.indptr is not None:
+                self.wrapper.begin_forward(*self.indptr, hq, hkv, d, q_data_type=q3.dtype)
+                self.indptr = None
             o1, s1 = self.dense.prefill_wrapper_ragged.forward_return_lse(q3, k3, v3, causal=True, **kw)
             kp = kv_pool.get_key_buffer(layer.layer_id)[self.prefix_slots]  # one PCIe read per byte
             vp = kv_pool.get_value_buffer(layer.layer_id)[self.prefix_slots]
