@@ -1,10 +1,12 @@
 """`--radix-cache-backend psa`: SGLang's default cache chain, plus PSA's page-state bookkeeping.
 
-In resident mode PSA needs nothing from the cache for correctness: summaries are indexed by
-physical page and rebuilt on the first write after a page is reused. This wrapper is where the
-tiered mode (hot-page pool, host tier) will keep its page state consistent with evictions; today it
-counts evicted tokens and, with SGLANG_PSA_POISON_FREED=1, poisons the summaries of evicted pages
-so a stale read would show up in tests as a wrong selection.
+PSA needs nothing from the cache for correctness. Resident mode: summaries are indexed by physical
+page and rebuilt on the first write after a page is reused. Tiered mode (--psa-tiered, which requires
+this backend): the token pool itself lives in pinned host memory, so the tree indexes host slots with
+SGLang's own sharing, locking and eviction; the GPU hot pool drops a page of a layer whenever that
+page is written (sglang_psa/tiered.py), so a slot freed here and reused by another request is
+refetched, never served stale. The wrapper counts evicted tokens and, with SGLANG_PSA_POISON_FREED=1,
+poisons the summaries of evicted pages so a stale read would show up in tests as a wrong selection.
 
 The returned object is the cache SGLang's default factory built (same class, so every isinstance
 check in the scheduler still holds); only its `evict` is wrapped on the instance.

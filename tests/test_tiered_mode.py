@@ -65,6 +65,23 @@ def test_sparse_selection_matches_resident_backend():
     assert tier.tiered.attn.pool.stats()["evictions"] > 0
 
 
+def test_selection_reuse_through_the_hot_pool():
+    """--psa-reuse-steps with --psa-tiered: reused page lists hit the pool; results equal resident reuse."""
+    opts = dict(
+        mode="estimated", tau=0.5, max_pages=6, sink_pages=1, local_pages=1, dense_below=0, reuse_steps=4
+    )
+    resident = make_backend(**opts)
+    tier = make_backend(**opts, tiered=True, hot_pool_gb=pool_gb(200))
+    batches = [Batch(x, [150, 90], torch.Generator().manual_seed(5)) for x in (resident, tier)]
+    for x in batches:
+        x.prefill()
+    for _ in range(8):
+        for (a, _), (c, _) in zip(batches[0].decode(), batches[1].decode()):
+            torch.testing.assert_close(a, c, rtol=1e-6, atol=1e-6)
+    s = tier.tiered.attn.stats()
+    assert s["hits"] > s["needed"] // 2  # kept selections come back from the pool
+
+
 def test_reused_pages_are_never_served_stale():
     """A request finishes, its slots are reused by a new one with other K/V: the pool must drop them."""
     b = make_backend(tau=1.0, max_pages=CTX // P, dense_below=0, tiered=True, hot_pool_gb=pool_gb(200))
