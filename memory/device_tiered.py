@@ -113,6 +113,10 @@ class DeviceTieredAttention:
             t.zero_()
         self.last_union.fill_(-1)
 
+    def invalidate_layer(self, layer: int, pages: torch.Tensor) -> None:
+        """Drop pages [any shape] of `layer` from the pool (KV writes; graph-capturable)."""
+        self.pool.invalidate_layer(layer, pages)
+
     # ------------------------------------------------------------------ prefetch
     def prefetch(self, layer: int, pages: torch.Tensor | None = None) -> None:
         """Place and copy `pages` [width] (default: the previous step's union of `layer`) on the side
@@ -221,3 +225,80 @@ class DeviceTieredAttention:
         where = torch.zeros(pool.num_pages + 1, dtype=torch.int32, device=dev)
         where[torch.where(valid, union.long(), pool.num_pages)] = loc.clamp(min=0).to(torch.int32)
         return where[phys.clamp(0, pool.num_pages - 1)].contiguous()
+
+
+class PerHeadTieredAttention:
+    """Tiered decode with one pool per kv head: a slot holds one head's page (P x D), not all heads'.
+
+    A layer's kv heads select different pages; a slot of all heads (DeviceTieredAttention over the
+    whole tier) makes every miss move Hkv heads of which one or a few are read (~6x the bytes
+    attention needs with dummy weights on the H100, docs/TIERED.md). Here kv head h has its own
+    DeviceTieredAttention over the head-h slice of the host tier (the Triton copy reads the strided
+    slice in place) with capacity // Hkv slots, its own union, placement, copies and page table, and
+    attention runs per head group. Hkv times the launches per layer (they stay small and graph
+    captured), 1 / Hkv of the bytes per miss; each head's quota is a fixed 1 / Hkv of the pool.
+
+    Same interface as DeviceTieredAttention (begin_step, forward, stats, reset, invalidate_layer).
+    """
+
+    def __init__(self, heads: list[DeviceTieredAttention]):
+        self.heads = heads
+
+    @classmethod
+    def build(cls, capacity: int, host, width: int, device: str | torch.device = "cpu", **kw):
+        """capacity: slots over all heads (each head gets capacity // Hkv); width: one head's union width."""
+        hkv = host.k.shape[3]
+        out = []
+        for h in range(hkv):
+            view = HostTierView(host.k[:, :, :, h : h + 1], host.v[:, :, :, h : h + 1])
+            out.append(DeviceTieredAttention.build(capacity // hkv, view, width, device, **dict(kw)))
+        return cls(out)
+
+    @property
+    def counters(self) -> torch.Tensor:
+        return torch.stack([t.counters for t in self.heads]).sum(0)
+
+    def stats(self) -> dict[str, int]:
+        return dict(zip(COUNTER_NAMES, self.counters.tolist()))
+
+    def begin_step(self, prefetch_first: bool = False) -> None:
+        for t in self.heads:
+            t.begin_step(prefetch_first)
+
+    def reset(self) -> None:
+        for t in self.heads:
+            t.reset()
+
+    def invalidate_layer(self, layer: int, pages: torch.Tensor) -> None:
+        for t in self.heads:
+            t.invalidate_layer(layer, pages)
+
+    def forward(self, layer, q, req_to_token, req_pool_indices, seq_lens, page_idx, counts, sm_scale,
+                prefetch_next: bool = False, copy: bool = True):  # fmt: skip
+        """DeviceTieredAttention.forward, head by head (q [bs, Hq, D] -> out [bs, Hq, D], lse [bs, Hq])."""
+        hkv = len(self.heads)
+        g = q.shape[1] // hkv
+        outs, lses = [], []
+        for h, t in enumerate(self.heads):
+            o, lse = t.forward(
+                layer, q[:, h * g : (h + 1) * g].contiguous(), req_to_token, req_pool_indices, seq_lens,
+                page_idx[:, h : h + 1], counts[:, h : h + 1].contiguous(), sm_scale, prefetch_next, copy,
+            )  # fmt: skip
+            outs.append(o)
+            lses.append(lse)
+        return torch.cat(outs, 1), torch.cat(lses, 1)
+
+
+class HostTierView:
+    """A HostTier-shaped pair of views (e.g. one kv head's slice of the tier): k, v [L, NP, P, H, D]."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor):
+        self.k, self.v = k, v
+
+    @property
+    def num_layers(self) -> int:
+        return self.k.shape[0]
+
+    @property
+    def num_pages(self) -> int:
+        return self.k.shape[1]

@@ -52,6 +52,9 @@ def _copy_pages_kernel(
     BLOCK: tl.constexpr,
     EVEN: tl.constexpr,
     SRC_INT: tl.constexpr,
+    SRC_PAGE: tl.constexpr = 0,
+    SRC_TOK: tl.constexpr = 0,
+    ROW: tl.constexpr = 0,
 ):
     i = tl.program_id(0)  # compacted entry
     c = tl.program_id(1)  # chunk of the page
@@ -67,7 +70,10 @@ def _copy_pages_kernel(
         sk = src_k
         sv = src_v
     offs = c * BLOCK + tl.arange(0, BLOCK)
-    s_off = page * PAGE + offs
+    if SRC_PAGE:  # head-sliced source: ROW contiguous elements per token, tokens SRC_TOK apart
+        s_off = page * SRC_PAGE + (offs // ROW) * SRC_TOK + offs % ROW
+    else:
+        s_off = page * PAGE + offs
     d_off = slot * PAGE + offs
     if EVEN:
         tl.store(dst_k + d_off, tl.load(sk + s_off))
@@ -99,15 +105,28 @@ def compact(
 
 
 def _check(src_k, src_v, dst_k, dst_v) -> int:
-    """Elements per page; raises if the page layouts differ or are not contiguous."""
+    """Elements per page; raises if the page layouts differ or are not contiguous (a source may be a
+    slice of kv heads of a contiguous tier: its (heads x D) row per token must be contiguous)."""
     if src_k.shape[1:] != dst_k.shape[1:] or src_v.shape[1:] != dst_v.shape[1:] or src_k.shape != src_v.shape:
         raise ValueError(f"pages differ: src {tuple(src_k.shape)} dst {tuple(dst_k.shape)}")
     if src_k.dtype != dst_k.dtype or src_v.dtype != dst_v.dtype:
         raise ValueError(f"dtypes differ: {src_k.dtype} -> {dst_k.dtype}")
-    for t in (src_k, src_v, dst_k, dst_v):
+    for t in (dst_k, dst_v):
         if not t.is_contiguous():
-            raise ValueError("page buffers must be contiguous")
+            raise ValueError("destination page buffers must be contiguous")
+    for t in (src_k, src_v):
+        _, _, h, d = t.shape
+        if t.stride(3) != 1 or (h > 1 and t.stride(2) != d) or t.stride() != src_k.stride():
+            raise ValueError("source pages must hold contiguous (heads x D) rows per token")
     return dst_k[0].numel()
+
+
+def _src_strides(src: torch.Tensor) -> dict:
+    """Kernel constants of a head-sliced source (all zero for a contiguous one: the fast path)."""
+    row = src.shape[2] * src.shape[3]
+    if src.stride(1) == row and src.stride(0) == src.shape[1] * row:
+        return {}
+    return {"SRC_PAGE": src.stride(0), "SRC_TOK": src.stride(1), "ROW": row}
 
 
 def copy_pages(
@@ -124,7 +143,8 @@ def copy_pages(
 ) -> None:
     """dst_k/v[slots_c[i]] = src_k/v[pages_c[i]] for i < count[0] (Triton; see the module docstring).
 
-    src_k, src_v [NP, P, Hkv, D] (the host tier's layer; pinned CPU on a GPU run); dst_k, dst_v
+    src_k, src_v [NP, P, Hkv, D] (the host tier's layer, or a slice of its kv heads; pinned CPU on a
+    GPU run); dst_k, dst_v
     [S, P, Hkv, D] on the device; pages_c, slots_c [M] int32/int64 and count [1] int32 on the device
     (compact()'s output). Entries past the count are never read as pages nor written. block: elements
     per program (power of 2; a page is ceil(P * Hkv * D / block) programs). host_ptr: "tensor" or
@@ -147,6 +167,7 @@ def copy_pages(
     _copy_pages_kernel[grid](
         sk, sv, dst_k, dst_v, pages_c, slots_c, count,
         PAGE=page, BLOCK=block, EVEN=page % block == 0, SRC_INT=host_ptr == "int", num_warps=num_warps,
+        **_src_strides(src_k),
     )  # fmt: skip
 
 

@@ -24,6 +24,7 @@ instead of 32. Writes <out>/tiered-<stamp>.json.
     python scripts/bench_tiered.py --out benchmarks/results           # H100: < 2 min
     python scripts/bench_tiered.py --fetch-backend triton --out benchmarks/results
     python scripts/bench_tiered.py --smoke --out /tmp/x               # CPU, tiny, seconds
+    python scripts/bench_tiered.py --fetch-backend triton --placement clock --granularity page,head --out DIR
 Each pool size runs per --placement (default lru,clock; recorded as "placement" in each pool row).
 """
 
@@ -42,7 +43,7 @@ import torch
 
 from sglang_psa.kernels import sparse_decode
 from sglang_psa.memory.device_pool import union_pages
-from sglang_psa.memory.device_tiered import DeviceTieredAttention
+from sglang_psa.memory.device_tiered import DeviceTieredAttention, PerHeadTieredAttention
 from sglang_psa.memory.host_kv import cuda_view
 from sglang_psa.memory.hot_pool import HostTier
 from sglang_psa.memory.uva_fetch import PageFetcher
@@ -209,10 +210,20 @@ def bench_resident(shape, cfg, timer, graph, k_rows=None, v_rows=None):
     return sum(times) / len(times), last
 
 
-def bench_tiered(shape, cfg, timer, graph, capacity, fetch_kw, resident_last):
-    t = DeviceTieredAttention.build(capacity, shape.host, shape.width, shape.q.device, **fetch_kw)
+def bench_tiered(shape, cfg, timer, graph, capacity, fetch_kw, resident_last, granularity="page"):
+    """capacity in pages of all kv heads; granularity "head": Hkv pools of one head each, same bytes."""
     page_bytes = 2 * shape.k[0].numel() * shape.k.element_size()
-    res = {"capacity_pages": capacity, "pool_gib": (capacity + 1 + shape.width) * page_bytes / 2**30}
+    if granularity == "head":
+        hkv = shape.k.shape[2]
+        width = DeviceTieredAttention.union_width(shape.bs, 1, cfg["budget"], shape.num_pages)
+        t = PerHeadTieredAttention.build(capacity * hkv, shape.host, width, shape.q.device, **fetch_kw)
+        page_bytes //= hkv  # a slot, a fetch: one head's page
+        res = {"capacity_pages": capacity, "granularity": "head",
+               "pool_gib": (capacity * hkv + hkv * (1 + width)) * page_bytes / 2**30}  # fmt: skip
+    else:
+        t = DeviceTieredAttention.build(capacity, shape.host, shape.width, shape.q.device, **fetch_kw)
+        res = {"capacity_pages": capacity, "granularity": "page",
+               "pool_gib": (capacity + 1 + shape.width) * page_bytes / 2**30}  # fmt: skip
     for mode in ("sync", "overlap", "nofetch"):
         pre, copy = mode == "overlap", mode != "nofetch"
 
@@ -322,6 +333,12 @@ def main(argv=None) -> dict:
         help="pool policies to run, comma-separated: lru (torch ops, global LRU) and/or clock "
         "(fused Triton union/place/table, memory/fused_place.py); default both",
     )
+    ap.add_argument(
+        "--granularity",
+        default="page",
+        help="hot-pool slots: page (all kv heads, DeviceTieredAttention) and/or head (one pool per kv "
+        "head, PerHeadTieredAttention; needs --fetch-backend triton); comma-separated",
+    )
     args = ap.parse_args(argv)
     cfg = dict(SMOKE if args.smoke else FULL)
     for k in ("shapes", "mults", "steps"):
@@ -348,6 +365,12 @@ def main(argv=None) -> dict:
     if not placements or any(x not in ("lru", "clock") for x in placements):
         sys.exit(f"--placement: lru and/or clock, got {args.placement!r}")
     doc["config"]["placements"] = placements
+    granularities = args.granularity.split(",")
+    if not granularities or any(x not in ("page", "head") for x in granularities):
+        sys.exit(f"--granularity: page and/or head, got {args.granularity!r}")
+    if "head" in granularities and args.fetch_backend != "triton":
+        sys.exit("--granularity head copies a strided head slice: it needs --fetch-backend triton")
+    doc["config"]["granularities"] = granularities
     t0 = time.perf_counter()
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"tiered-{'smoke-' if args.smoke else ''}{stamp}.json")
@@ -367,12 +390,13 @@ def main(argv=None) -> dict:
         row["pools"] = []
         for mult in (float(x) for x in cfg["mults"].split(",")):
             cap = min(int(round(mult * shape.step_budget)), shape.nl * shape.num_pages)
-            for placement in placements:  # DevicePagePool policy (build() passes it to the pool)
-                r = bench_tiered(shape, cfg, timer, graph, cap, {**fetch_kw, "policy": placement}, last)
+            for placement, gran in ((p_, g_) for p_ in placements for g_ in granularities):
+                kw = {**fetch_kw, "policy": placement}  # build() passes the policy to the pool(s)
+                r = bench_tiered(shape, cfg, timer, graph, cap, kw, last, gran)
                 row["pools"].append({"mult": mult, "placement": placement, **r})
                 if graph:
                     torch.cuda.empty_cache()  # the pool (and its graphs) are gone: give the memory back
-                print(f"{spec} pool {mult}x ({cap} pages) {placement}: resident "
+                print(f"{spec} pool {mult}x ({cap} pages) {placement} {gran}: resident "
                       f"{row['resident_ms_per_step']:.2f} ms, "
                       f"sync {r['sync']['ms_per_step']:.2f}, overlap {r['overlap']['ms_per_step']:.2f}, "
                       f"nofetch {r['nofetch']['ms_per_step']:.2f} ms/step, hit {r['sync']['hit_rate']:.2f}, "

@@ -16,6 +16,7 @@ from typing import Any
 
 MODES = ("estimated", "progressive", "certified", "topk")
 HOT_POLICIES = ("clock", "lru")  # DevicePagePool placement policies (memory/device_pool.py)
+HOT_GRANULARITIES = ("page", "head")  # a hot-pool slot holds a page of all kv heads, or of one
 REUSE_MODES = ("estimated", "topk")  # modes that store a page list --psa-reuse-steps can reuse
 # Page sizes the kernels are written for (tl.arange needs powers of two; 16 keeps the bound cost
 # at 1/16 of the K+V bytes, 128 is the largest tile the decode kernel keeps in registers).
@@ -59,6 +60,7 @@ class PSAConfig:
     host_kv_gb: float = 0.0  # host tier size; 0 = half of the host's available memory
     hot_pool_gb: float = 0.0  # GPU hot pool size; 0 = what SGLang would have given the KV pool
     hot_policy: str = "clock"  # clock | lru
+    hot_granularity: str = "page"  # page (all kv heads per slot) | head (one kv head per slot)
     prefetch: bool = False  # tiered: fetch layer l+1's previous pages on a side stream during layer l
 
     # ------------------------------------------------------------------ construction
@@ -182,6 +184,9 @@ class PSAConfig:
         if self.hot_policy not in HOT_POLICIES:
             choices = ", ".join(HOT_POLICIES)
             raise ValueError(f"--psa-hot-policy must be one of {choices}, got {self.hot_policy!r}")
+        if self.hot_granularity not in HOT_GRANULARITIES:
+            choices = ", ".join(HOT_GRANULARITIES)
+            raise ValueError(f"--psa-hot-granularity must be one of {choices}, got {self.hot_granularity!r}")
 
     def validate_page_size(self, page_size: int | None) -> None:
         if page_size is None or not _is_pow2(page_size) or not (MIN_PAGE_SIZE <= page_size <= MAX_PAGE_SIZE):

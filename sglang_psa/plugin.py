@@ -65,6 +65,8 @@ _FLAG_HELP = {
     "hot_pool_gb": "PSA tiered: GiB of GPU memory for the hot-page pool (0 = the KV-pool budget SGLang "
     "computes from --mem-fraction-static).",
     "hot_policy": "PSA tiered: hot-pool replacement, clock (fused Triton placement) or lru.",
+    "hot_granularity": "PSA tiered: a hot-pool slot holds one page of all kv heads (page) or of one kv "
+    "head (head: a miss moves only what that head reads; each head gets 1/Hkv of the pool).",
     "prefetch": "PSA tiered: prefetch layer l+1's previous-step pages on a side stream during layer l.",
 }
 

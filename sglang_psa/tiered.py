@@ -131,7 +131,7 @@ class TieredDecode:
 
     def __init__(self, cfg: PSAConfig, kv_pool: Any, page_size: int, max_rows: int, width: int,
                  device: torch.device):  # fmt: skip
-        from sglang_psa.memory.device_tiered import DeviceTieredAttention
+        from sglang_psa.memory.device_tiered import DeviceTieredAttention, PerHeadTieredAttention
         from sglang_psa.memory.hot_pool import HostTier
 
         host = getattr(kv_pool, "psa_host_kv", None)
@@ -149,22 +149,24 @@ class TieredDecode:
         tier = HostTier.__new__(HostTier)  # a view of SGLang's buffer, not an allocation
         tier.k = host[0].view(nl, num_pages, page_size, hkv, d)
         tier.v = host[1].view(nl, num_pages, page_size, hkv, d)
-        slot_bytes = 2 * page_size * hkv * d * host.element_size()
-        union_width = DeviceTieredAttention.union_width(max_rows, hkv, width, num_pages)
         budget = int(cfg.hot_pool_gb * 2**30) if cfg.hot_pool_gb > 0 else int(0.9 * (_gpu_kv_budget or 0))
-        capacity = max(0, budget // slot_bytes - 1 - union_width)
-        self.attn = DeviceTieredAttention.build(
-            capacity, tier, union_width, device, policy=cfg.hot_policy, backend="triton"
-        )
+        per_head = cfg.hot_granularity == "head"
+        pools = hkv if per_head else 1  # each pool: capacity slots + a sink + union_width scratch slots
+        slot_bytes = 2 * page_size * (1 if per_head else hkv) * d * host.element_size()
+        union_width = DeviceTieredAttention.union_width(max_rows, 1 if per_head else hkv, width, num_pages)
+        capacity = max(0, budget // slot_bytes - pools * (1 + union_width))
+        kind = PerHeadTieredAttention if per_head else DeviceTieredAttention
+        self.attn = kind.build(capacity, tier, union_width, device, policy=cfg.hot_policy, backend="triton")
         self.slot_bytes = slot_bytes
         self._steps = 0
         self._last = None
         self.last_report: dict[str, float] | None = None
         logger.info(
-            "PSA tiered: hot pool %d page slots + %d scratch (%.2f GiB of GPU memory) over %d host pages "
-            "x %d layers; placement %s, prefetch %s",
-            capacity, union_width, (capacity + 1 + union_width) * slot_bytes / 2**30, num_pages, nl,
-            cfg.hot_policy, cfg.prefetch,
+            "PSA tiered: hot pool %d slots of one %s + %d scratch (%.2f GiB of GPU memory) over %d "
+            "host pages x %d layers; placement %s, prefetch %s",
+            capacity, "kv head's page" if per_head else "page (all kv heads)", pools * union_width,
+            (capacity + pools * (1 + union_width)) * slot_bytes / 2**30, num_pages, nl, cfg.hot_policy,
+            cfg.prefetch,
         )  # fmt: skip
 
     def begin_step(self) -> None:
@@ -173,7 +175,7 @@ class TieredDecode:
 
     def on_write(self, layer_id: int, loc: torch.Tensor) -> None:
         """Drop the written pages of this layer from the hot pool (loc: token slots just written)."""
-        self.attn.pool.invalidate_layer(layer_id - self.start_layer, loc // self.page_size)
+        self.attn.invalidate_layer(layer_id - self.start_layer, loc // self.page_size)
 
     def forward(self, layer_id, q, req_to_token, rpi, seq_lens, page_idx, counts, sm_scale) -> torch.Tensor:
         out, _lse = self.attn.forward(

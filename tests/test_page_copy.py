@@ -162,3 +162,31 @@ def test_triton_copy_replays_in_a_cuda_graph_with_changing_masks(host_ptr):
         PageFetcher(h, rk, rv, sink_slot=S - 1, backend="torch").copy(0, pages, slots, mask)
         assert torch.equal(dk[: S - 1], rk[: S - 1]) and torch.equal(dv[: S - 1], rv[: S - 1])
         assert dk[S - 1].eq(POISON).all()  # the sink is never written
+
+
+@pytest.mark.parametrize("head", range(HKV))
+@pytest.mark.parametrize("host_ptr", ["tensor", "int"])
+def test_triton_copy_of_one_kv_head_reads_the_strided_slice(head, host_ptr):
+    """PerHeadTieredAttention's copies: the source is one kv head of each host page, in place."""
+    h = host_tier(5 + head)
+    pages, slots, mask = case("mixed", 4 + head)
+    src_k, src_v = h.k[1][:, :, head : head + 1], h.v[1][:, :, head : head + 1]  # [NP, P, 1, D] strided
+    dst_k = torch.full((S, P, 1, D), POISON)
+    dst_v = dst_k.clone()
+    pc, sc, cnt = page_copy.compact(mask, pages, slots)
+    page_copy.copy_pages(src_k, src_v, dst_k, dst_v, pc, sc, cnt, block=256, host_ptr=host_ptr)
+    for p_, s_ in zip(pages[mask].tolist(), slots[mask].tolist()):
+        assert torch.equal(dst_k[s_], h.k[1, p_, :, head : head + 1])
+        assert torch.equal(dst_v[s_], h.v[1, p_, :, head : head + 1])
+    untouched = torch.ones(S, dtype=torch.bool)
+    untouched[slots[mask].long()] = False
+    assert bool((dst_k[untouched] == POISON).all())
+
+
+def test_copy_refuses_a_source_without_contiguous_token_rows():
+    h = host_tier(0)
+    src = h.k[0].transpose(2, 3)  # [NP, P, D, Hkv]: rows are not contiguous
+    dst = torch.zeros(S, P, D, HKV)
+    one = torch.zeros(1, dtype=torch.int64)
+    with pytest.raises(ValueError, match="contiguous"):
+        page_copy.copy_pages(src, src, dst, dst.clone(), one, one, torch.zeros(1, dtype=torch.int32))

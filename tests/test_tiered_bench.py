@@ -22,3 +22,13 @@ def test_bench_tiered_smoke(tmp_path):
             pages = pool[mode]["pages_per_step"]
             assert pages["hits"] + pages["fetched"] + pages["overflow"] == pages["needed"] > 0
         assert 0 <= pool["sync"]["hit_rate"] <= 1
+
+
+def test_bench_tiered_smoke_per_head_pools(tmp_path):
+    bench = load_script("bench_tiered")
+    args = ["--smoke", "--out", str(tmp_path), "--placement", "clock", "--fetch-backend", "triton"]
+    doc = bench.main([*args, "--granularity", "page,head"])
+    (shape,) = json.loads(open(doc["path"]).read())["shapes"]
+    assert sorted(pool["granularity"] for pool in shape["pools"]) == ["head", "page"]
+    for pool in shape["pools"]:
+        assert pool["sync"]["max_abs_diff_vs_resident_last_step"] < 1e-5

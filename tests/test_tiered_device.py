@@ -10,7 +10,7 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from sglang_psa.kernels import sparse_decode, sparse_decode_ref
-from sglang_psa.memory.device_tiered import DeviceTieredAttention
+from sglang_psa.memory.device_tiered import DeviceTieredAttention, PerHeadTieredAttention
 from sglang_psa.memory.hot_pool import HostTier
 from sglang_psa.memory.uva_fetch import PageFetcher
 
@@ -59,7 +59,11 @@ class Batch:
         v = self.host.v[layer].reshape(-1, HKV, D).to(self.device)
         return attend(self.q, k, v, self.req_to_token, self.rpi, self.seq_lens, idx, cnt, P, self.sm_scale)
 
-    def tiered(self, capacity: int, attend=sparse_decode_ref, **kw) -> DeviceTieredAttention:
+    def tiered(self, capacity: int, attend=sparse_decode_ref, granularity: str = "page", **kw):
+        if granularity == "head":  # one pool per kv head (strided copies: the triton fetch backend)
+            width = DeviceTieredAttention.union_width(2, 1, W, self.num_pages)
+            return PerHeadTieredAttention.build(capacity, self.host, width, self.device, attend=attend,
+                                                backend="triton", **kw)  # fmt: skip
         width = DeviceTieredAttention.union_width(2, HKV, W, self.num_pages)
         return DeviceTieredAttention.build(capacity, self.host, width, self.device, attend=attend, **kw)
 
@@ -80,9 +84,14 @@ def record_copies(t: DeviceTieredAttention) -> list:
     return calls
 
 
-def check_pool(t: DeviceTieredAttention) -> None:
-    """The map is a bijection between resident (layer, page) keys and occupied slots."""
-    pool = t.pool
+def check_pool(t) -> None:
+    """The map is a bijection between resident (layer, page) keys and occupied slots (each head's pool
+    for a PerHeadTieredAttention)."""
+    for pool in [h.pool for h in t.heads] if hasattr(t, "heads") else [t.pool]:
+        _check_one_pool(pool)
+
+
+def _check_one_pool(pool) -> None:
     tab = pool.table()
     lyr, pg = torch.nonzero(tab >= 0, as_tuple=True)
     slots = tab[lyr, pg].long()
@@ -173,6 +182,45 @@ def test_tiny_pool_overflows_into_scratch_and_stays_exact(policy):
     assert s["fetched"] == 2 and s["overflow"] == s["needed"] - 2 > 0
 
 
+# ----------------------------------------------------------------------------- per kv head
+@pytest.mark.parametrize("policy", POLICIES)
+@settings(max_examples=25, deadline=None)
+@given(capacity=st.integers(0, 24), seed=st.integers(0, 2**16), prefetch=st.booleans())
+def test_per_head_pools_equal_resident(policy, capacity, seed, prefetch):
+    """One pool per kv head (slots of P x D, copies read the host tier's head slice in place)."""
+    b = Batch(seed)
+    t = b.tiered(capacity, policy=policy, granularity="head")
+    assert len(t.heads) == HKV and t.heads[0].pool.k.shape[1:] == (P, 1, D)
+    g = torch.Generator().manual_seed(seed + 1)
+    for _ in range(2):
+        t.begin_step(prefetch_first=prefetch)
+        for layer in range(L):
+            idx, cnt = b.select(g)
+            out, lse = b.run(t, layer, idx, cnt, prefetch_next=prefetch)
+            ref, ref_lse = b.resident(layer, idx, cnt)
+            assert torch.equal(out, ref)
+            assert torch.allclose(lse, ref_lse, atol=1e-6)
+            check_pool(t)
+    s = t.stats()
+    assert s["hits"] + s["fetched"] + s["overflow"] == s["needed"]
+    # a head fetches only its own pages: needed = sum over heads of that head's unique pages
+
+
+def test_per_head_invalidation_drops_every_heads_copy():
+    b = Batch(2)
+    t = b.tiered(64, granularity="head")
+    idx = torch.tensor([[[0, 1, 2], [2, 3, 4]], [[0, 1, 5], [0, 2, 3]]], dtype=torch.int32)
+    cnt = torch.full((2, HKV), 3, dtype=torch.int32)
+    t.begin_step()
+    b.run(t, 0, idx, cnt)
+    phys = int(b.req_to_token[0, 2 * P]) // P  # logical page 2 of request 0: selected by both heads
+    b.host.k[0, phys] = torch.randn(P, HKV, D)
+    t.invalidate_layer(0, torch.tensor([phys * P + 3]) // P)
+    t.begin_step()
+    out, _ = b.run(t, 0, idx, cnt)
+    assert torch.equal(out, b.resident(0, idx, cnt)[0])
+
+
 # ----------------------------------------------------------------------------- staleness
 @pytest.mark.parametrize("policy", POLICIES)
 def test_invalidated_page_is_refetched_never_served_stale(policy):
@@ -238,13 +286,14 @@ def test_uva_transfer_kernel_equals_torch_fallback(pad):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("granularity", ["page", "head"])
 @pytest.mark.parametrize("policy", POLICIES)
 @pytest.mark.parametrize("capacity", [3, 64])
-def test_whole_step_replays_in_a_cuda_graph(capacity, policy):
+def test_whole_step_replays_in_a_cuda_graph(capacity, policy, granularity):
     """Both layers (place, UVA fetch, prefetch on the side stream, attention) captured once and
     replayed with new selections give resident decode's result, also with a pool that overflows."""
     b = Batch(7, device="cuda", dtype=torch.bfloat16)
-    t = b.tiered(capacity, attend=sparse_decode, policy=policy)
+    t = b.tiered(capacity, attend=sparse_decode, policy=policy, granularity=granularity)
     g = torch.Generator().manual_seed(1)
     idx_buf = torch.full((L, 2, HKV, W), -1, dtype=torch.int32, device="cuda")
     cnt_buf = torch.zeros(L, 2, HKV, dtype=torch.int32, device="cuda")

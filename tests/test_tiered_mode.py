@@ -52,6 +52,29 @@ def test_tau_one_equals_dense(slots):
         assert s["hits"] > 0 and s["overflow"] == 0
 
 
+@pytest.mark.parametrize("slots", [0, 8, 400], ids=["no-pool", "evicting", "roomy"])
+def test_per_head_slots_equal_dense_and_resident(slots):
+    """--psa-hot-granularity head: one pool per kv head, each with slots // Hkv of the budget."""
+    gb = (slots + 2 * 66) * (SLOT_BYTES // 2) / 2**30  # per head: a sink + 65 scratch slots
+    b = make_backend(tau=1.0, max_pages=CTX // P, dense_below=0, tiered=True, hot_pool_gb=gb,
+                     hot_granularity="head")  # fmt: skip
+    assert len(b.tiered.attn.heads) == 2 and b.tiered.attn.heads[0].pool.capacity == slots // 2
+    batch = Batch(b, [40, 100, 7], torch.Generator().manual_seed(0))
+    batch.prefill()
+    for _ in range(10):
+        for o, ref in batch.decode():
+            torch.testing.assert_close(o, ref, rtol=1e-5, atol=1e-5)
+    opts = dict(mode="estimated", tau=0.5, max_pages=6, sink_pages=1, local_pages=1, dense_below=0)
+    resident = make_backend(**opts)
+    tier = make_backend(**opts, tiered=True, hot_pool_gb=gb, hot_granularity="head")
+    batches = [Batch(x, [150, 90], torch.Generator().manual_seed(3)) for x in (resident, tier)]
+    for x in batches:
+        x.prefill()
+    for _ in range(6):
+        for (a, _), (c, _) in zip(batches[0].decode(), batches[1].decode()):
+            torch.testing.assert_close(a, c, rtol=1e-6, atol=1e-6)
+
+
 def test_sparse_selection_matches_resident_backend():
     opts = dict(mode="estimated", tau=0.5, max_pages=6, sink_pages=1, local_pages=1, dense_below=0)
     resident = make_backend(**opts)
@@ -115,6 +138,8 @@ def test_report_counts_hits_and_bytes():
 def test_tiered_options_fail_by_name():
     with pytest.raises(ValueError, match="--psa-tiered serves the page lists"):
         PSAConfig(tiered=True, mode="certified").validate()
+    with pytest.raises(ValueError, match="--psa-hot-granularity"):
+        PSAConfig(tiered=True, hot_granularity="token").validate()
     with pytest.raises(ValueError, match="--psa-hot-policy"):
         PSAConfig(tiered=True, hot_policy="fifo").validate()
     with pytest.raises(ValueError, match="--psa-host-kv-gb"):
