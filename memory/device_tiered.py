@@ -45,6 +45,7 @@ from sglang_psa.kernels import sparse_decode
 
 from .device_pool import DevicePagePool, union_pages
 from .fused_place import page_table, union_selected
+from .hot_pool import HostTier
 from .uva_fetch import PageFetcher
 
 COUNTER_NAMES = ("needed", "hits", "fetched", "overflow", "prefetched")
@@ -250,7 +251,7 @@ class PerHeadTieredAttention:
         hkv = host.k.shape[3]
         out = []
         for h in range(hkv):
-            view = HostTierView(host.k[:, :, :, h : h + 1], host.v[:, :, :, h : h + 1])
+            view = HostTier.wrap(host.k[:, :, :, h : h + 1], host.v[:, :, :, h : h + 1])
             out.append(DeviceTieredAttention.build(capacity // hkv, view, width, device, **dict(kw)))
         return cls(out)
 
@@ -287,18 +288,3 @@ class PerHeadTieredAttention:
             outs.append(o)
             lses.append(lse)
         return torch.cat(outs, 1), torch.cat(lses, 1)
-
-
-class HostTierView:
-    """A HostTier-shaped pair of views (e.g. one kv head's slice of the tier): k, v [L, NP, P, H, D]."""
-
-    def __init__(self, k: torch.Tensor, v: torch.Tensor):
-        self.k, self.v = k, v
-
-    @property
-    def num_layers(self) -> int:
-        return self.k.shape[0]
-
-    @property
-    def num_pages(self) -> int:
-        return self.k.shape[1]

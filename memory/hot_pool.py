@@ -68,6 +68,14 @@ class HostTier:
         self.v = torch.zeros(shape, dtype=dtype, pin_memory=pin)
 
     @classmethod
+    def wrap(cls, k: torch.Tensor, v: torch.Tensor) -> HostTier:
+        """A tier over existing tensors [L, NP, P, Hkv, D] (a kv-head slice of another tier, SGLang's
+        host KV buffer): no allocation."""
+        tier = cls.__new__(cls)
+        tier.k, tier.v = k, v
+        return tier
+
+    @classmethod
     def for_pool(
         cls, host: HostTier | None, num_layers: int, num_pages: int, page_size: int, num_kv_heads: int,
         head_dim: int, dtype: torch.dtype,

@@ -132,8 +132,7 @@ class Shape:
         hk, hv = self.k.cpu(), self.v.cpu()
         if pin:
             hk, hv = hk.pin_memory(), hv.pin_memory()
-        self.host = HostTier.__new__(HostTier)  # around __init__, which would allocate all layers
-        self.host.k, self.host.v = hk.expand(nl, *shape), hv.expand(nl, *shape)
+        self.host = HostTier.wrap(hk.expand(nl, *shape), hv.expand(nl, *shape))  # no per-layer copies
         self.k_rows, self.v_rows = self.k.view(-1, hkv, d), self.v.view(-1, hkv, d)
         self.sm_scale = d**-0.5
         steps = cfg["warmup"] + cfg["steps"]

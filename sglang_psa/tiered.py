@@ -146,9 +146,8 @@ class TieredDecode:
         if tokens % page_size:
             raise ValueError(f"host KV rows {tokens} are not whole pages of {page_size}")
         num_pages = tokens // page_size
-        tier = HostTier.__new__(HostTier)  # a view of SGLang's buffer, not an allocation
-        tier.k = host[0].view(nl, num_pages, page_size, hkv, d)
-        tier.v = host[1].view(nl, num_pages, page_size, hkv, d)
+        shape = (nl, num_pages, page_size, hkv, d)
+        tier = HostTier.wrap(host[0].view(shape), host[1].view(shape))  # SGLang's buffer, no copy
         budget = int(cfg.hot_pool_gb * 2**30) if cfg.hot_pool_gb > 0 else int(0.9 * (_gpu_kv_budget or 0))
         per_head = cfg.hot_granularity == "head"
         pools = hkv if per_head else 1  # each pool: capacity slots + a sink + union_width scratch slots
