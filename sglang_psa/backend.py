@@ -111,6 +111,8 @@ class PSAAttnBackend(AttentionBackend):
                 self.cfg, self.kv_pool, self.page_size, self.req_to_token.shape[0], self.width, self.device
             )
             self.tiered_prefill = TieredPrefill(self.dense, self.req_to_token, self.device)
+            if getattr(sa, "enable_metrics", False):
+                self.tiered.metric_labels = {"tp_rank": str(getattr(model_runner, "tp_rank", 0))}
         self.reuse: SelectionReuse | None = None
         if self.cfg.reuse_steps > 1:
             self.reuse = SelectionReuse(

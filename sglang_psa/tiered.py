@@ -160,6 +160,7 @@ class TieredDecode:
         self._steps = 0
         self._last = None
         self.last_report: dict[str, float] | None = None
+        self.metric_labels: dict[str, str] | None = None  # set by the backend with --enable-metrics
         logger.info(
             "PSA tiered: hot pool %d slots of one %s + %d scratch (%.2f GiB of GPU memory) over %d "
             "host pages x %d layers; placement %s, prefetch %s",
@@ -202,7 +203,40 @@ class TieredDecode:
         }
         logger.info("PSA tiered: %s", ", ".join(f"{k} {v:.3g}" for k, v in rep.items()))
         self.last_report = rep
+        if self.metric_labels is not None:
+            _emit_prometheus(self.metric_labels, d, moved, rep["hit_rate"])
         return rep
+
+
+_PROM: dict[str, Any] = {}  # one set of metric objects per process (prometheus_client refuses twins)
+
+
+def _emit_prometheus(labels: dict[str, str], delta: dict[str, int], moved_bytes: int, hit_rate: float):
+    """The report's window as Prometheus counters (imported late: SGLang sets the multiprocess dir
+    before the scheduler starts)."""
+    if not _PROM:
+        from prometheus_client import Counter, Gauge
+
+        names = list(labels)
+        for key, doc in (
+            ("needed", "(layer, page) units tiered decode attended (pool hits + fetched + overflow)"),
+            ("hits", "units found in the GPU hot pool"),
+            ("fetched", "units copied from host memory into pool slots"),
+            ("overflow", "units copied from host memory into scratch slots (no pool slot free)"),
+            ("prefetched", "units copied ahead of their layer on the side stream (--psa-prefetch)"),
+        ):
+            _PROM[key] = Counter(f"sglang:psa_tiered_{key}_pages", f"PSA tiered: {doc}.", labelnames=names)
+        _PROM["bytes"] = Counter(
+            "sglang:psa_tiered_fetched_bytes", "PSA tiered: bytes copied host -> GPU.", labelnames=names
+        )
+        _PROM["hit_rate"] = Gauge(
+            "sglang:psa_tiered_hit_rate", "PSA tiered: hot-pool hit rate, last report window.",
+            labelnames=names, multiprocess_mode="mostrecent",
+        )  # fmt: skip
+    for key, n in delta.items():
+        _PROM[key].labels(**labels).inc(n)
+    _PROM["bytes"].labels(**labels).inc(moved_bytes)
+    _PROM["hit_rate"].labels(**labels).set(hit_rate)
 
 
 class TieredPrefill:

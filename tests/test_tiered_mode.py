@@ -135,6 +135,23 @@ def test_report_counts_hits_and_bytes():
     assert first["mib_fetched_per_step"] > later["mib_fetched_per_step"] > 0  # the written page
 
 
+def test_report_feeds_prometheus():
+    from prometheus_client import REGISTRY
+
+    b = make_backend(tau=1.0, max_pages=CTX // P, dense_below=0, tiered=True, hot_pool_gb=pool_gb(200),
+                     stats_interval=2)  # fmt: skip
+    b.tiered.metric_labels = {"tp_rank": "7"}
+    batch = Batch(b, [64, 64], torch.Generator().manual_seed(4))
+    batch.prefill()
+    for _ in range(5):
+        batch.decode()
+    got = {k: REGISTRY.get_sample_value(f"sglang:psa_tiered_{k}_pages_total", {"tp_rank": "7"})
+           for k in ("needed", "hits", "fetched")}  # fmt: skip
+    assert got["needed"] > 0 and got["hits"] + got["fetched"] == got["needed"]
+    assert REGISTRY.get_sample_value("sglang:psa_tiered_fetched_bytes_total", {"tp_rank": "7"}) > 0
+    assert 0 < REGISTRY.get_sample_value("sglang:psa_tiered_hit_rate", {"tp_rank": "7"}) <= 1
+
+
 def test_tiered_options_fail_by_name():
     with pytest.raises(ValueError, match="--psa-tiered serves the page lists"):
         PSAConfig(tiered=True, mode="certified").validate()
