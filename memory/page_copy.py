@@ -3,14 +3,15 @@
 PageFetcher's sgl-kernel path moves M * P token items per call whether or not a page needs a copy
 (dummies go to the sink slot), so its time barely depends on the hit rate (docs/TIERED.md, cause 2).
 Here the pages to copy are packed to the front on the device and a Triton kernel reads the count from
-device memory: programs past it exit at once, so an all-hit call costs one launch of idle programs
-and a half-hit call moves half the bytes. Nothing reads the count on the host (no sync), every shape
-is static: the call is CUDA-graph capturable and the count changes between replays.
+device memory; a fixed grid of programs strides over the entries below it, so an all-hit call costs
+one small launch and a half-hit call moves half the bytes. Nothing reads the count on the host (no
+sync), every shape is static: the call is CUDA-graph capturable and the count changes between replays.
 
     compact(mask [M] bool, pages [M] int, slots [M] int)
         -> pages_c [M] int64, slots_c [M] int64 (the masked entries in order, -1 after), count [1] int32
     copy_pages(src_k, src_v [NP, P, Hkv, D], dst_k, dst_v [S, P, Hkv, D], pages_c, slots_c, count)
-        dst[slots_c[i]] = src[pages_c[i]] for i < count (K and V); Triton, grid (M, ceil(page / block))
+        dst[slots_c[i]] = src[pages_c[i]] for i < count (K and V); Triton, grid
+        (min(M, max_programs), ceil(page / block)), each program striding over the entries
     copy_pages_ref(...)  the same in torch (reads count on the host: a reference, not capturable)
 
 Source pointer on the GPU: src is the pinned host tier, read over UVA. host_ptr picks how the kernel
@@ -38,6 +39,8 @@ import torch
 import triton
 import triton.language as tl
 
+from sglang_psa.kernels._common import sm_count
+
 
 @triton.jit
 def _copy_pages_kernel(
@@ -56,12 +59,8 @@ def _copy_pages_kernel(
     SRC_TOK: tl.constexpr = 0,
     ROW: tl.constexpr = 0,
 ):
-    i = tl.program_id(0)  # compacted entry
     c = tl.program_id(1)  # chunk of the page
-    if i >= tl.load(count):
-        return
-    page = tl.load(pages + i).to(tl.int64)
-    slot = tl.load(slots + i).to(tl.int64)
+    n = tl.load(count)
     if SRC_INT:  # raw addresses: cast to pointers of the destination's element type
         # 16-byte aligned (copy_pages checks it): restated after the cast, or loads are not vectorised
         sk = tl.multiple_of(src_k.to(tl.pointer_type(dst_k.dtype.element_ty)), 16)
@@ -70,18 +69,23 @@ def _copy_pages_kernel(
         sk = src_k
         sv = src_v
     offs = c * BLOCK + tl.arange(0, BLOCK)
-    if SRC_PAGE:  # head-sliced source: ROW contiguous elements per token, tokens SRC_TOK apart
-        s_off = page * SRC_PAGE + (offs // ROW) * SRC_TOK + offs % ROW
-    else:
-        s_off = page * PAGE + offs
-    d_off = slot * PAGE + offs
-    if EVEN:
-        tl.store(dst_k + d_off, tl.load(sk + s_off))
-        tl.store(dst_v + d_off, tl.load(sv + s_off))
-    else:
-        m = offs < PAGE
-        tl.store(dst_k + d_off, tl.load(sk + s_off, mask=m), mask=m)
-        tl.store(dst_v + d_off, tl.load(sv + s_off, mask=m), mask=m)
+    # grid-stride over the compacted entries: a fixed number of programs, however wide the union
+    # (an all-hit call launched M x chunks idle programs before: 0.2-0.4 ms per layer on the H100)
+    for i in range(tl.program_id(0), n, tl.num_programs(0)):
+        page = tl.load(pages + i).to(tl.int64)
+        slot = tl.load(slots + i).to(tl.int64)
+        if SRC_PAGE:  # head-sliced source: ROW contiguous elements per token, tokens SRC_TOK apart
+            s_off = page * SRC_PAGE + (offs // ROW) * SRC_TOK + offs % ROW
+        else:
+            s_off = page * PAGE + offs
+        d_off = slot * PAGE + offs
+        if EVEN:
+            tl.store(dst_k + d_off, tl.load(sk + s_off))
+            tl.store(dst_v + d_off, tl.load(sv + s_off))
+        else:
+            m = offs < PAGE
+            tl.store(dst_k + d_off, tl.load(sk + s_off, mask=m), mask=m)
+            tl.store(dst_v + d_off, tl.load(sv + s_off, mask=m), mask=m)
 
 
 def compact(
@@ -140,6 +144,7 @@ def copy_pages(
     block: int = 4096,
     num_warps: int = 4,
     host_ptr: str = "tensor",
+    max_programs: int | None = None,
 ) -> None:
     """dst_k/v[slots_c[i]] = src_k/v[pages_c[i]] for i < count[0] (Triton; see the module docstring).
 
@@ -148,7 +153,8 @@ def copy_pages(
     [S, P, Hkv, D] on the device; pages_c, slots_c [M] int32/int64 and count [1] int32 on the device
     (compact()'s output). Entries past the count are never read as pages nor written. block: elements
     per program (power of 2; a page is ceil(P * Hkv * D / block) programs). host_ptr: "tensor" or
-    "int" (how src reaches the kernel).
+    "int" (how src reaches the kernel). max_programs: programs along the entries, each striding over
+    them (default: M on the CPU, 8 per SM on a GPU).
     """
     page = _check(src_k, src_v, dst_k, dst_v)
     m = pages_c.shape[0]
@@ -163,7 +169,10 @@ def copy_pages(
         sk, sv = src_k, src_v
     else:
         raise ValueError(f"host_ptr must be 'tensor' or 'int', got {host_ptr!r}")
-    grid = (m, triton.cdiv(page, block))
+    programs = m if max_programs is None else max(1, min(m, max_programs))
+    if max_programs is None and dst_k.device.type == "cuda":
+        programs = min(m, 8 * sm_count(dst_k.device))
+    grid = (programs, triton.cdiv(page, block))
     _copy_pages_kernel[grid](
         sk, sv, dst_k, dst_v, pages_c, slots_c, count,
         PAGE=page, BLOCK=block, EVEN=page % block == 0, SRC_INT=host_ptr == "int", num_warps=num_warps,

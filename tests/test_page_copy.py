@@ -190,3 +190,14 @@ def test_copy_refuses_a_source_without_contiguous_token_rows():
     one = torch.zeros(1, dtype=torch.int64)
     with pytest.raises(ValueError, match="contiguous"):
         page_copy.copy_pages(src, src, dst, dst.clone(), one, one, torch.zeros(1, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("programs", [1, 2, 5])
+def test_fewer_programs_than_entries_stride_over_all_of_them(programs):
+    h = host_tier(9)
+    pages, slots, mask = case("all", 9)
+    dst_k, dst_v = pool()
+    pc, sc, cnt = page_copy.compact(mask, pages, slots)
+    page_copy.copy_pages(h.k[0], h.v[0], dst_k, dst_v, pc, sc, cnt, block=256, max_programs=programs)
+    for p_, s_ in zip(pages.tolist(), slots.tolist()):
+        assert torch.equal(dst_k[s_], h.k[0, p_]) and torch.equal(dst_v[s_], h.v[0, p_])
