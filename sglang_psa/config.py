@@ -57,7 +57,7 @@ class PSAConfig:
     # tiered mode (sglang_psa/tiered.py): the token KV pool lives in pinned host memory, decode reads
     # the selected pages through a GPU hot-page pool shared by all layers and requests
     tiered: bool = False
-    host_kv_gb: float = 0.0  # host tier size; 0 = half of the host's available memory
+    host_kv_gb: float = 0.0  # host tier size per tp rank; 0 = half of the host's available memory
     hot_pool_gb: float = 0.0  # GPU hot pool size; 0 = what SGLang would have given the KV pool
     hot_policy: str = "clock"  # clock | lru
     hot_granularity: str = "page"  # page (all kv heads per slot) | head (one kv head per slot)

@@ -60,8 +60,8 @@ _FLAG_HELP = {
     "tiered": "PSA tiered mode: SGLang's token KV pool lives in pinned host memory (its capacity is "
     "--psa-host-kv-gb, so more and longer requests are admitted) and decode reads the selected pages "
     "through one GPU hot-page pool shared by all layers and requests. Needs --radix-cache-backend psa.",
-    "host_kv_gb": "PSA tiered: GiB of pinned host memory for the token KV pool (0 = half of the "
-    "host's available memory).",
+    "host_kv_gb": "PSA tiered: GiB of pinned host memory for the token KV pool, per tensor-parallel "
+    "rank (0 = half of the host's available memory; give it explicitly with --tp > 1).",
     "hot_pool_gb": "PSA tiered: GiB of GPU memory for the hot-page pool (0 = the KV-pool budget SGLang "
     "computes from --mem-fraction-static).",
     "hot_policy": "PSA tiered: hot-pool replacement, clock (fused Triton placement) or lru.",
