@@ -115,7 +115,9 @@ class DeviceTieredAttention:
         self.last_union.fill_(-1)
 
     def invalidate_layer(self, layer: int, pages: torch.Tensor) -> None:
-        """Drop pages [any shape] of `layer` from the pool (KV writes; graph-capturable)."""
+        """Drop pages [any shape] of `layer` from the pool (KV writes; graph-capturable). A pending
+        prefetch of this layer is joined first: its placement writes the same slot state."""
+        self._join(layer)
         self.pool.invalidate_layer(layer, pages)
 
     # ------------------------------------------------------------------ prefetch

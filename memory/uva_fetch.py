@@ -90,6 +90,10 @@ class PageFetcher:
             raise ValueError(f"sink slot {sink_slot} out of range")
         if pad not in ("host", "device"):
             raise ValueError(f"pad must be 'host' or 'device', got {pad!r}")
+        if backend in ("kernel", "auto") and not (host.k[0].is_contiguous() and host.v[0].is_contiguous()):
+            if backend == "kernel":  # its item indices assume contiguous (Hkv x D) token items
+                raise ValueError("a kv-head slice of the host tier needs backend 'triton' or 'torch'")
+            backend = "torch" if dst_k.device.type != "cuda" else "triton"
         self.host, self.dst_k, self.dst_v = host, dst_k, dst_v
         self.page_size, self.sink_slot = p, sink_slot
         self.item_size = hkv * d * host.k.element_size()

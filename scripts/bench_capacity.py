@@ -64,8 +64,9 @@ def timeline(reqs: list[dict]) -> dict:
         if sum(1 for s, e in spans if s <= a and e >= b) != best:
             continue
         peak_time += b - a
-        for r in reqs:  # tokens whose stream mark falls in (a, b]
-            tokens += sum(1 for i, (t, _n) in enumerate(r["marks"]) if a < t <= b and i > 0)
+        for r in reqs:  # tokens streamed in (a, b]: a chunk may carry several under load
+            m = r["marks"]
+            tokens += sum(m[i][1] - m[i - 1][1] for i in range(1, len(m)) if a < m[i][0] <= b)
     return {
         "peak_concurrency": best,
         "seconds_at_peak": peak_time,

@@ -171,11 +171,12 @@ tiered_equal)
           --context-length 32768 --max-running-requests 4 --cuda-graph-max-bs 4)
   TIER=(--radix-cache-backend psa --psa-tiered --psa-host-kv-gb 1 --psa-stats-interval 8)
   T1=(--psa-tau 1.0 --psa-dense-below 0); T09=(--psa-tau 0.9 --psa-dense-below 2048)
-  RUNS=" ${TE_RUNS:-res_t1 tier_t1 tier_t1_nopool res_t09 tier_t09_evict tier_t09_head} "
+  RUNS=" ${TE_RUNS:-res_t1 tier_t1 tier_t1_nopool res_t09 tier_t09_evict tier_t09_head tier_t09_lru_prefetch} "
+  rc=0
   one() { local name=$1; shift
     [[ "$RUNS" == *" $name "* ]] || return 0
-    start_server te_$name "${COMMON[@]}" "$@" || return 1
-    $GEN --out "$OUT/te_$name.json"; grep "PSA tiered" "$OUT/te_$name.log" | tail -3; stop_server; }
+    start_server te_$name "${COMMON[@]}" "$@" || { rc=1; return 1; }
+    $GEN --out "$OUT/te_$name.json" || rc=1; grep "PSA tiered" "$OUT/te_$name.log" | tail -3; stop_server; }
   one res_t1 "${T1[@]}"; one tier_t1 "${T1[@]}" "${TIER[@]}"
   one tier_t1_nopool "${T1[@]}" "${TIER[@]}" --psa-hot-pool-gb 0.001
   # pool sizes for the small model (16 KiB per page slot, 5120 scratch slots = 0.078 GiB first):
@@ -184,7 +185,6 @@ tiered_equal)
   one tier_t09_evict "${T09[@]}" "${TIER[@]}" --psa-hot-pool-gb 0.09
   one tier_t09_head "${T09[@]}" "${TIER[@]}" --psa-hot-pool-gb 0.09 --psa-hot-granularity head
   one tier_t09_lru_prefetch "${T09[@]}" "${TIER[@]}" --psa-hot-pool-gb 0.09 --psa-hot-policy lru --psa-prefetch
-  rc=0
   for pair in "tier_t1 res_t1" "tier_t1_nopool res_t1" "tier_t09_nopool res_t09" "tier_t09_evict res_t09" \
               "tier_t09_head res_t09" "tier_t09_lru_prefetch res_t09"; do
     set -- $pair

@@ -107,9 +107,11 @@ class PSAAttnBackend(AttentionBackend):
         if self.cfg.tiered:
             from .tiered import TieredDecode, TieredPrefill
 
+            reserve = self.summaries.mem_bytes() + (256 << 20)  # + prefill workspace and gathers
             self.tiered = TieredDecode(
-                self.cfg, self.kv_pool, self.page_size, self.req_to_token.shape[0], self.width, self.device
-            )
+                self.cfg, self.kv_pool, self.page_size, self.req_to_token.shape[0], self.width, self.device,
+                reserve_bytes=reserve,
+            )  # fmt: skip
             self.tiered_prefill = TieredPrefill(self.dense, self.req_to_token, self.device)
             if getattr(sa, "enable_metrics", False):
                 self.tiered.metric_labels = {"tp_rank": str(getattr(model_runner, "tp_rank", 0))}

@@ -272,6 +272,14 @@ def validate_against_server(cfg: PSAConfig, server_args: Any, model_config: Any 
             "--psa-tiered keeps the token KV pool in host memory and needs PSA's radix cache: add "
             f"--radix-cache-backend psa (got --radix-cache-backend {radix!r})"
         )
+    if cfg.tiered and int(getattr(sa, "tp_size", 1) or 1) > 1 and not cfg.host_kv_gb:
+        raise ValueError(
+            "--psa-tiered with --tp-size > 1: every rank pins its own host tier; give "
+            "--psa-host-kv-gb (GiB per rank) so the ranks together fit the host's memory"
+        )
+    if cfg.tiered and getattr(sa, "enable_mixed_chunk", False):
+        # a mixed batch would gather every decoding request's whole context on every layer
+        raise ValueError("--psa-tiered does not support --enable-mixed-chunk; remove --enable-mixed-chunk")
     if getattr(sa, "enable_hisparse", False):
         raise ValueError(
             "--attention-backend psa and --enable-hisparse are two sparse decoders; remove --enable-hisparse"

@@ -72,6 +72,11 @@ def profile_available_bytes(original, self, *args, **kwargs) -> int:
     cfg = _tiered_config(getattr(self, "server_args", None))
     if cfg is None:
         return gpu_bytes
+    if getattr(self, "post_capture_kv_active", False):
+        raise ValueError(
+            "--psa-tiered sizes the KV pool before CUDA-graph capture; unset SGLang's post-capture KV "
+            "sizing (SGLANG_ENABLE_POST_CAPTURE_KV_SIZING) or drop --psa-tiered"
+        )
     global _gpu_kv_budget
     _gpu_kv_budget = gpu_bytes
     host = host_kv_bytes(cfg)
@@ -130,7 +135,7 @@ class TieredDecode:
     """
 
     def __init__(self, cfg: PSAConfig, kv_pool: Any, page_size: int, max_rows: int, width: int,
-                 device: torch.device):  # fmt: skip
+                 device: torch.device, reserve_bytes: int = 0):  # fmt: skip
         from sglang_psa.memory.device_tiered import DeviceTieredAttention, PerHeadTieredAttention
         from sglang_psa.memory.hot_pool import HostTier
 
@@ -148,7 +153,13 @@ class TieredDecode:
         num_pages = tokens // page_size
         shape = (nl, num_pages, page_size, hkv, d)
         tier = HostTier.wrap(host[0].view(shape), host[1].view(shape))  # SGLang's buffer, no copy
-        budget = int(cfg.hot_pool_gb * 2**30) if cfg.hot_pool_gb > 0 else int(0.9 * (_gpu_kv_budget or 0))
+        # default: SGLang's KV budget less what tiered mode adds on the GPU and SGLang did not count
+        # (reserve_bytes: the page summaries, sized by the host tier, and prefill workspaces)
+        budget = int(cfg.hot_pool_gb * 2**30)
+        if budget <= 0:
+            budget = max(0, int(0.9 * (_gpu_kv_budget or 0)) - reserve_bytes)
+            if not _gpu_kv_budget:
+                logger.warning("PSA tiered: no device KV budget recorded; the hot pool gets no slots")
         per_head = cfg.hot_granularity == "head"
         pools = hkv if per_head else 1  # each pool: capacity slots + a sink + union_width scratch slots
         slot_bytes = 2 * page_size * (1 if per_head else hkv) * d * host.element_size()
@@ -239,6 +250,15 @@ def _emit_prometheus(labels: dict[str, str], delta: dict[str, int], moved_bytes:
     _PROM["hit_rate"].labels(**labels).set(hit_rate)
 
 
+def _merge_state(o1, s1, o2, s2):
+    """SGLang's guarded merge (FlashInfer's CUDA merge cannot launch above ~1024 / (D / vec) heads)."""
+    try:
+        from sglang.srt.layers.attention.flashinfer_backend import _safe_merge_state
+    except ImportError:  # another SGLang layout: FlashInfer's own
+        from flashinfer import merge_state as _safe_merge_state
+    return _safe_merge_state(o1, s1, o2, s2)
+
+
 class TieredPrefill:
     """Extend attention when the KV pool is in host memory (see the module docstring).
 
@@ -260,6 +280,7 @@ class TieredPrefill:
             self.workspace = torch.empty(128 << 20, dtype=torch.uint8, device=device)
             self.wrapper = BatchPrefillWithRaggedKVCacheWrapper(self.workspace, "NHD")
         self.prefix_slots: torch.Tensor | None = None
+        self.no_prefix_rows: torch.Tensor | None = None
         self.indptr: tuple[torch.Tensor, torch.Tensor] | None = None
         self.planned: Any = None
 
@@ -275,6 +296,12 @@ class TieredPrefill:
             return
         pre, new = list(fb.extend_prefix_lens_cpu), list(fb.extend_seq_lens_cpu)
         rows = fb.req_pool_indices.tolist()
+        # rows of requests without a cached prefix keep the causal pass alone (an empty KV segment
+        # in the prefix pass is not relied on)
+        self.no_prefix_rows = None
+        if not all(pre):
+            flags = torch.repeat_interleave(torch.tensor([p == 0 for p in pre]), torch.tensor(new))
+            self.no_prefix_rows = flags.to(self.device)[:, None, None]
         self.prefix_slots = torch.cat([self.req_to_token[r, :p] for r, p in zip(rows, pre)]).long()
         qo = torch.tensor([0, *new], dtype=torch.int32).cumsum(0, dtype=torch.int32).to(self.device)
         kv = torch.tensor([0, *pre], dtype=torch.int32).cumsum(0, dtype=torch.int32).to(self.device)
@@ -285,14 +312,12 @@ class TieredPrefill:
         if not ours or getattr(layer, "sliding_window_size", -1) not in (-1, None):
             return self.dense.forward_extend(q, k, v, layer, fb, save_kv_cache)
         hq, hkv, d = layer.tp_q_head_num, layer.tp_k_head_num, layer.head_dim
-        q3, k3, v3 = q.view(-1, hq, d), k.view(-1, hkv, d), v.view(-1, hkv, layer.v_head_dim)
+        q3, k3, v3 = q.contiguous().view(-1, hq, d), k.view(-1, hkv, d), v.view(-1, hkv, layer.v_head_dim)
         cap = getattr(layer, "logit_cap", 0.0) or 0.0
         kw = {"sm_scale": layer.scaling, "logits_soft_cap": cap}
         if self.prefix_slots is None:
             o = self.dense.prefill_wrapper_ragged.forward(q3, k3, v3, causal=True, **kw)
         else:
-            from flashinfer import merge_state
-
             if self.indptr is not None:
                 self.wrapper.begin_forward(*self.indptr, hq, hkv, d, q_data_type=q3.dtype)
                 self.indptr = None
@@ -300,7 +325,9 @@ class TieredPrefill:
             kp = kv_pool.get_key_buffer(layer.layer_id)[self.prefix_slots]  # one PCIe read per byte
             vp = kv_pool.get_value_buffer(layer.layer_id)[self.prefix_slots]
             o2, s2 = self.wrapper.forward_return_lse(q3, kp, vp, causal=False, **kw)
-            o, _ = merge_state(o1, s1, o2, s2)
+            o, _ = _merge_state(o1, s1, o2, s2)
+            if self.no_prefix_rows is not None:
+                o = torch.where(self.no_prefix_rows, o1, o)
         if save_kv_cache:
             kv_pool.set_kv_buffer(layer, fb.out_cache_loc, k, v, layer.k_scale, layer.v_scale)
         return o.view(-1, hq * layer.v_head_dim)

@@ -117,6 +117,15 @@ def test_fetcher_copies_pages_and_sends_dummies_to_the_sink():
     assert dst[2 * P :].div(P, rounding_mode="floor").eq(5).all()  # dummies land in the sink slot
 
 
+def test_fetcher_kernel_backend_refuses_a_head_slice():
+    b = Batch(0)
+    view = HostTier.wrap(b.host.k[:, :, :, :1], b.host.v[:, :, :, :1])
+    dst = torch.zeros(4, P, 1, D)
+    with pytest.raises(ValueError, match="kv-head slice"):
+        PageFetcher(view, dst, dst.clone(), sink_slot=3, backend="kernel")
+    assert PageFetcher(view, dst, dst.clone(), sink_slot=3).backend == "torch"  # auto on the CPU
+
+
 # ----------------------------------------------------------------------------- exactness
 @pytest.mark.parametrize("policy", POLICIES)
 @settings(max_examples=60, deadline=None)

@@ -166,6 +166,13 @@ def test_tiered_options_fail_by_name():
         validate_against_server(PSAConfig(tiered=True), sa)
     sa.radix_cache_backend = "psa"
     validate_against_server(PSAConfig(tiered=True), sa)
+    sa.tp_size = 2
+    with pytest.raises(ValueError, match="--psa-host-kv-gb"):
+        validate_against_server(PSAConfig(tiered=True), sa)
+    validate_against_server(PSAConfig(tiered=True, host_kv_gb=20), sa)
+    sa.enable_mixed_chunk = True
+    with pytest.raises(ValueError, match="--enable-mixed-chunk"):
+        validate_against_server(PSAConfig(tiered=True, host_kv_gb=20), sa)
 
 
 def test_profile_hook_reports_host_bytes_and_keeps_the_gpu_budget(monkeypatch):
@@ -180,3 +187,7 @@ def test_profile_hook_reports_host_bytes_and_keeps_the_gpu_budget(monkeypatch):
         tiered.profile_available_bytes(lambda self: 7 << 30, conf)
     sa._psa_config = PSAConfig().to_dict()  # resident mode: the hook passes through
     assert tiered.profile_available_bytes(lambda self: 7 << 30, conf) == 7 << 30
+    sa._psa_config = cfg.to_dict()
+    conf.post_capture_kv_active = True  # SGLang would size the pool after capture: refused
+    with pytest.raises(ValueError, match="post-capture"):
+        tiered.profile_available_bytes(lambda self: 7 << 30, conf)
