@@ -156,7 +156,6 @@ class DeviceTieredAttention:
         """Policy "clock": union, place and page table in three Triton launches (fused_place.py);
         the same union, scratch use, copies, counters and table as _place_torch."""
         pool, p = self.pool, self.pool.k.shape[1]
-        self._join(layer)  # before the union: it is written in place of the prediction prefetch read
         union = self._union_row(layer, page_idx)
         union_selected(req_to_token, req_pool_indices, page_idx, counts, p, pool.num_pages, union.shape[0],
                        pool.union_bitmap, out=union)  # fmt: skip
@@ -170,7 +169,9 @@ class DeviceTieredAttention:
     def _union_row(self, layer: int, page_idx: torch.Tensor) -> torch.Tensor:
         """This call's union buffer: the first m = min(width, rows x Hkv x W) entries of the layer's
         row (static per batch shape, so a small batch does not pay for the widest one); the rest of
-        the row is cleared so the next step's prefetch reads no stale prediction."""
+        the row is cleared so the next step's prefetch reads no stale prediction. The layer's pending
+        prefetch is joined first: the row it read as its prediction is overwritten here."""
+        self._join(layer)
         bs, hkv, w = page_idx.shape
         m = min(self.width, bs * hkv * w)
         if m < self.width:
@@ -211,7 +212,6 @@ class DeviceTieredAttention:
         phys = (req_to_token[req_pool_indices.long()][:, ::p].long() // p).to(dev)
         n = phys.shape[1]
         sel = torch.gather(phys[:, None, :].expand(bs, hkv, n), 2, page_idx.long().clamp(0, n - 1))
-        self._join(layer)
         union = self._union_row(layer, page_idx)
         union.copy_(union_pages(sel, counts, pool.num_pages, union.shape[0]))  # [m] int32
         pl = pool.place(layer, union)
@@ -254,7 +254,7 @@ class PerHeadTieredAttention:
         out = []
         for h in range(hkv):
             view = HostTier.wrap(host.k[:, :, :, h : h + 1], host.v[:, :, :, h : h + 1])
-            out.append(DeviceTieredAttention.build(capacity // hkv, view, width, device, **dict(kw)))
+            out.append(DeviceTieredAttention.build(capacity // hkv, view, width, device, **kw))
         return cls(out)
 
     @property

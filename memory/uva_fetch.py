@@ -30,11 +30,12 @@ versions give each warp one contiguous chunk of items.
 source indices on the host, so it is eager-only there and serves as the reference).
 
 `backend="triton"` (memory/page_copy.py) is the compacted copy: the pages to copy are packed to the
-front on the device with a device count, and a Triton kernel over (M pages, chunks of a page) copies
-the first `count` of them; programs past the count exit, so the work scales with the real copies
-(no dummies, the sink slot is never written). Still fixed shapes and no host sync. `host_ptr` says
-how the pinned host tier reaches the kernel ("auto", "tensor", "int": see page_copy), `block` /
-`triton_warps` its tile. Selectable only; the default stays the sgl-kernel path.
+front on the device with a device count, and a fixed grid of Triton programs strides over the first
+`count` of them, so the work scales with the real copies (no dummies, the sink slot is never
+written). It also reads a kv-head slice of the host tier in place (PerHeadTieredAttention). Still
+fixed shapes and no host sync. `host_ptr` says how the pinned host tier reaches the kernel ("auto",
+"tensor", "int": see page_copy), `block` / `triton_warps` its tile. Selectable only; the default
+stays the sgl-kernel path.
 
 Negative-index skipping (what compacting with -1 padding would need on the sgl-kernel path): the
 installed sglang-kernel 0.4.5 `transfer_kernel_impl` (sm_90 / sm_90a SASS in sgl_kernel/sm90/common_ops,

@@ -141,11 +141,7 @@ class PSAAttnBackend(AttentionBackend):
         if forward_batch.forward_mode.is_decode_or_idle():
             self._on_decode_step(in_capture=False)
             self._log_begin_step(forward_batch)
-            self._count_dense_step(forward_batch)
-            if self.reuse is not None:
-                self.reuse.begin_decode(forward_batch, self.page_size, in_graph=False)
-            if self.tiered is not None:
-                self.tiered.begin_step()
+            self._begin_decode_on_device(forward_batch, in_graph=False)
         else:
             self._invalidate_reuse()
             self.dense.init_forward_metadata(forward_batch)
@@ -166,14 +162,19 @@ class PSAAttnBackend(AttentionBackend):
 
     def init_forward_metadata_in_graph(self, forward_batch: ForwardBatch):
         if forward_batch.forward_mode.is_decode_or_idle():
-            self._count_dense_step(forward_batch)
-            if self.reuse is not None:
-                self.reuse.begin_decode(forward_batch, self.page_size, in_graph=True)
-            if self.tiered is not None:
-                self.tiered.begin_step()
+            self._begin_decode_on_device(forward_batch, in_graph=True)
         else:
             self._invalidate_reuse()  # one in-place add on a permanent tensor: recordable
             self.dense.init_forward_metadata_in_graph(forward_batch)
+
+    def _begin_decode_on_device(self, forward_batch: ForwardBatch, in_graph: bool) -> None:
+        """A decode step's device-side start (recorded in the graph when in_graph): dense-page count,
+        selection-reuse tags, the tiered pool's new step."""
+        self._count_dense_step(forward_batch)
+        if self.reuse is not None:
+            self.reuse.begin_decode(forward_batch, self.page_size, in_graph=in_graph)
+        if self.tiered is not None:
+            self.tiered.begin_step()
 
     def _invalidate_reuse(self) -> None:
         if self.reuse is not None:

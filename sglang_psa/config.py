@@ -28,6 +28,10 @@ ENV_VAR = "SGLANG_PSA_CONFIG"
 SERVER_ARGS_ATTR = "_psa_config"
 
 
+def _bad(flag: str, want: str, got: Any) -> ValueError:
+    return ValueError(f"--psa-{flag} must be {want}, got {got!r}")
+
+
 def _is_pow2(x: int) -> bool:
     return x > 0 and x & (x - 1) == 0
 
@@ -124,23 +128,20 @@ class PSAConfig:
     def validate(self, page_size: int | None = None) -> PSAConfig:
         """Check the options alone (and against page_size when given). Returns self."""
 
-        def bad(flag: str, want: str, got: Any) -> ValueError:
-            return ValueError(f"--psa-{flag} must be {want}, got {got!r}")
-
         if isinstance(self.tau, bool) or not isinstance(self.tau, (int, float)):
-            raise bad("tau", "a number in (0, 1]", self.tau)
+            raise _bad("tau", "a number in (0, 1]", self.tau)
         if not (0.0 < float(self.tau) <= 1.0):
-            raise bad("tau", "in (0, 1]", self.tau)
+            raise _bad("tau", "in (0, 1]", self.tau)
         if self.mode not in MODES:
-            raise bad("mode", f"one of {', '.join(MODES)}", self.mode)
+            raise _bad("mode", f"one of {', '.join(MODES)}", self.mode)
         for name in ("min_pages", "sink_pages", "local_pages", "dense_below"):
             if int(getattr(self, name)) < 0:
-                raise bad(name.replace("_", "-"), ">= 0", getattr(self, name))
+                raise _bad(name.replace("_", "-"), ">= 0", getattr(self, name))
         for name in (
             "max_pages", "topk", "reuse_steps", "first_round_pages", "stats_interval", "access_log_requests",
         ):  # fmt: skip
             if int(getattr(self, name)) < 1:
-                raise bad(name.replace("_", "-"), ">= 1", getattr(self, name))
+                raise _bad(name.replace("_", "-"), ">= 1", getattr(self, name))
         if self.min_pages > self.max_pages:
             raise ValueError(
                 f"--psa-min-pages ({self.min_pages}) must not exceed --psa-max-pages "
@@ -153,9 +154,9 @@ class PSAConfig:
                 f"fit in --psa-{flag} ({self.select_width()}); raise --psa-{flag}"
             )
         if not _is_pow2(self.page_size) or not (MIN_PAGE_SIZE <= self.page_size <= MAX_PAGE_SIZE):
-            raise bad("page-size", f"a power of two in {MIN_PAGE_SIZE}..{MAX_PAGE_SIZE}", self.page_size)
+            raise _bad("page-size", f"a power of two in {MIN_PAGE_SIZE}..{MAX_PAGE_SIZE}", self.page_size)
         if self.block_size and not _is_pow2(self.block_size):
-            raise bad("block-size", "0 (= page size) or a power of two", self.block_size)
+            raise _bad("block-size", "0 (= page size) or a power of two", self.block_size)
         if self.reuse_steps > 1 and self.mode not in REUSE_MODES:
             # progressive / certified visit pages in rounds inside the decode kernel: there is no
             # stored page list a later step could reuse.
@@ -180,13 +181,13 @@ class PSAConfig:
         for name in ("host_kv_gb", "hot_pool_gb"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
-                raise ValueError(f"--psa-{name.replace('_', '-')} must be a size in GiB >= 0, got {v!r}")
-        if self.hot_policy not in HOT_POLICIES:
-            choices = ", ".join(HOT_POLICIES)
-            raise ValueError(f"--psa-hot-policy must be one of {choices}, got {self.hot_policy!r}")
-        if self.hot_granularity not in HOT_GRANULARITIES:
-            choices = ", ".join(HOT_GRANULARITIES)
-            raise ValueError(f"--psa-hot-granularity must be one of {choices}, got {self.hot_granularity!r}")
+                raise _bad(name.replace("_", "-"), "a size in GiB >= 0", v)
+        for flag, value, choices in (
+            ("hot-policy", self.hot_policy, HOT_POLICIES),
+            ("hot-granularity", self.hot_granularity, HOT_GRANULARITIES),
+        ):
+            if value not in choices:
+                raise _bad(flag, f"one of {', '.join(choices)}", value)
 
     def validate_page_size(self, page_size: int | None) -> None:
         if page_size is None or not _is_pow2(page_size) or not (MIN_PAGE_SIZE <= page_size <= MAX_PAGE_SIZE):

@@ -286,7 +286,7 @@ class TieredPrefill:
 
     def plan(self, fb: Any) -> None:
         """After the dense backend planned this extend batch: the prefix slots and the prefix pass."""
-        self.prefix_slots, self.planned, self.indptr = None, None, None
+        self.prefix_slots, self.no_prefix_rows, self.planned, self.indptr = None, None, None, None
         md = getattr(self.dense, "forward_metadata", None)
         capturing = self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
         if self.wrapper is None or not getattr(md, "use_ragged", False) or capturing:
@@ -298,7 +298,6 @@ class TieredPrefill:
         rows = fb.req_pool_indices.tolist()
         # rows of requests without a cached prefix keep the causal pass alone (an empty KV segment
         # in the prefix pass is not relied on)
-        self.no_prefix_rows = None
         if not all(pre):
             flags = torch.repeat_interleave(torch.tensor([p == 0 for p in pre]), torch.tensor(new))
             self.no_prefix_rows = flags.to(self.device)[:, None, None]
