@@ -21,7 +21,9 @@ Shapes and dtypes:
     page_idx          [bs, Hkv, W] int32 logical page indices (select_pages), counts [bs, Hkv] int32
     page_table        optional [bs, N] int32: where logical page j of request b lives in k_cache /
                       v_cache, in pages (token rows page_table[b, j] * P ...); replaces req_to_token
-                      (tiered mode reads the hot pool's slots this way)
+                      (tiered mode reads the hot pool's slots this way). [bs, Hkv, N]: one table
+                      per kv head (tiered mode with one-head slots; k_cache / v_cache are then
+                      the slots' single head expanded to Hkv, head stride 0)
     -> out [bs, Hq, D] q.dtype, lse [bs, Hq] float32 (natural log of the softmax normaliser)
 """
 
@@ -93,7 +95,7 @@ def sparse_decode_ref(
         r, n = int(req_pool_indices[b]), int(seq_lens[b])
         for h in range(hkv):
             pages = page_idx[b, h, : int(counts[b, h])]
-            row = page_table[b] if page_table is not None else None
+            row = None if page_table is None else page_table[b] if page_table.dim() == 2 else page_table[b, h]
             slots = _gather_tokens(req_to_token, r, n, pages, page_size, row)
             o, l_ = _attend_ref(
                 q[b, h * g : (h + 1) * g].cpu(),
@@ -150,6 +152,7 @@ def _attend_pages_kernel(
     PART_LSE,
     PAGE_TABLE,
     stride_tb,
+    stride_th,
     qk_scale,
     stride_qb,
     stride_qh,
@@ -212,7 +215,10 @@ def _attend_pages_kernel(
         pvalid = pi < hi
         page = tl.load(row + pi, mask=pvalid, other=0).to(tl.int64)
         if HAS_TABLE:
-            first = tl.load(PAGE_TABLE + b * stride_tb + page, mask=pvalid, other=0).to(tl.int64) * PAGE
+            first = (
+                tl.load(PAGE_TABLE + b * stride_tb + h * stride_th + page, mask=pvalid, other=0).to(tl.int64)
+                * PAGE
+            )
         else:
             first = tl.load(REQ_TO_TOKEN + rpi * stride_rt + page * PAGE, mask=pvalid, other=0)
         tvalid = pvalid & (page * PAGE + t_off < seq_len)
@@ -390,6 +396,7 @@ def _attend(
         part_lse,
         page_table if page_table is not None else end,
         page_table.stride(0) if page_table is not None else 0,
+        page_table.stride(1) if page_table is not None and page_table.dim() == 3 else 0,
         sm_scale * _LOG2E,
         q.stride(0),
         q.stride(1),
@@ -481,7 +488,8 @@ def sparse_decode(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact attention of each (request, kv head) over its selected pages (Triton split-K).
 
-    page_table [bs, N] int32 (optional): page locations in k_cache / v_cache; see the module docstring.
+    page_table [bs, N] or [bs, Hkv, N] int32 (optional): page locations in k_cache / v_cache; see the
+    module docstring.
     tuning: launch overrides for the attend kernel (pages_per_iter, num_warps, num_stages); for tuning runs.
     """
     bs, hq, hkv, d, g = _check_common(
@@ -492,10 +500,10 @@ def sparse_decode(
     if counts.shape != (bs, hkv) or counts.dtype != torch.int32 or not counts.is_contiguous():
         raise ValueError(f"counts must be contiguous [{bs}, {hkv}] int32")
     if page_table is not None and (
-        page_table.dim() != 2 or page_table.shape[0] != bs or page_table.dtype != torch.int32
-        or page_table.stride(1) != 1
+        page_table.dim() not in (2, 3) or page_table.shape[0] != bs or page_table.dtype != torch.int32
+        or page_table.stride(-1) != 1 or (page_table.dim() == 3 and page_table.shape[1] != hkv)
     ):  # fmt: skip
-        raise ValueError(f"page_table must be [{bs}, N] int32, contiguous in N")
+        raise ValueError(f"page_table must be [{bs}, N] or [{bs}, {hkv}, N] int32, contiguous in N")
     if num_splits is None:
         num_splits = default_num_splits(bs, hkv, page_idx.shape[2], q.device)
     if out is None:

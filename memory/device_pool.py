@@ -109,6 +109,7 @@ class DevicePagePool:
         policy: str = "lru",
         clock_window: int = 4,
         clock_impl: str = "triton",
+        head_pages: bool = False,
     ):
         if capacity < 0:
             raise ValueError(f"capacity must be >= 0, got {capacity}")
@@ -118,7 +119,22 @@ class DevicePagePool:
         self.policy, self.clock_window, self.clock_impl = policy, clock_window, clock_impl
         self.capacity, self.num_layers, self.num_pages = capacity, num_layers, num_pages
         self.device = torch.device(device)
-        self.host = HostTier.for_pool(host, num_layers, num_pages, page_size, num_kv_heads, head_dim, dtype)
+        # head_pages: a slot holds one kv head's page; "page" p of the pool is head p // NP of host
+        # page p % NP (num_pages = Hkv x the host's NP, num_kv_heads 1)
+        self.head_pages = head_pages
+        if head_pages:
+            if host is None or num_kv_heads != 1 or host.k.shape[3] * host.k.shape[1] != num_pages:
+                raise ValueError(
+                    "head_pages: pass the host tier, num_kv_heads 1, num_pages = Hkv x host pages"
+                )
+            hl, _, hp, _, hd = host.k.shape
+            if (hl, hp, hd, host.k.dtype) != (num_layers, page_size, head_dim, dtype):
+                raise ValueError(f"host tier shape {tuple(host.k.shape)} does not match the pool")
+            self.host = host
+        else:
+            self.host = HostTier.for_pool(
+                host, num_layers, num_pages, page_size, num_kv_heads, head_dim, dtype
+            )
         # slot C: sink for masked copies; slots C+1 .. C+scratch_slots: scratch outside the map (the
         # tiered path stages overflow pages there, so one page table covers pool and scratch)
         self.scratch_slots = scratch_slots
@@ -250,6 +266,12 @@ class DevicePagePool:
         """
         pages = pages.to(self.host.k.device, torch.int64).clamp(min=0)
         dst = torch.where(placement.fetch, placement.slots.long(), self.capacity).to(self.k.device)
+        if self.head_pages:
+            np_ = self.host.k.shape[1]
+            pg, h = pages % np_, pages // np_
+            self.k[dst] = self.host.k[layer, pg, :, h].unsqueeze(2).to(self.k.device)
+            self.v[dst] = self.host.v[layer, pg, :, h].unsqueeze(2).to(self.v.device)
+            return
         self.k[dst] = self.host.k[layer, pages].to(self.k.device)
         self.v[dst] = self.host.v[layer, pages].to(self.v.device)
 

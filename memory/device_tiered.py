@@ -18,6 +18,15 @@ at Llama-3.1-8B's shape, bs 1, 160 pages per head), shared by all layers. Readin
 straight from host memory inside the attention kernel would save that memory, but needs the Triton
 kernel to take a pinned pointer (unverified) and would read each page once per query group.
 
+Head pages (`build(..., head_pages=True)`, --psa-hot-granularity head): a slot holds one kv head's
+page [P, 1, D] and the pool is keyed by head page h * NP + p. A layer's kv heads select different
+pages, so a slot of all heads made a miss move Hkv heads of which one or a few are read (~6x the
+bytes attention needs with dummy weights on the H100, docs/TIERED.md). Steps 1-5 stay one launch
+each for all heads: fused_place.union_head_pages (an unsorted union by scatter and atomic claim, no
+scan over keys), the same CLOCK placement, copies of head h's rows of host page p, and sparse_decode
+over the slots' single head (expanded to Hkv, stride 0) through a per-head table [bs, Hkv, N]. One
+shared pool serves every (layer, head): no fixed per-head quota.
+
 Overlap (`prefetch`): layer l+1's pages are unknown until its query exists, so after layer l's
 placement `prefetch(l + 1)` places and copies the previous step's union of layer l+1 on a side CUDA
 stream while layer l attends; `forward(l + 1)` makes the current stream wait on that stream's event,
@@ -44,8 +53,7 @@ import torch
 from sglang_psa.kernels import sparse_decode
 
 from .device_pool import DevicePagePool, union_pages
-from .fused_place import page_table, union_selected
-from .hot_pool import HostTier
+from .fused_place import head_page_table, page_table, union_head_pages, union_selected
 from .uva_fetch import PageFetcher
 
 COUNTER_NAMES = ("needed", "hits", "fetched", "overflow", "prefetched")
@@ -66,8 +74,16 @@ class DeviceTieredAttention:
         if pool.scratch_slots < width:
             raise ValueError(f"pool needs scratch_slots >= width ({width}), has {pool.scratch_slots}")
         self.pool, self.width, self.attend = pool, width, attend
-        self.fetcher = PageFetcher(pool.host, pool.k, pool.v, sink_slot=pool.capacity, **fetch_kw)
+        self.head_pages = pool.head_pages
+        self.fetcher = PageFetcher(pool.host, pool.k, pool.v, sink_slot=pool.capacity,
+                                   head_pages=self.head_pages,
+                                   **fetch_kw)  # fmt: skip
         dev = pool.device
+        self.host_pages, self.hkv = pool.host.k.shape[1], pool.host.k.shape[3]
+        if self.head_pages:  # fused_place.union_head_pages' workspaces
+            self._owner = torch.zeros(pool.num_pages, dtype=torch.int32, device=dev)
+            self._pos_of = torch.zeros(pool.num_pages, dtype=torch.int32, device=dev)
+            self._count = torch.zeros(1, dtype=torch.int32, device=dev)
         self.counters = torch.zeros(len(COUNTER_NAMES), dtype=torch.int64, device=dev)
         # previous step's union per layer: the prediction prefetch() uses
         self.last_union = torch.full((pool.num_layers, width), -1, dtype=torch.int32, device=dev)
@@ -79,21 +95,31 @@ class DeviceTieredAttention:
 
     @classmethod
     def build(
-        cls, capacity: int, host, width: int, device: str | torch.device = "cpu", **kw
+        cls,
+        capacity: int,
+        host,
+        width: int,
+        device: str | torch.device = "cpu",
+        head_pages: bool = False,
+        **kw,
     ) -> DeviceTieredAttention:
-        """A pool of `capacity` slots (plus `width` scratch slots) over `host`, and the attention."""
+        """A pool of `capacity` slots (plus `width` scratch slots) over `host`, and the attention.
+        head_pages: a slot holds one kv head's page (capacity and width count head pages)."""
         nl, npg, p, hkv, d = host.k.shape
         dt = host.k.dtype
         pool_kw = {k: kw.pop(k) for k in ("policy", "clock_window", "clock_impl") if k in kw}  # placement
+        keys, heads = (npg * hkv, 1) if head_pages else (npg, hkv)
         pool = DevicePagePool(
-            capacity, nl, npg, p, hkv, d, dt, device, host=host, scratch_slots=width, **pool_kw
-        )
+            capacity, nl, keys, p, heads, d, dt, device, host=host, scratch_slots=width,
+            head_pages=head_pages,
+            **pool_kw,
+        )  # fmt: skip
         return cls(pool, width, **kw)
 
     @staticmethod
-    def union_width(bs: int, hkv: int, max_selected: int, num_pages: int) -> int:
-        """The most unique pages one layer can select: the static M to size width with."""
-        return max(1, min(bs * hkv * max_selected, num_pages))
+    def union_width(bs: int, hkv: int, max_selected: int, num_pages: int, head_pages: bool = False) -> int:
+        """The most unique pages (head pages) one layer can select: the static M to size width with."""
+        return max(1, min(bs * hkv * max_selected, num_pages * (hkv if head_pages else 1)))
 
     # ------------------------------------------------------------------ steps / stats
     def begin_step(self, prefetch_first: bool = False) -> None:
@@ -118,6 +144,11 @@ class DeviceTieredAttention:
         """Drop pages [any shape] of `layer` from the pool (KV writes; graph-capturable). A pending
         prefetch of this layer is joined first: its placement writes the same slot state."""
         self._join(layer)
+        if self.head_pages:  # every kv head's page of each written page
+            pages = pages.reshape(-1).to(self.pool.device, torch.int64)
+            heads = torch.arange(self.hkv, device=pages.device)[:, None] * self.host_pages
+            ok = (pages >= 0) & (pages < self.host_pages)
+            pages = torch.where(ok[None, :], pages[None, :] + heads, -1)
         self.pool.invalidate_layer(layer, pages)
 
     # ------------------------------------------------------------------ prefetch
@@ -157,13 +188,18 @@ class DeviceTieredAttention:
         the same union, scratch use, copies, counters and table as _place_torch."""
         pool, p = self.pool, self.pool.k.shape[1]
         union = self._union_row(layer, page_idx)
-        union_selected(req_to_token, req_pool_indices, page_idx, counts, p, pool.num_pages, union.shape[0],
-                       pool.union_bitmap, out=union)  # fmt: skip
+        sel = (req_to_token, req_pool_indices, page_idx, counts, p)
+        if self.head_pages:
+            union_head_pages(*sel, self.host_pages, self._owner, self._pos_of, union, self._count)
+        else:
+            union_selected(*sel, pool.num_pages, union.shape[0], pool.union_bitmap, out=union)
         pl = pool.place(layer, union, scratch_base=self._scratch0, acc=self.counters, acc_mode=1)
         if copy:
             self.fetcher.copy(layer, union, pl.loc, pl.copy)
         if prefetch_next:
             self.prefetch(layer + 1)
+        if self.head_pages:
+            return head_page_table(*sel, self.host_pages, self._pos_of, pl.loc)
         return page_table(req_to_token, req_pool_indices, p, pool.num_pages, union, pl.loc)
 
     def _union_row(self, layer: int, page_idx: torch.Tensor) -> torch.Tensor:
@@ -200,6 +236,8 @@ class DeviceTieredAttention:
         args = (req_to_token, req_pool_indices, page_idx, counts, prefetch_next, copy)
         table = self._place_fused(layer, *args) if pool.policy == "clock" else self._place_torch(layer, *args)
         k_rows, v_rows = pool.k.view(-1, *pool.k.shape[2:]), pool.v.view(-1, *pool.v.shape[2:])
+        if self.head_pages:  # one head per slot, read by every kv head through its own table
+            k_rows, v_rows = (t.expand(-1, self.hkv, -1) for t in (k_rows, v_rows))
         return self.attend(q, k_rows, v_rows, req_to_token, req_pool_indices, seq_lens, page_idx, counts, p,
                            sm_scale, page_table=table)  # fmt: skip
 
@@ -212,6 +250,10 @@ class DeviceTieredAttention:
         phys = (req_to_token[req_pool_indices.long()][:, ::p].long() // p).to(dev)
         n = phys.shape[1]
         sel = torch.gather(phys[:, None, :].expand(bs, hkv, n), 2, page_idx.long().clamp(0, n - 1))
+        if self.head_pages:  # keys h * NP + page; the table is per kv head
+            heads = torch.arange(hkv, device=dev)[None, :, None] * self.host_pages
+            sel = sel.clamp(0, self.host_pages - 1) + heads
+            phys = phys[:, None, :].clamp(0, self.host_pages - 1) + heads  # [bs, Hkv, N]
         union = self._union_row(layer, page_idx)
         union.copy_(union_pages(sel, counts, pool.num_pages, union.shape[0]))  # [m] int32
         pl = pool.place(layer, union)
@@ -228,65 +270,3 @@ class DeviceTieredAttention:
         where = torch.zeros(pool.num_pages + 1, dtype=torch.int32, device=dev)
         where[torch.where(valid, union.long(), pool.num_pages)] = loc.clamp(min=0).to(torch.int32)
         return where[phys.clamp(0, pool.num_pages - 1)].contiguous()
-
-
-class PerHeadTieredAttention:
-    """Tiered decode with one pool per kv head: a slot holds one head's page (P x D), not all heads'.
-
-    A layer's kv heads select different pages; a slot of all heads (DeviceTieredAttention over the
-    whole tier) makes every miss move Hkv heads of which one or a few are read (~6x the bytes
-    attention needs with dummy weights on the H100, docs/TIERED.md). Here kv head h has its own
-    DeviceTieredAttention over the head-h slice of the host tier (the Triton copy reads the strided
-    slice in place) with capacity // Hkv slots, its own union, placement, copies and page table, and
-    attention runs per head group. Hkv times the launches per layer (they stay small and graph
-    captured), 1 / Hkv of the bytes per miss; each head's quota is a fixed 1 / Hkv of the pool.
-
-    Same interface as DeviceTieredAttention (begin_step, forward, stats, reset, invalidate_layer).
-    """
-
-    def __init__(self, heads: list[DeviceTieredAttention]):
-        self.heads = heads
-
-    @classmethod
-    def build(cls, capacity: int, host, width: int, device: str | torch.device = "cpu", **kw):
-        """capacity: slots over all heads (each head gets capacity // Hkv); width: one head's union width."""
-        hkv = host.k.shape[3]
-        out = []
-        for h in range(hkv):
-            view = HostTier.wrap(host.k[:, :, :, h : h + 1], host.v[:, :, :, h : h + 1])
-            out.append(DeviceTieredAttention.build(capacity // hkv, view, width, device, **kw))
-        return cls(out)
-
-    @property
-    def counters(self) -> torch.Tensor:
-        return torch.stack([t.counters for t in self.heads]).sum(0)
-
-    def stats(self) -> dict[str, int]:
-        return dict(zip(COUNTER_NAMES, self.counters.tolist()))
-
-    def begin_step(self, prefetch_first: bool = False) -> None:
-        for t in self.heads:
-            t.begin_step(prefetch_first)
-
-    def reset(self) -> None:
-        for t in self.heads:
-            t.reset()
-
-    def invalidate_layer(self, layer: int, pages: torch.Tensor) -> None:
-        for t in self.heads:
-            t.invalidate_layer(layer, pages)
-
-    def forward(self, layer, q, req_to_token, req_pool_indices, seq_lens, page_idx, counts, sm_scale,
-                prefetch_next: bool = False, copy: bool = True):  # fmt: skip
-        """DeviceTieredAttention.forward, head by head (q [bs, Hq, D] -> out [bs, Hq, D], lse [bs, Hq])."""
-        hkv = len(self.heads)
-        g = q.shape[1] // hkv
-        outs, lses = [], []
-        for h, t in enumerate(self.heads):
-            o, lse = t.forward(
-                layer, q[:, h * g : (h + 1) * g].contiguous(), req_to_token, req_pool_indices, seq_lens,
-                page_idx[:, h : h + 1], counts[:, h : h + 1].contiguous(), sm_scale, prefetch_next, copy,
-            )  # fmt: skip
-            outs.append(o)
-            lses.append(lse)
-        return torch.cat(outs, 1), torch.cat(lses, 1)

@@ -413,3 +413,182 @@ def page_table(req_to_token, req_pool_indices, page_size, num_pages, union, loc)
         n, page_size, num_pages, m, STEPS=steps, BLOCK=BLOCK, num_warps=4,
     )  # fmt: skip
     return table
+
+
+# ======================================================================= head pages (one kv head per slot)
+# With --psa-hot-granularity head, a pool slot holds one kv head's page and the pool is keyed by
+# head page hp = h * NP + physical page: the heads of a layer select different pages, so keying by
+# head moves only what each head reads. All heads of a layer go through one union, one placement,
+# one copy and one attention launch (a loop over heads made Hkv x the launches: ~4x a page-mode
+# step on the H100). The union is not sorted: a scatter of entry ids picks one owner per key and
+# the owners claim union positions with one atomic add per block, so a call costs O(bs x Hkv x W),
+# never a scan over the Hkv x NP keys. Entries' positions are kept in `pos_of` [Hkv * NP] int32
+# (written for this call's keys; other entries hold stale positions nobody reads), which gives the
+# page table without a search. Union order differs between GPU runs (block order); the set, the
+# placement's hit / miss counts and the attention output do not.
+@triton.jit
+def _entry_keys(
+    e, E, r2t_ptr, r2t_s0, rpi_ptr, idx_ptr, idx_s0, idx_s1, idx_s2, cnt_ptr, cnt_s0, cnt_s1,
+    HKV, W, N, P, NP,
+):  # fmt: skip
+    """Selection entry e = (b, h, w) -> (head page key, kept, b, h, logical page j)."""
+    em = e < E
+    b = e // (HKV * W)
+    h = (e // W) % HKV
+    w = e % W
+    c = tl.load(cnt_ptr + b * cnt_s0 + h * cnt_s1, mask=em, other=0)
+    keep = em & (w < c)
+    j = tl.load(idx_ptr + b * idx_s0 + h * idx_s1 + w * idx_s2, mask=keep, other=0).to(tl.int64)
+    j = tl.minimum(tl.maximum(j, 0), N - 1)
+    r = tl.load(rpi_ptr + b, mask=keep, other=0).to(tl.int64)
+    tok = tl.load(r2t_ptr + r * r2t_s0 + j * P, mask=keep, other=0).to(tl.int64)
+    ph = tl.minimum(tl.maximum(tok // P, 0), NP - 1)
+    return h * NP + ph, keep, b, h, j
+
+
+@triton.jit
+def _claim_kernel(
+    r2t_ptr, r2t_s0, rpi_ptr, idx_ptr, idx_s0, idx_s1, idx_s2, cnt_ptr, cnt_s0, cnt_s1,
+    owner_ptr, out_ptr, count_ptr, E, HKV, W, N, P, NP, M,
+    BLOCK: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    e = pid * BLOCK + tl.arange(0, BLOCK)
+    tl.store(out_ptr + e, tl.full([BLOCK], -1, tl.int32), mask=e < M)  # the union's padding (M <= E)
+    if pid == 0:
+        tl.store(count_ptr, 0)
+    key, keep, _b, _h, _j = _entry_keys(e, E, r2t_ptr, r2t_s0, rpi_ptr, idx_ptr, idx_s0, idx_s1, idx_s2,
+                                        cnt_ptr, cnt_s0, cnt_s1, HKV, W, N, P, NP)  # fmt: skip
+    tl.store(owner_ptr + key, e, mask=keep)  # duplicates race; one entry id lands
+
+
+@triton.jit
+def _compact_kernel(
+    r2t_ptr, r2t_s0, rpi_ptr, idx_ptr, idx_s0, idx_s1, idx_s2, cnt_ptr, cnt_s0, cnt_s1,
+    owner_ptr, pos_ptr, out_ptr, count_ptr, E, HKV, W, N, P, NP, M,
+    BLOCK: tl.constexpr,
+):  # fmt: skip
+    e = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    key, keep, _b, _h, _j = _entry_keys(e, E, r2t_ptr, r2t_s0, rpi_ptr, idx_ptr, idx_s0, idx_s1, idx_s2,
+                                        cnt_ptr, cnt_s0, cnt_s1, HKV, W, N, P, NP)  # fmt: skip
+    first = keep & (tl.load(owner_ptr + key, mask=keep, other=-1) == e)
+    base = tl.atomic_add(count_ptr, tl.sum(first.to(tl.int32), axis=0))
+    pos = base + tl.cumsum(first.to(tl.int32), axis=0) - 1
+    tl.store(out_ptr + pos, key.to(tl.int32), mask=first & (pos < M))
+    tl.store(pos_ptr + key, pos, mask=first)
+
+
+@triton.jit
+def _scatter_table_kernel(
+    r2t_ptr, r2t_s0, rpi_ptr, idx_ptr, idx_s0, idx_s1, idx_s2, cnt_ptr, cnt_s0, cnt_s1,
+    pos_ptr, loc_ptr, table_ptr, tab_s0, tab_s1, E, HKV, W, N, P, NP, M,
+    BLOCK: tl.constexpr,
+):  # fmt: skip
+    e = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    key, keep, b, h, j = _entry_keys(e, E, r2t_ptr, r2t_s0, rpi_ptr, idx_ptr, idx_s0, idx_s1, idx_s2,
+                                     cnt_ptr, cnt_s0, cnt_s1, HKV, W, N, P, NP)  # fmt: skip
+    pos = tl.minimum(tl.maximum(tl.load(pos_ptr + key, mask=keep, other=0), 0), M - 1)
+    lc = tl.load(loc_ptr + pos, mask=keep, other=0)
+    tl.store(table_ptr + b * tab_s0 + h * tab_s1 + j, tl.maximum(lc, 0), mask=keep)
+
+
+def _selection_args(req_to_token, req_pool_indices, page_idx, counts, page_size: int) -> tuple:
+    n = -(-req_to_token.shape[1] // page_size)
+    return (req_to_token, req_to_token.stride(0), req_pool_indices, page_idx, *page_idx.stride(), counts,
+            *counts.stride()), n  # fmt: skip
+
+
+def head_page_keys_ref(req_to_token, req_pool_indices, page_idx, counts, page_size: int, num_pages: int):
+    """Reference: head page key h * NP + physical page of every selection entry [bs, Hkv, W] int64,
+    and the kept mask [bs, Hkv, W] bool (w < count)."""
+    phys = req_to_token[req_pool_indices.long()][:, ::page_size].long() // page_size  # [bs, N]
+    bs, hkv, w = page_idx.shape
+    n = phys.shape[1]
+    sel = torch.gather(phys[:, None, :].expand(bs, hkv, n), 2, page_idx.long().clamp(0, n - 1))
+    keys = sel.clamp(0, num_pages - 1) + torch.arange(hkv, device=sel.device)[None, :, None] * num_pages
+    kept = torch.arange(w, device=sel.device) < counts[..., None]
+    return keys, kept
+
+
+def union_head_pages_ref(req_to_token, req_pool_indices, page_idx, counts, page_size: int, num_pages: int,
+                         width: int) -> torch.Tensor:  # fmt: skip
+    """Reference: the union of the selection's head pages, [width] int32 ascending unique, -1 padded.
+    (union_head_pages returns the same set in another order.)"""
+    from .device_pool import union_pages
+
+    keys, _ = head_page_keys_ref(req_to_token, req_pool_indices, page_idx, counts, page_size, num_pages)
+    return union_pages(keys, counts, page_idx.shape[1] * num_pages, width)
+
+
+def union_head_pages(
+    req_to_token: torch.Tensor,
+    req_pool_indices: torch.Tensor,
+    page_idx: torch.Tensor,
+    counts: torch.Tensor,
+    page_size: int,
+    num_pages: int,
+    owner: torch.Tensor,
+    pos_of: torch.Tensor,
+    out: torch.Tensor,
+    count: torch.Tensor,
+) -> torch.Tensor:
+    """Two launches: the selection's unique head pages (h * num_pages + physical page) in out [M]
+    int32, valid ones first (any order), -1 after; count [1] int32 their number; pos_of [Hkv * NP]
+    int32 each one's position in out. owner [Hkv * NP] int32 is a workspace (any contents).
+
+    page_idx [bs, Hkv, W] int (valid in [:count]); M = out's length must be >= the number of unique
+    head pages (bs x Hkv x W always is).
+    """
+    bs, hkv, w = page_idx.shape
+    e, m = bs * hkv * w, out.shape[0]
+    if owner.shape != (hkv * num_pages,) or pos_of.shape != owner.shape:
+        raise ValueError(f"owner and pos_of must be [{hkv * num_pages}], got {list(owner.shape)}")
+    if e == 0:
+        out.fill_(-1)
+        count.zero_()
+        return out
+    sel, n = _selection_args(req_to_token, req_pool_indices, page_idx, counts, page_size)
+    grid = (triton.cdiv(max(e, m), BLOCK),)
+    dims = (e, hkv, w, n, page_size, num_pages, m)
+    _claim_kernel[grid](*sel, owner, out, count, *dims, BLOCK=BLOCK, num_warps=4)
+    _compact_kernel[grid](*sel, owner, pos_of, out, count, *dims, BLOCK=BLOCK, num_warps=4)
+    return out
+
+
+def head_page_table_ref(req_to_token, req_pool_indices, page_idx, counts, page_size: int, num_pages: int,
+                        union: torch.Tensor, loc: torch.Tensor, n: int) -> torch.Tensor:  # fmt: skip
+    """Reference: table [bs, Hkv, n] int32 with table[b, h, j] = loc of head page (h, phys of j) in
+    the union for every selected (b, h, j); 0 elsewhere (head_page_table leaves those undefined)."""
+    keys, kept = head_page_keys_ref(req_to_token, req_pool_indices, page_idx, counts, page_size, num_pages)
+    where = {int(k): max(int(c), 0) for k, c in zip(union.tolist(), loc.tolist()) if k >= 0}
+    bs, hkv, w = page_idx.shape
+    table = torch.zeros(bs, hkv, n, dtype=torch.int32)
+    j = page_idx.long().clamp(0, n - 1)  # as the kernel reads them
+    for b, h, i in kept.nonzero().tolist():
+        table[b, h, int(j[b, h, i])] = where[int(keys[b, h, i])]
+    return table.to(page_idx.device)
+
+
+def head_page_table(
+    req_to_token: torch.Tensor,
+    req_pool_indices: torch.Tensor,
+    page_idx: torch.Tensor,
+    counts: torch.Tensor,
+    page_size: int,
+    num_pages: int,
+    pos_of: torch.Tensor,
+    loc: torch.Tensor,
+) -> torch.Tensor:
+    """One launch: table [bs, Hkv, N] int32, table[b, h, j] = loc[pos_of[key]] for every selected
+    (b, h, j) (union_head_pages' pos_of, the placement's loc [M]); entries of pages not selected are
+    left undefined: sparse_decode reads the table only at selected pages."""
+    bs, hkv, w = page_idx.shape
+    sel, n = _selection_args(req_to_token, req_pool_indices, page_idx, counts, page_size)
+    table = torch.empty(bs, hkv, n, dtype=torch.int32, device=page_idx.device)
+    e = bs * hkv * w
+    if e:
+        _scatter_table_kernel[(triton.cdiv(e, BLOCK),)](
+            *sel, pos_of, loc, table, table.stride(0), table.stride(1), e, hkv, w, n, page_size, num_pages,
+            loc.shape[0], BLOCK=BLOCK, num_warps=4,
+        )  # fmt: skip
+    return table

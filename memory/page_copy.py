@@ -51,6 +51,7 @@ def _copy_pages_kernel(
     pages,
     slots,
     count,
+    head_np,
     PAGE: tl.constexpr,
     BLOCK: tl.constexpr,
     EVEN: tl.constexpr,
@@ -58,6 +59,7 @@ def _copy_pages_kernel(
     SRC_PAGE: tl.constexpr = 0,
     SRC_TOK: tl.constexpr = 0,
     ROW: tl.constexpr = 0,
+    HEAD_PAGES: tl.constexpr = False,
 ):
     c = tl.program_id(1)  # chunk of the page
     n = tl.load(count)
@@ -74,7 +76,11 @@ def _copy_pages_kernel(
     for i in range(tl.program_id(0), n, tl.num_programs(0)):
         page = tl.load(pages + i).to(tl.int64)
         slot = tl.load(slots + i).to(tl.int64)
-        if SRC_PAGE:  # head-sliced source: ROW contiguous elements per token, tokens SRC_TOK apart
+        if HEAD_PAGES:  # head page h * head_np + p: head h of page p, ROW = D elements per token
+            s_off = (
+                (page % head_np) * SRC_PAGE + (page // head_np) * ROW + (offs // ROW) * SRC_TOK + offs % ROW
+            )
+        elif SRC_PAGE:  # head-sliced source: ROW contiguous elements per token, tokens SRC_TOK apart
             s_off = page * SRC_PAGE + (offs // ROW) * SRC_TOK + offs % ROW
         else:
             s_off = page * PAGE + offs
@@ -108,9 +114,24 @@ def compact(
     return out_p[:m], out_s[:m], count
 
 
-def _check(src_k, src_v, dst_k, dst_v) -> int:
+def _check(src_k, src_v, dst_k, dst_v, head_pages: bool = False) -> int:
     """Elements per page; raises if the page layouts differ or are not contiguous (a source may be a
-    slice of kv heads of a contiguous tier: its (heads x D) row per token must be contiguous)."""
+    slice of kv heads of a contiguous tier: its (heads x D) row per token must be contiguous).
+    head_pages: dst pages are one kv head's ([S, P, 1, D]) of a contiguous source [NP, P, Hkv, D]."""
+    if head_pages:
+        np_, p, _, d = src_k.shape
+        if dst_k.shape[1:] != (p, 1, d) or dst_v.shape != dst_k.shape or src_v.shape != src_k.shape:
+            raise ValueError(f"head pages: src {tuple(src_k.shape)} dst {tuple(dst_k.shape)}")
+        if not (
+            src_k.is_contiguous()
+            and src_v.is_contiguous()
+            and dst_k.is_contiguous()
+            and dst_v.is_contiguous()
+        ):
+            raise ValueError("head pages need contiguous source and destination pages")
+        if src_k.dtype != dst_k.dtype or src_v.dtype != dst_v.dtype:
+            raise ValueError(f"dtypes differ: {src_k.dtype} -> {dst_k.dtype}")
+        return dst_k[0].numel()
     if src_k.shape[1:] != dst_k.shape[1:] or src_v.shape[1:] != dst_v.shape[1:] or src_k.shape != src_v.shape:
         raise ValueError(f"pages differ: src {tuple(src_k.shape)} dst {tuple(dst_k.shape)}")
     if src_k.dtype != dst_k.dtype or src_v.dtype != dst_v.dtype:
@@ -125,8 +146,12 @@ def _check(src_k, src_v, dst_k, dst_v) -> int:
     return dst_k[0].numel()
 
 
-def _src_strides(src: torch.Tensor) -> dict:
-    """Kernel constants of a head-sliced source (all zero for a contiguous one: the fast path)."""
+def _src_strides(src: torch.Tensor, head_pages: bool = False) -> dict:
+    """Kernel constants of a head-sliced source (all zero for a contiguous one: the fast path) or of
+    head pages (one head's rows of a contiguous source, head_np pages per head)."""
+    if head_pages:
+        np_, p, hkv, d = src.shape
+        return {"SRC_PAGE": p * hkv * d, "SRC_TOK": hkv * d, "ROW": d, "HEAD_PAGES": True}
     row = src.shape[2] * src.shape[3]
     if src.stride(1) == row and src.stride(0) == src.shape[1] * row:
         return {}
@@ -145,6 +170,7 @@ def copy_pages(
     num_warps: int = 4,
     host_ptr: str = "tensor",
     max_programs: int | None = None,
+    head_pages: bool = False,
 ) -> None:
     """dst_k/v[slots_c[i]] = src_k/v[pages_c[i]] for i < count[0] (Triton; see the module docstring).
 
@@ -154,9 +180,10 @@ def copy_pages(
     (compact()'s output). Entries past the count are never read as pages nor written. block: elements
     per program (power of 2; a page is ceil(P * Hkv * D / block) programs). host_ptr: "tensor" or
     "int" (how src reaches the kernel). max_programs: programs along the entries, each striding over
-    them (default: M on the CPU, 8 per SM on a GPU).
+    them (default: M on the CPU, 8 per SM on a GPU). head_pages: pages_c holds head pages
+    h * NP + p and dst [S, P, 1, D] gets head h of source page p (--psa-hot-granularity head).
     """
-    page = _check(src_k, src_v, dst_k, dst_v)
+    page = _check(src_k, src_v, dst_k, dst_v, head_pages)
     m = pages_c.shape[0]
     if m == 0:
         return
@@ -174,17 +201,23 @@ def copy_pages(
         programs = min(m, 8 * sm_count(dst_k.device))
     grid = (programs, triton.cdiv(page, block))
     _copy_pages_kernel[grid](
-        sk, sv, dst_k, dst_v, pages_c, slots_c, count,
+        sk, sv, dst_k, dst_v, pages_c, slots_c, count, src_k.shape[0],
         PAGE=page, BLOCK=block, EVEN=page % block == 0, SRC_INT=host_ptr == "int", num_warps=num_warps,
-        **_src_strides(src_k),
+        **_src_strides(src_k, head_pages),
     )  # fmt: skip
 
 
-def copy_pages_ref(src_k, src_v, dst_k, dst_v, pages_c, slots_c, count) -> None:
+def copy_pages_ref(src_k, src_v, dst_k, dst_v, pages_c, slots_c, count, head_pages: bool = False) -> None:
     """copy_pages in torch (reads count on the host)."""
-    _check(src_k, src_v, dst_k, dst_v)
+    _check(src_k, src_v, dst_k, dst_v, head_pages)
     n = int(count.reshape(-1)[0])
     p, s = pages_c[:n].long(), slots_c[:n].long()
+    if head_pages:
+        np_ = src_k.shape[0]
+        h, p = (p // np_).to(src_k.device), (p % np_).to(src_k.device)
+        dst_k[s.to(dst_k.device)] = src_k[p, :, h].unsqueeze(2).to(dst_k.device)
+        dst_v[s.to(dst_v.device)] = src_v[p, :, h].unsqueeze(2).to(dst_v.device)
+        return
     dst_k[s.to(dst_k.device)] = src_k[p.to(src_k.device)].to(dst_k.device)
     dst_v[s.to(dst_v.device)] = src_v[p.to(src_v.device)].to(dst_v.device)
 
@@ -222,13 +255,13 @@ def device_address(t: torch.Tensor) -> int:
     return out.value + (t.data_ptr() - base)
 
 
-def pick_host_ptr(src_k, src_v, dst_k, dst_v) -> str:
+def pick_host_ptr(src_k, src_v, dst_k, dst_v, head_pages: bool = False) -> str:
     """'tensor' if Triton's launcher takes the pinned tensors directly, else 'int' (probe: count 0)."""
     dev = dst_k.device
     idx = torch.zeros(1, dtype=torch.int64, device=dev)
     zero = torch.zeros(1, dtype=torch.int32, device=dev)
     try:
-        copy_pages(src_k, src_v, dst_k, dst_v, idx, idx, zero, host_ptr="tensor")
+        copy_pages(src_k, src_v, dst_k, dst_v, idx, idx, zero, host_ptr="tensor", head_pages=head_pages)
     except ValueError as e:  # "Pointer argument (at i) cannot be accessed from Triton (cpu tensor?)"
         if "cannot be accessed" not in str(e):
             raise

@@ -32,7 +32,7 @@ source indices on the host, so it is eager-only there and serves as the referenc
 `backend="triton"` (memory/page_copy.py) is the compacted copy: the pages to copy are packed to the
 front on the device with a device count, and a fixed grid of Triton programs strides over the first
 `count` of them, so the work scales with the real copies (no dummies, the sink slot is never
-written). It also reads a kv-head slice of the host tier in place (PerHeadTieredAttention). Still
+written). It also copies head pages (one kv head of a host page, `head_pages`) in place. Still
 fixed shapes and no host sync. `host_ptr` says how the pinned host tier reaches the kernel ("auto",
 "tensor", "int": see page_copy), `block` / `triton_warps` its tile. Selectable only; the default
 stays the sgl-kernel path.
@@ -83,8 +83,15 @@ class PageFetcher:
         host_ptr: str = "auto",
         block: int = 4096,
         triton_warps: int = 4,
+        head_pages: bool = False,
     ):
         num_layers, _, p, hkv, d = host.k.shape
+        self.head_pages = head_pages
+        if head_pages:  # dst slots hold one kv head's page; copy() gets head pages h * NP + p
+            if backend not in ("auto", "triton", "torch"):
+                raise ValueError("head pages are copied by the 'triton' or 'torch' backend")
+            backend = "triton" if backend == "auto" else backend
+            hkv = 1
         if dst_k.shape[1:] != (p, hkv, d) or dst_v.shape != dst_k.shape or dst_k.dtype != host.k.dtype:
             raise ValueError(f"dst {tuple(dst_k.shape)} {dst_k.dtype} does not hold pages of the host tier")
         if not 0 <= sink_slot < dst_k.shape[0]:
@@ -109,7 +116,7 @@ class PageFetcher:
             if dev.type == "cuda" and not (host.k.is_pinned() and host.v.is_pinned()):
                 raise ValueError("the triton backend on CUDA needs a pinned host tier")
             if host_ptr == "auto" and dev.type == "cuda":
-                host_ptr = page_copy.pick_host_ptr(host.k[0], host.v[0], dst_k, dst_v)
+                host_ptr = page_copy.pick_host_ptr(host.k[0], host.v[0], dst_k, dst_v, head_pages)
             elif host_ptr == "auto":
                 host_ptr = "tensor"
             if host_ptr not in ("tensor", "int"):
@@ -163,8 +170,12 @@ class PageFetcher:
         hk, hv = self.host.k[layer], self.host.v[layer]
         if self.backend == "triton":
             pages_c, slots_c, count = page_copy.compact(copy.to(self._t.device), pages, slots)
-            page_copy.copy_pages(hk, hv, self.dst_k, self.dst_v, pages_c, slots_c, count,
-                                 self.block, self.triton_warps, self.host_ptr)  # fmt: skip
+            page_copy.copy_pages(hk, hv, self.dst_k, self.dst_v, pages_c, slots_c, count, self.block,
+                                 self.triton_warps, self.host_ptr, head_pages=self.head_pages)  # fmt: skip
+            return
+        if self.head_pages:  # torch backend
+            pages_c, slots_c, count = page_copy.compact(copy.to(self._t.device), pages, slots)
+            page_copy.copy_pages_ref(hk, hv, self.dst_k, self.dst_v, pages_c, slots_c, count, head_pages=True)
             return
         src_k, src_v, dst = self.indices(layer, pages, slots, copy)
         if self.backend == "torch":

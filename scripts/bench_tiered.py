@@ -43,7 +43,7 @@ import torch
 
 from sglang_psa.kernels import sparse_decode
 from sglang_psa.memory.device_pool import union_pages
-from sglang_psa.memory.device_tiered import DeviceTieredAttention, PerHeadTieredAttention
+from sglang_psa.memory.device_tiered import DeviceTieredAttention
 from sglang_psa.memory.host_kv import cuda_view
 from sglang_psa.memory.hot_pool import HostTier
 from sglang_psa.memory.uva_fetch import PageFetcher
@@ -210,15 +210,18 @@ def bench_resident(shape, cfg, timer, graph, k_rows=None, v_rows=None):
 
 
 def bench_tiered(shape, cfg, timer, graph, capacity, fetch_kw, resident_last, granularity="page"):
-    """capacity in pages of all kv heads; granularity "head": Hkv pools of one head each, same bytes."""
+    """capacity in pages of all kv heads; granularity "head": slots of one kv head's page, same bytes."""
     page_bytes = 2 * shape.k[0].numel() * shape.k.element_size()
     if granularity == "head":
         hkv = shape.k.shape[2]
-        width = DeviceTieredAttention.union_width(shape.bs, 1, cfg["budget"], shape.num_pages)
-        t = PerHeadTieredAttention.build(capacity * hkv, shape.host, width, shape.q.device, **fetch_kw)
+        width = DeviceTieredAttention.union_width(
+            shape.bs, hkv, cfg["budget"], shape.num_pages, head_pages=True
+        )
+        t = DeviceTieredAttention.build(capacity * hkv, shape.host, width, shape.q.device, head_pages=True,
+                                        **fetch_kw)  # fmt: skip
         page_bytes //= hkv  # a slot, a fetch: one head's page
         res = {"capacity_pages": capacity, "granularity": "head",
-               "pool_gib": (capacity * hkv + hkv * (1 + width)) * page_bytes / 2**30}  # fmt: skip
+               "pool_gib": (capacity * hkv + 1 + width) * page_bytes / 2**30}  # fmt: skip
     else:
         t = DeviceTieredAttention.build(capacity, shape.host, shape.width, shape.q.device, **fetch_kw)
         res = {"capacity_pages": capacity, "granularity": "page",
@@ -335,8 +338,8 @@ def main(argv=None) -> dict:
     ap.add_argument(
         "--granularity",
         default="page",
-        help="hot-pool slots: page (all kv heads, DeviceTieredAttention) and/or head (one pool per kv "
-        "head, PerHeadTieredAttention; needs --fetch-backend triton); comma-separated",
+        help="hot-pool slots: page (all kv heads) and/or head (one kv head's page, head_pages; needs "
+        "--fetch-backend triton); comma-separated",
     )
     args = ap.parse_args(argv)
     cfg = dict(SMOKE if args.smoke else FULL)

@@ -136,7 +136,7 @@ class TieredDecode:
 
     def __init__(self, cfg: PSAConfig, kv_pool: Any, page_size: int, max_rows: int, width: int,
                  device: torch.device, reserve_bytes: int = 0):  # fmt: skip
-        from sglang_psa.memory.device_tiered import DeviceTieredAttention, PerHeadTieredAttention
+        from sglang_psa.memory.device_tiered import DeviceTieredAttention
         from sglang_psa.memory.hot_pool import HostTier
 
         host = getattr(kv_pool, "psa_host_kv", None)
@@ -161,12 +161,11 @@ class TieredDecode:
             if not _gpu_kv_budget:
                 logger.warning("PSA tiered: no device KV budget recorded; the hot pool gets no slots")
         per_head = cfg.hot_granularity == "head"
-        pools = hkv if per_head else 1  # each pool: capacity slots + a sink + union_width scratch slots
         slot_bytes = 2 * page_size * (1 if per_head else hkv) * d * host.element_size()
-        union_width = DeviceTieredAttention.union_width(max_rows, 1 if per_head else hkv, width, num_pages)
-        capacity = max(0, budget // slot_bytes - pools * (1 + union_width))
-        kind = PerHeadTieredAttention if per_head else DeviceTieredAttention
-        self.attn = kind.build(capacity, tier, union_width, device, policy=cfg.hot_policy, backend="triton")
+        union_width = DeviceTieredAttention.union_width(max_rows, hkv, width, num_pages, head_pages=per_head)
+        capacity = max(0, budget // slot_bytes - (1 + union_width))  # less the sink and the scratch slots
+        self.attn = DeviceTieredAttention.build(capacity, tier, union_width, device, head_pages=per_head,
+                                                policy=cfg.hot_policy, backend="triton")  # fmt: skip
         self.slot_bytes = slot_bytes
         self._steps = 0
         self._last = None
@@ -175,8 +174,8 @@ class TieredDecode:
         logger.info(
             "PSA tiered: hot pool %d slots of one %s + %d scratch (%.2f GiB of GPU memory) over %d "
             "host pages x %d layers; placement %s, prefetch %s",
-            capacity, "kv head's page" if per_head else "page (all kv heads)", pools * union_width,
-            (capacity + pools * (1 + union_width)) * slot_bytes / 2**30, num_pages, nl, cfg.hot_policy,
+            capacity, "kv head's page" if per_head else "page (all kv heads)", union_width,
+            (capacity + 1 + union_width) * slot_bytes / 2**30, num_pages, nl, cfg.hot_policy,
             cfg.prefetch,
         )  # fmt: skip
 

@@ -60,6 +60,38 @@ def test_union_and_table_equal_their_references(seed, bs, hkv, w, npages, width_
             fused_place.BLOCK = 1024
 
 
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**16), bs=st.integers(1, 3), hkv=st.integers(1, 3), w=st.integers(1, 5),
+       npages=st.integers(1, 30))  # fmt: skip
+def test_head_page_union_and_table_equal_their_references(seed, bs, hkv, w, npages):
+    """--psa-hot-granularity head: the unsorted union holds the reference's set, once each, with
+    pos_of pointing at each key; the table maps every selected (b, h, j) to its key's loc."""
+    for blk in (4, 1024):  # BLOCK 4: several programs claim union positions through the atomic count
+        fused_place.BLOCK = blk
+        try:
+            g = torch.Generator().manual_seed(seed)
+            r2t, rpi, idx, cnt, p = random_selection(g, bs, hkv, w, npages)
+            width = bs * hkv * w
+            want = fused_place.union_head_pages_ref(r2t, rpi, idx, cnt, p, npages, width)
+            owner = torch.randint(-5, 50, (hkv * npages,), generator=g, dtype=torch.int32)  # any contents
+            pos_of = torch.randint(-5, 50, (hkv * npages,), generator=g, dtype=torch.int32)
+            out = torch.randint(-5, 50, (width,), generator=g, dtype=torch.int32)
+            count = torch.full((1,), 7, dtype=torch.int32)
+            fused_place.union_head_pages(r2t, rpi, idx, cnt, p, npages, owner, pos_of, out, count)
+            n = int((want >= 0).sum())
+            assert int(count) == n and out[n:].eq(-1).all()
+            assert torch.equal(out[:n].sort().values, want[:n])
+            assert torch.equal(pos_of[out[:n].long()], torch.arange(n, dtype=torch.int32))
+            loc = torch.randint(-1, 50, (width,), generator=g, dtype=torch.int32)
+            tab = fused_place.head_page_table(r2t, rpi, idx, cnt, p, npages, pos_of, loc)
+            ref = fused_place.head_page_table_ref(r2t, rpi, idx, cnt, p, npages, out, loc, tab.shape[2])
+            kept = torch.arange(w) < cnt[..., None]
+            j = idx.long().clamp(0, tab.shape[2] - 1)
+            assert torch.equal(tab.gather(2, j)[kept], ref.gather(2, j)[kept])
+        finally:
+            fused_place.BLOCK = 1024
+
+
 # ----------------------------------------------------------------------------- clock traces
 def random_trace(rng: random.Random, n: int) -> list[tuple]:
     """place / step / invalidate / unpin ops over a small key space (so pages recur and evict)."""

@@ -167,7 +167,7 @@ def test_triton_copy_replays_in_a_cuda_graph_with_changing_masks(host_ptr):
 @pytest.mark.parametrize("head", range(HKV))
 @pytest.mark.parametrize("host_ptr", ["tensor", "int"])
 def test_triton_copy_of_one_kv_head_reads_the_strided_slice(head, host_ptr):
-    """PerHeadTieredAttention's copies: the source is one kv head of each host page, in place."""
+    """A kv-head slice of the host tier as the source: one kv head of each host page, in place."""
     h = host_tier(5 + head)
     pages, slots, mask = case("mixed", 4 + head)
     src_k, src_v = h.k[1][:, :, head : head + 1], h.v[1][:, :, head : head + 1]  # [NP, P, 1, D] strided
@@ -181,6 +181,32 @@ def test_triton_copy_of_one_kv_head_reads_the_strided_slice(head, host_ptr):
     untouched = torch.ones(S, dtype=torch.bool)
     untouched[slots[mask].long()] = False
     assert bool((dst_k[untouched] == POISON).all())
+
+
+@pytest.mark.parametrize("host_ptr", ["tensor", "int"])
+def test_triton_copy_of_head_pages_equals_reference(host_ptr):
+    """--psa-hot-granularity head: entry h * NP + p copies kv head h of host page p into a one-head slot."""
+    h = host_tier(11)
+    np_ = h.k.shape[1]
+    g = torch.Generator().manual_seed(3)
+    keys = torch.randperm(HKV * np_, generator=g)[:S].to(torch.int32)
+    slots = torch.randperm(S, generator=g).to(torch.int32)
+    mask = torch.rand(S, generator=g) < 0.7
+    out = []
+    for copy in (page_copy.copy_pages, page_copy.copy_pages_ref):
+        dst_k = torch.full((S, P, 1, D), POISON)
+        dst_v = dst_k.clone()
+        pc, sc, cnt = page_copy.compact(mask, keys, slots)
+        kw = {"block": 256, "host_ptr": host_ptr} if copy is page_copy.copy_pages else {}
+        copy(h.k[1], h.v[1], dst_k, dst_v, pc, sc, cnt, head_pages=True, **kw)
+        out.append((dst_k, dst_v))
+    assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1])
+    for key, s_ in zip(keys[mask].tolist(), slots[mask].tolist()):
+        assert torch.equal(out[0][0][s_, :, 0], h.k[1, key % np_, :, key // np_])
+        assert torch.equal(out[0][1][s_, :, 0], h.v[1, key % np_, :, key // np_])
+    untouched = torch.ones(S, dtype=torch.bool)
+    untouched[slots[mask].long()] = False
+    assert bool((out[0][0][untouched] == POISON).all())
 
 
 def test_copy_refuses_a_source_without_contiguous_token_rows():

@@ -55,6 +55,28 @@ def test_page_table_kernel_equals_reference(device):
     assert rel_err(got, ref) < 1e-5 and torch.allclose(got_lse.cpu(), ref_lse.cpu(), atol=1e-4)
 
 
+def test_per_head_page_table_over_one_head_slots_equals_reference(device):
+    """page_table [bs, Hkv, N] over slots of one kv head (k_cache expanded to Hkv, head stride 0):
+    kv head h of physical page p lives in slot h * NP + (NP - 1 - p)."""
+    sb, host, caches, num_pages = _setup(device)
+    idx, cnt = _select(sb, caches[0][0], 12, seed=2)
+    idx, cnt = idx.to(device), cnt.to(device)
+    k4, v4 = (c.view(num_pages, P, 2, D) for c in caches[0])
+    # slots [2 * NP, P, 1, D]: head-major, pages reversed within a head
+    slots_k = torch.flip(k4, [0]).permute(2, 0, 1, 3).reshape(2 * num_pages, P, 1, D).contiguous()
+    slots_v = torch.flip(v4, [0]).permute(2, 0, 1, 3).reshape(2 * num_pages, P, 1, D).contiguous()
+    rows_k, rows_v = (t.view(-1, 1, D).expand(-1, 2, D) for t in (slots_k, slots_v))
+    phys = sb.req_to_token[:, ::P].long() // P
+    heads = torch.arange(2, device=phys.device)[None, :, None] * num_pages
+    table = (heads + num_pages - 1 - phys[:, None, :]).to(torch.int32).contiguous()  # [bs, 2, N]
+    args = (sb.req_to_token, sb.req_pool_indices, sb.seq_lens, idx, cnt, P, sb.sm_scale)
+    got, got_lse = sparse_decode(sb.q, rows_k, rows_v, *args, page_table=table)
+    ref, ref_lse = sparse_decode_ref(sb.q, caches[0][0], caches[0][1], *args)
+    assert rel_err(got, ref) < 1e-5 and torch.allclose(got_lse.cpu(), ref_lse.cpu(), atol=1e-4)
+    via_ref, _ = sparse_decode_ref(sb.q, rows_k, rows_v, *args, page_table=table)
+    assert rel_err(via_ref, ref) < 1e-6
+
+
 @pytest.mark.parametrize("capacity,scratch", [(64, 8), (6, 4), (0, 3)], ids=["fits", "evicts", "no-pool"])
 def test_tiered_equals_resident_over_steps(capacity, scratch, device):
     sb, host, caches, num_pages = _setup(device)

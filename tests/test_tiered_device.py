@@ -10,7 +10,7 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from sglang_psa.kernels import sparse_decode, sparse_decode_ref
-from sglang_psa.memory.device_tiered import DeviceTieredAttention, PerHeadTieredAttention
+from sglang_psa.memory.device_tiered import DeviceTieredAttention
 from sglang_psa.memory.hot_pool import HostTier
 from sglang_psa.memory.uva_fetch import PageFetcher
 
@@ -60,10 +60,10 @@ class Batch:
         return attend(self.q, k, v, self.req_to_token, self.rpi, self.seq_lens, idx, cnt, P, self.sm_scale)
 
     def tiered(self, capacity: int, attend=sparse_decode_ref, granularity: str = "page", **kw):
-        if granularity == "head":  # one pool per kv head (strided copies: the triton fetch backend)
-            width = DeviceTieredAttention.union_width(2, 1, W, self.num_pages)
-            return PerHeadTieredAttention.build(capacity, self.host, width, self.device, attend=attend,
-                                                backend="triton", **kw)  # fmt: skip
+        if granularity == "head":  # slots of one kv head's page (the triton fetch backend)
+            width = DeviceTieredAttention.union_width(2, HKV, W, self.num_pages, head_pages=True)
+            return DeviceTieredAttention.build(capacity, self.host, width, self.device, head_pages=True,
+                                               attend=attend, backend="triton", **kw)  # fmt: skip
         width = DeviceTieredAttention.union_width(2, HKV, W, self.num_pages)
         return DeviceTieredAttention.build(capacity, self.host, width, self.device, attend=attend, **kw)
 
@@ -85,13 +85,8 @@ def record_copies(t: DeviceTieredAttention) -> list:
 
 
 def check_pool(t) -> None:
-    """The map is a bijection between resident (layer, page) keys and occupied slots (each head's pool
-    for a PerHeadTieredAttention)."""
-    for pool in [h.pool for h in t.heads] if hasattr(t, "heads") else [t.pool]:
-        _check_one_pool(pool)
-
-
-def _check_one_pool(pool) -> None:
+    """The map is a bijection between resident (layer, page) keys and occupied slots."""
+    pool = t.pool
     tab = pool.table()
     lyr, pg = torch.nonzero(tab >= 0, as_tuple=True)
     slots = tab[lyr, pg].long()
@@ -196,11 +191,13 @@ def test_tiny_pool_overflows_into_scratch_and_stays_exact(policy):
 @settings(max_examples=25, deadline=None)
 @given(capacity=st.integers(0, 24), seed=st.integers(0, 2**16), prefetch=st.booleans())
 def test_per_head_pools_equal_resident(policy, capacity, seed, prefetch):
-    """One pool per kv head (slots of P x D, copies read the host tier's head slice in place)."""
+    """Slots of one kv head's page (P x D; copies read the head's rows of the host tier in place),
+    all heads of a layer in one union, placement, copy and attention."""
     b = Batch(seed)
     t = b.tiered(capacity, policy=policy, granularity="head")
-    assert len(t.heads) == HKV and t.heads[0].pool.k.shape[1:] == (P, 1, D)
+    assert t.pool.k.shape[1:] == (P, 1, D) and t.pool.num_pages == HKV * b.num_pages
     g = torch.Generator().manual_seed(seed + 1)
+    needed = []
     for _ in range(2):
         t.begin_step(prefetch_first=prefetch)
         for layer in range(L):
@@ -210,9 +207,17 @@ def test_per_head_pools_equal_resident(policy, capacity, seed, prefetch):
             assert torch.equal(out, ref)
             assert torch.allclose(lse, ref_lse, atol=1e-6)
             check_pool(t)
+            # a head fetches only its own pages: needed = the unique (head, physical page) pairs
+            phys = b.req_to_token[:, ::P].long() // P
+            keys = {
+                (h, int(phys[r, int(j)]))
+                for r in range(2)
+                for h in range(HKV)
+                for j in idx[r, h, : cnt[r, h]]
+            }
+            needed.append(len(keys))
     s = t.stats()
-    assert s["hits"] + s["fetched"] + s["overflow"] == s["needed"]
-    # a head fetches only its own pages: needed = sum over heads of that head's unique pages
+    assert s["hits"] + s["fetched"] + s["overflow"] == s["needed"] == sum(needed)
 
 
 def test_per_head_invalidation_drops_every_heads_copy():

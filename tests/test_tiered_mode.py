@@ -54,11 +54,12 @@ def test_tau_one_equals_dense(slots):
 
 @pytest.mark.parametrize("slots", [0, 8, 400], ids=["no-pool", "evicting", "roomy"])
 def test_per_head_slots_equal_dense_and_resident(slots):
-    """--psa-hot-granularity head: one pool per kv head, each with slots // Hkv of the budget."""
-    gb = (slots + 2 * 66) * (SLOT_BYTES // 2) / 2**30  # per head: a sink + 65 scratch slots
+    """--psa-hot-granularity head: one pool of slots that each hold one kv head's page."""
+    gb = (slots + 1 + 2 * 65) * (SLOT_BYTES // 2) / 2**30  # a sink + scratch for 2 heads x 65 pages
     b = make_backend(tau=1.0, max_pages=CTX // P, dense_below=0, tiered=True, hot_pool_gb=gb,
                      hot_granularity="head")  # fmt: skip
-    assert len(b.tiered.attn.heads) == 2 and b.tiered.attn.heads[0].pool.capacity == slots // 2
+    pool = b.tiered.attn.pool
+    assert pool.capacity == slots and pool.k.shape[2] == 1 and b.tiered.attn.head_pages
     batch = Batch(b, [40, 100, 7], torch.Generator().manual_seed(0))
     batch.prefill()
     for _ in range(10):
