@@ -171,7 +171,7 @@ tiered_equal)
           --context-length 32768 --max-running-requests 4 --cuda-graph-max-bs 4)
   TIER=(--radix-cache-backend psa --psa-tiered --psa-host-kv-gb 1 --psa-stats-interval 8)
   T1=(--psa-tau 1.0 --psa-dense-below 0); T09=(--psa-tau 0.9 --psa-dense-below 2048)
-  RUNS=" ${TE_RUNS:-res_t1 tier_t1 tier_t1_nopool res_t09 tier_t09_evict tier_t09_head tier_t09_lru_prefetch} "
+  RUNS=" ${TE_RUNS:-res_t1 tier_t1_head res_t09 tier_t09_evict res_t09_reuse tier_t09_head_reuse} "
   rc=0
   one() { local name=$1; shift
     [[ "$RUNS" == *" $name "* ]] || return 0
@@ -183,10 +183,16 @@ tiered_equal)
   # 0.078 = no slots (every page through scratch), 0.09 = ~800 slots (evicts every step)
   one res_t09 "${T09[@]}"; one tier_t09_nopool "${T09[@]}" "${TIER[@]}" --psa-hot-pool-gb 0.078
   one tier_t09_evict "${T09[@]}" "${TIER[@]}" --psa-hot-pool-gb 0.09
-  one tier_t09_head "${T09[@]}" "${TIER[@]}" --psa-hot-pool-gb 0.09 --psa-hot-granularity head
+  # head slots (8 KiB; 4096 scratch = 0.031 GiB first): 0.04 = ~1100 slots, fewer than a step needs
+  HEAD=(--psa-hot-pool-gb 0.04 --psa-hot-granularity head)
+  one tier_t1_head "${T1[@]}" "${TIER[@]}" "${HEAD[@]}"
+  one tier_t09_head "${T09[@]}" "${TIER[@]}" "${HEAD[@]}"
+  one res_t09_reuse "${T09[@]}" --psa-reuse-steps 4
+  one tier_t09_head_reuse "${T09[@]}" "${TIER[@]}" "${HEAD[@]}" --psa-reuse-steps 4
   one tier_t09_lru_prefetch "${T09[@]}" "${TIER[@]}" --psa-hot-pool-gb 0.09 --psa-hot-policy lru --psa-prefetch
-  for pair in "tier_t1 res_t1" "tier_t1_nopool res_t1" "tier_t09_nopool res_t09" "tier_t09_evict res_t09" \
-              "tier_t09_head res_t09" "tier_t09_lru_prefetch res_t09"; do
+  for pair in "tier_t1 res_t1" "tier_t1_nopool res_t1" "tier_t1_head res_t1" "tier_t09_nopool res_t09" \
+              "tier_t09_evict res_t09" "tier_t09_head res_t09" "tier_t09_lru_prefetch res_t09" \
+              "tier_t09_head_reuse res_t09_reuse"; do
     set -- $pair
     [ -f "$OUT/te_$1.json" ] && [ -f "$OUT/te_$2.json" ] || continue
     $CLIENT compare --a "$OUT/te_$1.json" --b "$OUT/te_$2.json" --out "$OUT/te_cmp_$1.json" || rc=1
@@ -200,7 +206,7 @@ for f in sorted(glob.glob(os.path.join(sys.argv[1], "te_cmp_*.json"))):
     d = json.load(open(f))
     out["compare"][os.path.basename(f)[7:-5]] = {"all_equal": d["all_equal"],
         "rows": [{k: r[k] for k in ("len", "equal", "first_diff", "n_tokens")} for r in d["rows"]]}
-json.dump(out, open("benchmarks/results/e2e_tiered_equal.json", "w"), separators=(",", ":"))
+json.dump(out, open(f"benchmarks/results/e2e_tiered_equal-{sys.argv[2]}.json", "w"), separators=(",", ":"))
 print(json.dumps({k: v["all_equal"] for k, v in out["compare"].items()}))
 PY
   exit $rc ;;
