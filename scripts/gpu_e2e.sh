@@ -165,8 +165,9 @@ tiered_equal)
   # resident PSA's greedy tokens, at tau 1.0 and tau 0.9, with a pool that holds everything, one with
   # no slots at all (every page through scratch) and one that evicts all the time. The trained model:
   # real weights, real attention (dummy weights repeat tokens, which makes equality too easy).
+  # TE_CONCURRENT="" sends the prompts one after another (a schedule that does not depend on timing).
   export LOAD_FORMAT=auto
-  GEN="$CLIENT generate --vocab 4000 --lens 2048 4096 8192 12288 --concurrent --max-new-tokens 48"
+  GEN="$CLIENT generate --vocab 4000 --lens 2048 4096 8192 12288 ${TE_CONCURRENT---concurrent} --max-new-tokens 48"
   COMMON=(--model-path models/psa-llama-2m --attention-backend psa --page-size 32 --psa-max-pages 512
           --context-length 32768 --max-running-requests 4 --cuda-graph-max-bs 4)
   TIER=(--radix-cache-backend psa --psa-tiered --psa-host-kv-gb 1 --psa-stats-interval 8)
