@@ -198,10 +198,11 @@ tiered_equal)
     [ -f "$OUT/te_$1.json" ] && [ -f "$OUT/te_$2.json" ] || continue
     $CLIENT compare --a "$OUT/te_$1.json" --b "$OUT/te_$2.json" --out "$OUT/te_cmp_$1.json" || rc=1
   done
-  python3 - "$OUT" "$COMMIT" "$DEV" <<'PY'
+  python3 - "$OUT" "$COMMIT" "$DEV" "${TE_CONCURRENT---concurrent}" <<'PY'
 import glob, json, os, sys, time
+how = "concurrent" if sys.argv[4] else "sequential"
 out = {"benchmark": "tiered_equal", "commit": sys.argv[2], "device": sys.argv[3], "date": time.strftime("%Y-%m-%d"),
-       "model": "models/psa-llama-2m (trained), greedy, 4 concurrent prompts of 2k-12k tokens, 48 new tokens",
+       "model": f"models/psa-llama-2m (trained), greedy, 4 {how} prompts of 2k-12k tokens, 48 new tokens",
        "compare": {}}
 for f in sorted(glob.glob(os.path.join(sys.argv[1], "te_cmp_*.json"))):
     d = json.load(open(f))
