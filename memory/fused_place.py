@@ -77,6 +77,27 @@ def union_selected_ref(
 
 
 @triton.jit
+def _entry_keys(
+    e, E, r2t_ptr, r2t_s0, rpi_ptr, idx_ptr, idx_s0, idx_s1, idx_s2, cnt_ptr, cnt_s0, cnt_s1,
+    HKV, W, N, P, NP,
+):  # fmt: skip
+    """Selection entry e = (b, h, w) -> (head page key h * NP + physical page, kept, b, h, logical
+    page j): the physical page of req_to_token[rpi[b], page_idx[b, h, w] * P] // P, j clamped."""
+    em = e < E
+    b = e // (HKV * W)
+    h = (e // W) % HKV
+    w = e % W
+    c = tl.load(cnt_ptr + b * cnt_s0 + h * cnt_s1, mask=em, other=0)
+    keep = em & (w < c)
+    j = tl.load(idx_ptr + b * idx_s0 + h * idx_s1 + w * idx_s2, mask=keep, other=0).to(tl.int64)
+    j = tl.minimum(tl.maximum(j, 0), N - 1)
+    r = tl.load(rpi_ptr + b, mask=keep, other=0).to(tl.int64)
+    tok = tl.load(r2t_ptr + r * r2t_s0 + j * P, mask=keep, other=0).to(tl.int64)
+    ph = tl.minimum(tl.maximum(tok // P, 0), NP - 1)
+    return h * NP + ph, keep, b, h, j
+
+
+@triton.jit
 def _union_kernel(
     r2t_ptr, r2t_s0, rpi_ptr, idx_ptr, idx_s0, idx_s1, idx_s2, cnt_ptr, cnt_s0, cnt_s1,
     bitmap_ptr, out_ptr,
@@ -86,19 +107,9 @@ def _union_kernel(
     offs = tl.arange(0, BLOCK)
     # phase A: mark the physical page of every kept entry
     for e0 in range(0, E, BLOCK):
-        e = e0 + offs
-        em = e < E
-        b = e // (HKV * W)
-        h = (e // W) % HKV
-        w = e % W
-        c = tl.load(cnt_ptr + b * cnt_s0 + h * cnt_s1, mask=em, other=0)
-        keep = em & (w < c)
-        j = tl.load(idx_ptr + b * idx_s0 + h * idx_s1 + w * idx_s2, mask=keep, other=0).to(tl.int64)
-        j = tl.minimum(tl.maximum(j, 0), N - 1)
-        r = tl.load(rpi_ptr + b, mask=keep, other=0).to(tl.int64)
-        tok = tl.load(r2t_ptr + r * r2t_s0 + j * P, mask=keep, other=0).to(tl.int64)
-        ph = tl.minimum(tl.maximum(tok // P, 0), NP - 1)
-        tl.store(bitmap_ptr + ph, tl.full([BLOCK], 1, tl.int8), mask=keep)
+        key, keep, _b, h, _j = _entry_keys(e0 + offs, E, r2t_ptr, r2t_s0, rpi_ptr, idx_ptr, idx_s0, idx_s1,
+                                           idx_s2, cnt_ptr, cnt_s0, cnt_s1, HKV, W, N, P, NP)  # fmt: skip
+        tl.store(bitmap_ptr + key - h * NP, tl.full([BLOCK], 1, tl.int8), mask=keep)
     tl.debug_barrier()
     # phase B: compact the marked pages in ascending order, clear the bitmap
     total = tl.zeros([], dtype=tl.int32)
@@ -426,26 +437,6 @@ def page_table(req_to_token, req_pool_indices, page_size, num_pages, union, loc)
 # (written for this call's keys; other entries hold stale positions nobody reads), which gives the
 # page table without a search. Union order differs between GPU runs (block order); the set, the
 # placement's hit / miss counts and the attention output do not.
-@triton.jit
-def _entry_keys(
-    e, E, r2t_ptr, r2t_s0, rpi_ptr, idx_ptr, idx_s0, idx_s1, idx_s2, cnt_ptr, cnt_s0, cnt_s1,
-    HKV, W, N, P, NP,
-):  # fmt: skip
-    """Selection entry e = (b, h, w) -> (head page key, kept, b, h, logical page j)."""
-    em = e < E
-    b = e // (HKV * W)
-    h = (e // W) % HKV
-    w = e % W
-    c = tl.load(cnt_ptr + b * cnt_s0 + h * cnt_s1, mask=em, other=0)
-    keep = em & (w < c)
-    j = tl.load(idx_ptr + b * idx_s0 + h * idx_s1 + w * idx_s2, mask=keep, other=0).to(tl.int64)
-    j = tl.minimum(tl.maximum(j, 0), N - 1)
-    r = tl.load(rpi_ptr + b, mask=keep, other=0).to(tl.int64)
-    tok = tl.load(r2t_ptr + r * r2t_s0 + j * P, mask=keep, other=0).to(tl.int64)
-    ph = tl.minimum(tl.maximum(tok // P, 0), NP - 1)
-    return h * NP + ph, keep, b, h, j
-
-
 @triton.jit
 def _claim_kernel(
     r2t_ptr, r2t_s0, rpi_ptr, idx_ptr, idx_s0, idx_s1, idx_s2, cnt_ptr, cnt_s0, cnt_s1,
