@@ -53,7 +53,13 @@ import torch
 from sglang_psa.kernels import sparse_decode
 
 from .device_pool import DevicePagePool, union_pages
-from .fused_place import head_page_table, page_table, union_head_pages, union_selected
+from .fused_place import (
+    head_page_table,
+    page_table,
+    selected_physical_pages,
+    union_head_pages,
+    union_selected,
+)
 from .uva_fetch import PageFetcher
 
 COUNTER_NAMES = ("needed", "hits", "fetched", "overflow", "prefetched")
@@ -245,13 +251,10 @@ class DeviceTieredAttention:
         """Policy "lru": union, place, copies and page table [bs, N] int32 as torch ops."""
         pool, p = self.pool, self.pool.k.shape[1]
         dev = page_idx.device
-        bs, hkv, w = page_idx.shape
-        # physical page of each logical page: [bs, N], N static (the table's width)
-        phys = (req_to_token[req_pool_indices.long()][:, ::p].long() // p).to(dev)
-        n = phys.shape[1]
-        sel = torch.gather(phys[:, None, :].expand(bs, hkv, n), 2, page_idx.long().clamp(0, n - 1))
+        # physical page of each logical page [bs, N] (N static: the table's width) and of each entry
+        phys, sel = selected_physical_pages(req_to_token, req_pool_indices, page_idx, p)
         if self.head_pages:  # keys h * NP + page; the table is per kv head
-            heads = torch.arange(hkv, device=dev)[None, :, None] * self.host_pages
+            heads = torch.arange(self.hkv, device=dev)[None, :, None] * self.host_pages
             sel = sel.clamp(0, self.host_pages - 1) + heads
             phys = phys[:, None, :].clamp(0, self.host_pages - 1) + heads  # [bs, Hkv, N]
         union = self._union_row(layer, page_idx)

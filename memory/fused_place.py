@@ -57,6 +57,19 @@ BLOCK = 1024  # elements per loop iteration of the single-program kernels
 
 
 # ============================================================================ union
+def selected_physical_pages(
+    req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, page_idx: torch.Tensor, page_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Torch: phys [bs, N] int64, the physical page of each logical page (req_to_token[rpi, j * P] // P),
+    and sel [bs, Hkv, W] int64, the physical page of each selection entry (page_idx clamped to [0, N))."""
+    phys = req_to_token[req_pool_indices.long()][:, ::page_size].long() // page_size
+    bs, hkv, _ = page_idx.shape
+    n = phys.shape[1]
+    phys = phys.to(page_idx.device)
+    sel = torch.gather(phys[:, None, :].expand(bs, hkv, n), 2, page_idx.long().clamp(0, n - 1))
+    return phys, sel
+
+
 def union_selected_ref(
     req_to_token: torch.Tensor,
     req_pool_indices: torch.Tensor,
@@ -69,10 +82,7 @@ def union_selected_ref(
     """Reference: [width] int32 sorted unique physical pages of the selection, -1 padded."""
     from .device_pool import union_pages
 
-    phys = req_to_token[req_pool_indices.long()][:, ::page_size].long() // page_size  # [bs, N]
-    bs, hkv, _ = page_idx.shape
-    n = phys.shape[1]
-    sel = torch.gather(phys[:, None, :].expand(bs, hkv, n), 2, page_idx.long().clamp(0, n - 1))
+    _, sel = selected_physical_pages(req_to_token, req_pool_indices, page_idx, page_size)
     return union_pages(sel, counts, num_pages, width)
 
 
@@ -492,10 +502,8 @@ def _selection_args(req_to_token, req_pool_indices, page_idx, counts, page_size:
 def head_page_keys_ref(req_to_token, req_pool_indices, page_idx, counts, page_size: int, num_pages: int):
     """Reference: head page key h * NP + physical page of every selection entry [bs, Hkv, W] int64,
     and the kept mask [bs, Hkv, W] bool (w < count)."""
-    phys = req_to_token[req_pool_indices.long()][:, ::page_size].long() // page_size  # [bs, N]
-    bs, hkv, w = page_idx.shape
-    n = phys.shape[1]
-    sel = torch.gather(phys[:, None, :].expand(bs, hkv, n), 2, page_idx.long().clamp(0, n - 1))
+    _, sel = selected_physical_pages(req_to_token, req_pool_indices, page_idx, page_size)
+    hkv, w = page_idx.shape[1:]
     keys = sel.clamp(0, num_pages - 1) + torch.arange(hkv, device=sel.device)[None, :, None] * num_pages
     kept = torch.arange(w, device=sel.device) < counts[..., None]
     return keys, kept

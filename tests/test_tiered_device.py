@@ -122,6 +122,7 @@ def test_fetcher_kernel_backend_refuses_a_head_slice():
 
 
 # ----------------------------------------------------------------------------- exactness
+@pytest.mark.parametrize("granularity", ["page", "head"])
 @pytest.mark.parametrize("policy", POLICIES)
 @settings(max_examples=60, deadline=None)
 @given(
@@ -130,11 +131,18 @@ def test_fetcher_kernel_backend_refuses_a_head_slice():
     steps=st.integers(1, 4),
     prefetch=st.booleans(),
 )
-def test_device_tiered_equals_resident(policy, capacity, seed, steps, prefetch):
+def test_device_tiered_equals_resident(granularity, policy, capacity, seed, steps, prefetch):
+    """Slots of a page of all kv heads, or of one kv head's page (P x D; copies read the head's rows of
+    the host tier in place, all heads of a layer in one union, placement, copy and attention)."""
     b = Batch(seed)
-    t = b.tiered(capacity, policy=policy)
+    t = b.tiered(capacity, policy=policy, granularity=granularity)
+    per_head = granularity == "head"
+    if per_head:
+        assert t.pool.k.shape[1:] == (P, 1, D) and t.pool.num_pages == HKV * b.num_pages
     calls = record_copies(t)
     g = torch.Generator().manual_seed(seed + 1)
+    phys = b.req_to_token[:, ::P].long() // P
+    needed = []
     for _ in range(steps):
         t.begin_step(prefetch_first=prefetch)
         for layer in range(L):
@@ -145,11 +153,16 @@ def test_device_tiered_equals_resident(policy, capacity, seed, steps, prefetch):
             assert torch.equal(out, ref)
             assert torch.allclose(lse, ref_lse, atol=1e-6) or torch.equal(lse, ref_lse)
             check_pool(t)
+            # pages needed = the unique physical pages (per kv head with head slots: a head fetches
+            # only its own pages)
+            pairs = [(r, h) for r in range(2) for h in range(HKV)]
+            keys = {(h * per_head, int(phys[r, int(j)])) for r, h in pairs for j in idx[r, h, : cnt[r, h]]}
+            needed.append(len(keys))
     for _, _, slots, mask in calls:  # every call copies into distinct slots
         s = slots[mask]
         assert s.unique().numel() == s.numel()
     st_ = t.stats()
-    assert st_["hits"] + st_["fetched"] + st_["overflow"] == st_["needed"]
+    assert st_["hits"] + st_["fetched"] + st_["overflow"] == st_["needed"] == sum(needed)
     if st_["overflow"]:
         event("overflow")
     if st_["hits"]:
@@ -187,39 +200,6 @@ def test_tiny_pool_overflows_into_scratch_and_stays_exact(policy):
 
 
 # ----------------------------------------------------------------------------- per kv head
-@pytest.mark.parametrize("policy", POLICIES)
-@settings(max_examples=25, deadline=None)
-@given(capacity=st.integers(0, 24), seed=st.integers(0, 2**16), prefetch=st.booleans())
-def test_per_head_pools_equal_resident(policy, capacity, seed, prefetch):
-    """Slots of one kv head's page (P x D; copies read the head's rows of the host tier in place),
-    all heads of a layer in one union, placement, copy and attention."""
-    b = Batch(seed)
-    t = b.tiered(capacity, policy=policy, granularity="head")
-    assert t.pool.k.shape[1:] == (P, 1, D) and t.pool.num_pages == HKV * b.num_pages
-    g = torch.Generator().manual_seed(seed + 1)
-    needed = []
-    for _ in range(2):
-        t.begin_step(prefetch_first=prefetch)
-        for layer in range(L):
-            idx, cnt = b.select(g)
-            out, lse = b.run(t, layer, idx, cnt, prefetch_next=prefetch)
-            ref, ref_lse = b.resident(layer, idx, cnt)
-            assert torch.equal(out, ref)
-            assert torch.allclose(lse, ref_lse, atol=1e-6)
-            check_pool(t)
-            # a head fetches only its own pages: needed = the unique (head, physical page) pairs
-            phys = b.req_to_token[:, ::P].long() // P
-            keys = {
-                (h, int(phys[r, int(j)]))
-                for r in range(2)
-                for h in range(HKV)
-                for j in idx[r, h, : cnt[r, h]]
-            }
-            needed.append(len(keys))
-    s = t.stats()
-    assert s["hits"] + s["fetched"] + s["overflow"] == s["needed"] == sum(needed)
-
-
 def test_per_head_invalidation_drops_every_heads_copy():
     b = Batch(2)
     t = b.tiered(64, granularity="head")
