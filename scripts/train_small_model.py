@@ -65,6 +65,26 @@ MAX_SAFETENSORS_BYTES = 5_000_000
 TASK_WEIGHTS = {"passkey": 0.4, "kv_retrieval": 0.2, "multi_needle": 0.2, "variable_tracking": 0.2}
 
 
+def parse_task_weights(text: str) -> dict[str, float]:
+    """``kind=w,...`` over TASK_WEIGHTS: unnamed kinds keep their default weight; a kind at 0 is never
+    sampled."""
+    weights = dict(TASK_WEIGHTS)
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        kind, sep, value = item.partition("=")
+        if not sep or kind not in weights:
+            expected = f"expected kind=weight, kind in {list(weights)}"
+            raise argparse.ArgumentTypeError(f"task weight {item!r}: {expected}")
+        try:
+            weights[kind] = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"task weight {item!r}: {value!r} is not a number") from None
+        if weights[kind] < 0:
+            raise argparse.ArgumentTypeError(f"task weight {item!r} must be >= 0")
+    if sum(weights.values()) <= 0:
+        raise argparse.ArgumentTypeError("task weights must not all be 0")
+    return weights
+
+
 # --------------------------------------------------------------------------------------------------
 # Tokenizer
 # --------------------------------------------------------------------------------------------------
@@ -180,13 +200,22 @@ class Batch:
 class DataMix:
     """Samples sequences of a given length: plain corpus text or a synthetic task (plain or chat format)."""
 
-    def __init__(self, corpus: FillerCorpus, ids: dict[str, int], encode: Any, seed: int, text_frac: float):
+    def __init__(
+        self,
+        corpus: FillerCorpus,
+        ids: dict[str, int],
+        encode: Any,
+        seed: int,
+        text_frac: float,
+        task_weights: dict[str, float] | None = None,
+    ):
         self.corpus = corpus
         self.ids = ids
         self.rng = random.Random(seed)
         self.text_frac = text_frac
-        self.kinds = list(TASK_WEIGHTS)
-        self.weights = [TASK_WEIGHTS[k] for k in self.kinds]
+        weights = task_weights or TASK_WEIGHTS
+        self.kinds = list(weights)
+        self.weights = [weights[k] for k in self.kinds]
         self.user_prefix = np.asarray(encode("<|user|>\n"), dtype=np.int32)
         self.asst_prefix = np.asarray(encode("\n<|assistant|>\n"), dtype=np.int32)
         self.encode = encode
@@ -358,7 +387,7 @@ def training_md(args: argparse.Namespace, r: dict[str, Any]) -> str:
         f" RoPE theta {args.rope_theta:g}, max_position_embeddings {args.max_positions}",
         f"- Corpus: {r['corpus_files']} files, {r['corpus_bytes']:,} bytes, {r['corpus_tokens']:,} tokens",
         f"- Curriculum lengths: {r['stages']}; tokens per step {args.tokens_per_step:,}; text fraction"
-        f" {args.text_frac}; task weights {TASK_WEIGHTS}; 10% of tasks in chat format",
+        f" {args.text_frac}; task weights {args.task_weights}; 10% of tasks in chat format",
         f"- Optimizer: AdamW lr {args.lr:g} (warmup {args.warmup} steps, cosine to 10%), betas (0.9, 0.95),"
         f" weight decay 0.1, grad clip 1.0, answer-loss weight {args.answer_weight}",
         f"- Device: {r['device']}; precision: {r['precision']}; seed {args.seed}",
@@ -418,6 +447,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=200)
     p.add_argument("--answer-weight", type=float, default=1.0, help="weight of the mean answer-token loss")
     p.add_argument("--text-frac", type=float, default=0.3, help="fraction of plain-text sequences")
+    p.add_argument(
+        "--task-weights",
+        type=parse_task_weights,
+        default=dict(TASK_WEIGHTS),
+        help="sampling weights of the task kinds, e.g. passkey=0.2,multi_needle=0.4 (others keep theirs)",
+    )
     p.add_argument("--corpus-mb", type=float, default=16.0, help="text collected from the machine")
     p.add_argument("--tokenizer-mb", type=float, default=6.0, help="part of it used to train the BPE")
     p.add_argument("--log-every", type=int, default=50)
@@ -517,7 +552,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         fused=cuda,
     )
     encode, _ = as_encoders(tok)
-    data = DataMix(corpus, ids, encode, seed=args.seed + 1, text_frac=args.text_frac)
+    data = DataMix(
+        corpus, ids, encode, seed=args.seed + 1, text_frac=args.text_frac, task_weights=args.task_weights
+    )
     stages = sorted({int(s) for s in args.stages.split(",")})
     len_rng = random.Random(args.seed + 2)
     budget = args.minutes * 60.0
@@ -615,6 +652,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "final_answer_loss": ema_ans if ema_ans is not None else float("nan"),
         "log": log_rows,
     }
+    # Save before the final evaluation, so that a run cut short there still leaves the model.
+    out = Path(args.out)
+    size = save_folder(model, hf_tok, out, args, report)
+    report["safetensors_bytes"] = size
+    (out / "TRAINING.md").write_text(training_md(args, report))
+    print(
+        f"saved {out} ({size:,} bytes safetensors); final LM loss {report['final_lm_loss']:.4f}", flush=True
+    )
     eval_lengths = [int(x) for x in args.final_eval_lengths.split(",") if x.strip()]
     if eval_lengths and args.final_eval_samples > 0:
         model.config.use_cache = True
@@ -623,13 +668,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 model, hf_tok, corpus, list(TASK_KINDS), eval_lengths, args.final_eval_samples, device
             )
         report["eval_samples"] = args.final_eval_samples
-    out = Path(args.out)
-    size = save_folder(model, hf_tok, out, args, report)
-    report["safetensors_bytes"] = size
-    (out / "TRAINING.md").write_text(training_md(args, report))
-    print(
-        f"saved {out} ({size:,} bytes safetensors); final LM loss {report['final_lm_loss']:.4f}", flush=True
-    )
+        (out / "TRAINING.md").write_text(training_md(args, report))
     assert size < MAX_SAFETENSORS_BYTES, f"model.safetensors is {size} bytes, over {MAX_SAFETENSORS_BYTES}"
     return report
 
