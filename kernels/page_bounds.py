@@ -6,6 +6,12 @@ so the bound of a page is two small matrix products. Symmetrically every logit i
 relu(q).kmin + min(q, 0).kmax; the midpoint of that interval, q.(kmin + kmax) / 2 (the "center"), is
 what select_pages uses to *estimate* a page's mass: n * exp(upper bound) overstates pages by their
 bound slack, which differs by several logits from page to page, and under-selects badly.
+The center alone is a flat estimate: a page's mass is sum_i exp(q.k_i) >= n * exp(q.mean) (Jensen), and
+the gap grows with the spread of the page's logits. With variance_weight w > 0 the estimate becomes
+    center + w * sm_scale^2 * sum_d q_d^2 (kmax_d - kmin_d)^2,
+and w = 1/24 is the log-normal mass n * exp(mu + sigma^2 / 2) with each key dimension's variance taken
+as range^2 / 12 (uniform keys; Gaussian keys give about the same at 16 keys a block) and the dimensions
+independent (--psa-mass-estimate lognormal).
 A kv head serves its whole GQA group, so a page's
 bound is the max over the group's query heads; with logical sub-pages (block_size < page_size) it is
 also the max over the page's valid sub-blocks (LServe hierarchical paging).
@@ -20,6 +26,7 @@ Shapes and dtypes:
                        (and for every page of a request shorter than skip_below); with fill=False
                        those entries are left unwritten
        centers         same shape (with_centers=True): max over the group of q.(kmin + kmax) / 2
+                       (+ the variance term above when variance_weight > 0)
     keep_rows          optional [bs] bool / int8 / int32: rows that reuse an earlier selection
                        (--psa-reuse-steps) get no bounds at all: nothing of theirs is written
 """
@@ -77,6 +84,7 @@ def page_bounds_ref(
     out: torch.Tensor | None = None,
     centers: torch.Tensor | None = None,
     keep_rows: torch.Tensor | None = None,
+    variance_weight: float = 0.0,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Pure-torch reference of page_bounds (float64 arithmetic); always fills (fill=False allows it).
 
@@ -112,6 +120,9 @@ def page_bounds_ref(
         u = u.masked_fill(~sub_valid[None, None], float("-inf"))
         res[b, :, :n] = u.amax(dim=(1, 3)).float()
         c = torch.einsum("hgd,nshd->hgns", qg, (lo + hi) / 2) * sm_scale
+        if variance_weight:
+            spread = torch.einsum("hgd,nshd->hgns", qg * qg, (hi - lo) ** 2) * sm_scale**2
+            c = c + variance_weight * spread
         res_c[b, :, :n] = c.masked_fill(~sub_valid[None, None], float("-inf")).amax(dim=(1, 3)).float()
     live = slice(None) if keep is None else ~keep.to(device=q.device, dtype=torch.bool)
     if out is None:
@@ -142,6 +153,7 @@ def _page_bounds_kernel(
     OUT,
     CENTERS,
     sm_scale,
+    variance_weight,
     max_pages,
     skip_below,
     stride_qb,
@@ -160,6 +172,7 @@ def _page_bounds_kernel(
     BLOCK_P: tl.constexpr,
     IEEE: tl.constexpr,
     WITH_CENTERS: tl.constexpr,
+    WITH_SPREAD: tl.constexpr,
     FILL: tl.constexpr,
 ):
     b = tl.program_id(0)
@@ -182,9 +195,9 @@ def _page_bounds_kernel(
         if pblk < n_live:
             page_valid = (j * PAGE < seq_len) & (j < max_pages)
             best, best_center = _bound_block(
-                Q, KMIN, KMAX, REQ_TO_TOKEN, b, h, rpi, seq_len, j, page_valid, sm_scale, stride_qb,
-                stride_qh, stride_sb, stride_sh, stride_rt, G, G_PAD, D, BLOCK_D, PAGE, SUB, BLOCK_P, IEEE,
-                WITH_CENTERS,
+                Q, KMIN, KMAX, REQ_TO_TOKEN, b, h, rpi, seq_len, j, page_valid, sm_scale, variance_weight,
+                stride_qb, stride_qh, stride_sb, stride_sh, stride_rt, G, G_PAD, D, BLOCK_D, PAGE, SUB,
+                BLOCK_P, IEEE, WITH_CENTERS, WITH_SPREAD,
             )  # fmt: skip
         tl.store(OUT + b * stride_ob + h * stride_oh + j, best, mask=j < max_pages)
         if WITH_CENTERS:
@@ -193,10 +206,10 @@ def _page_bounds_kernel(
 
 @triton.jit
 def _bound_block(
-    Q, KMIN, KMAX, REQ_TO_TOKEN, b, h, rpi, seq_len, j, page_valid, sm_scale, stride_qb, stride_qh,
-    stride_sb, stride_sh, stride_rt, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
+    Q, KMIN, KMAX, REQ_TO_TOKEN, b, h, rpi, seq_len, j, page_valid, sm_scale, variance_weight, stride_qb,
+    stride_qh, stride_sb, stride_sh, stride_rt, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
     BLOCK_D: tl.constexpr, PAGE: tl.constexpr, SUB: tl.constexpr, BLOCK_P: tl.constexpr,
-    IEEE: tl.constexpr, WITH_CENTERS: tl.constexpr,
+    IEEE: tl.constexpr, WITH_CENTERS: tl.constexpr, WITH_SPREAD: tl.constexpr,
 ):  # fmt: skip
     """Bounds (and centers) of the BLOCK_P pages j of request b, kv head h."""
     gi = tl.arange(0, G_PAD)
@@ -230,7 +243,16 @@ def _bound_block(
                 c = tl.dot(q.to(tl.float32), tl.trans(mid), input_precision="ieee")
             else:
                 c = tl.dot(q, tl.trans(mid.to(q.dtype)))
-            c = tl.max(tl.where((gi < G)[:, None], c, float("-inf")), axis=0) * sm_scale
+            c = c * sm_scale
+            if WITH_SPREAD:  # the log-normal correction: sum_d (q_d * range_d)^2, in fp32
+                q32 = q.to(tl.float32)
+                rng = hi.to(tl.float32) - lo.to(tl.float32)
+                if IEEE:
+                    spread = tl.dot(q32 * q32, tl.trans(rng * rng), input_precision="ieee")
+                else:
+                    spread = tl.dot(q32 * q32, tl.trans(rng * rng))
+                c += (variance_weight * sm_scale * sm_scale) * spread
+            c = tl.max(tl.where((gi < G)[:, None], c, float("-inf")), axis=0)
             best_center = tl.maximum(best_center, tl.where(sub_valid, c, float("-inf")))
     return best, best_center
 
@@ -262,6 +284,7 @@ def page_bounds(
     skip_below: int = 0,
     fill: bool = True,
     keep_rows: torch.Tensor | None = None,
+    variance_weight: float = 0.0,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Bound every page's logits for a decode batch (Triton). See the module docstring.
 
@@ -273,6 +296,8 @@ def page_bounds(
     storing -inf over the server's whole width each layer.
     keep_rows: optional [bs] flags (bool / int8 / int32, on q's device); a flagged row is skipped
     entirely, whatever fill says: nothing of it is written (its selection is reused).
+    variance_weight: weight of the key-spread term in the centers (0: the plain midpoint; 1/24: the
+    log-normal mass estimate, module docstring).
     """
     bs, hq, hkv, d, g = _check(q, kmin, kmax, req_to_token, req_pool_indices, seq_lens, page_size, block_size)
     check_keep_rows(keep_rows, bs)
@@ -301,6 +326,7 @@ def page_bounds(
         out,
         centers if with_centers else out,
         sm_scale,
+        float(variance_weight),
         max_pages,
         int(skip_below),
         q.stride(0),
@@ -319,6 +345,7 @@ def page_bounds(
         BLOCK_P=block_p,
         IEEE=f32_dot(q.dtype),
         WITH_CENTERS=with_centers,
+        WITH_SPREAD=bool(with_centers and variance_weight),
         FILL=fill,
         num_warps=4,
     )

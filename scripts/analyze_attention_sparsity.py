@@ -132,6 +132,9 @@ class Probe:
         upper = (torch.einsum("hgd,hnd->hgn", qd.clamp(min=0), kmax)
                  + torch.einsum("hgd,hnd->hgn", qd.clamp(max=0), kmin)) * scaling  # fmt: skip
         center = torch.einsum("hgd,hnd->hgn", qd, (kmin + kmax) / 2) * scaling
+        # per-dimension key variance from the range (range^2 / 12: uniform, and ~Gaussian at 16 keys)
+        spread = torch.einsum("hgd,hnd->hgn", qd * qd, (kmax - kmin).nan_to_num(0.0) ** 2) * scaling**2
+        self._spread = spread / 12.0
         return upper, center
 
     def __call__(self, module, query, key, value, attention_mask, scaling, dropout=0.0, **kw):
@@ -189,6 +192,8 @@ class Probe:
             elif kind == "calib":
                 beta = self.betas.get(layer, 0.0) if r["beta"] == "fit" else float(r["beta"])
                 mass = (center + beta * (upper - center)).amax(1).float()
+            elif kind == "var":  # log-normal page mass: center + Var(q.k) / 2, Var from key ranges
+                mass = (center + 0.5 * float(r.get("scale", 1.0)) * self._spread).amax(1).float()
             elif kind == "calib2":
                 b1, b2 = self.joint.get(layer, (0.0, 0.0))
                 w = upper - center
@@ -200,7 +205,9 @@ class Probe:
                 max_pages=max(min(n_pages, r.get("max", n_pages)), self.sink + self.local),
                 topk=r["k"] if kind == "topk" else None,
             )  # fmt: skip
-            idx, cnt = select_pages_ref(bnd[None], seq, self.page, params, mass_logits=None if mass is None
+            # rank=est: order the pages by the mass estimate itself instead of the Quest bound
+            order = mass if r.get("rank") == "est" and mass is not None else bnd
+            idx, cnt = select_pages_ref(order[None], seq, self.page, params, mass_logits=None if mass is None
                                         else mass[None])  # fmt: skip
             mask = selection_mask(idx[0], cnt[0], n_pages)
         for (lay, h), cap in r.get("cap", {}).items():
@@ -309,6 +316,10 @@ def parse_rule(spec: str) -> dict[str, Any]:
             r[key] = int(val)
         elif key == "ltau":
             r["ltau"] = {int(x.split("/")[0]): float(x.split("/")[1]) for x in val.split("+")}
+        elif key == "rank":
+            r["rank"] = val
+        elif key == "scale":
+            r["scale"] = float(val)
         elif key == "beta":
             r["beta"] = val
         elif key == "cap":

@@ -45,7 +45,12 @@ SINK, LOCAL = 1, 4  # pages always kept by every PSA / top-k setting (streaming 
 
 
 def backend_settings(
-    taus: list[float], topks: list[int], stream_pages: int, capped: tuple = (), floored: tuple = ()
+    taus: list[float],
+    topks: list[int],
+    stream_pages: int,
+    capped: tuple = (),
+    floored: tuple = (),
+    lognormal: tuple = (),
 ) -> dict[str, list[str]]:
     """name -> server flags for every setting compared.
 
@@ -53,6 +58,8 @@ def backend_settings(
     above a page floor (--psa-min-pages). The offline study (attention-sparsity-hf-*.json) found
     accuracy follows a minimum of pages per kv head more than the attention-mass recall, and that a
     cap stops diffuse heads (tau-only reads) while peaked heads still stop early.
+    lognormal: (tau, min_pages) pairs (min_pages 0: no floor) for estimated mode with the log-normal
+    mass estimate, pages ranked by it (--psa-mass-estimate lognormal --psa-rank-by estimate).
     """
     psa = ["--attention-backend", "psa", "--psa-max-pages", "2048", "--psa-dense-below", "0",
            "--psa-sink-pages", str(SINK), "--psa-local-pages", str(LOCAL), "--psa-stats",
@@ -67,6 +74,10 @@ def backend_settings(
     for tau, pages in floored:
         out[f"psa-estimated-{tau:g}-min{pages}"] = [*psa, "--psa-mode", "estimated", "--psa-tau", str(tau),
                                                     "--psa-min-pages", str(pages)]  # fmt: skip
+    for tau, pages in lognormal:
+        name = f"psa-lognormal-{tau:g}" + (f"-min{pages}" if pages else "")
+        out[name] = [*psa, "--psa-mode", "estimated", "--psa-tau", str(tau), "--psa-min-pages", str(pages),
+                     "--psa-mass-estimate", "lognormal", "--psa-rank-by", "estimate"]  # fmt: skip
     for k in topks:
         out[f"topk-{k}"] = [*psa, "--psa-mode", "topk", "--psa-topk", str(k)]
     # streaming: sinks + local window only (LServe's streaming heads): top-k with no free slot
@@ -149,9 +160,15 @@ def run_setting(name: str, flags: list[str], prompts: list[dict], a: argparse.Na
             score = score_answer(text, p["answer"]) if text is not None else 0.0
             return {"kind": p["kind"], "length": p["length"], "score": score, "ok": text is not None}
 
-        with cf.ThreadPoolExecutor(a.concurrency) as ex:
-            results = list(ex.map(one, prompts))
-        met = _metrics(srv.url)
+        # one prompt length at a time, the server's counters read after each: pages read per length
+        results, met_after = [None] * len(prompts), {}
+        for length in sorted({p["length"] for p in prompts}):
+            idx = [i for i, p in enumerate(prompts) if p["length"] == length]
+            with cf.ThreadPoolExecutor(a.concurrency) as ex:
+                for i, r in zip(idx, ex.map(one, [prompts[i] for i in idx])):
+                    results[i] = r
+            met_after[str(length)] = _metrics(srv.url)
+        met = met_after[max(met_after, key=int)]
     finally:
         srv.stop()
     acc: dict[str, dict[str, float]] = {}
@@ -163,6 +180,12 @@ def run_setting(name: str, flags: list[str], prompts: list[dict], a: argparse.Na
     sel, dense = met.get("sglang:psa_selected_pages", 0.0), met.get("sglang:psa_dense_pages", 0.0)
     rsum, rn = met.get("sglang:psa_recall_sum", 0.0), met.get("sglang:psa_recall_count", 0.0)
     is_psa = "psa" in flags
+    by_length, before = {}, {}
+    sel_key, dense_key = "sglang:psa_selected_pages", "sglang:psa_dense_pages"
+    for length, m in met_after.items():  # counter deltas per length (the read-out lags one step)
+        dp = m.get(dense_key, 0.0) - before.get(dense_key, 0.0)
+        by_length[length] = (m.get(sel_key, 0.0) - before.get(sel_key, 0.0)) / dp if dp else None
+        before = m
     return {
         "name": name,
         "flags": flags,
@@ -171,6 +194,7 @@ def run_setting(name: str, flags: list[str], prompts: list[dict], a: argparse.Na
         "scores": [r["score"] for r in results],  # prompt order: paired comparisons across settings
         "failed_requests": sum(not r["ok"] for r in results),
         "page_fraction": (sel / dense if dense else None) if is_psa else 1.0,
+        "page_fraction_by_length": by_length if is_psa else dict.fromkeys(met_after, 1.0),
         "recall": (rsum / rn if rn else None) if is_psa else 1.0,
         "server_ready_s": round(ready_s, 1),
         "seconds": round(time.time() - t0, 1),
@@ -225,6 +249,7 @@ def plot(rows: list[dict], path: Path, length: str) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     groups = {"PSA estimated": r"psa-estimated-[\d.]+$", "PSA estimated, capped": r"psa-estimated-.*-max",
               "PSA estimated, floor": r"psa-estimated-.*-min", "PSA progressive": "psa-progressive",
+              "PSA log-normal": r"psa-lognormal-[\d.]+$", "PSA log-normal, floor": r"psa-lognormal-.*-min",
               "PSA certified": "psa-certified", "top-k": "topk", "streaming": "streaming"}  # fmt: skip
     for label, pattern in groups.items():
         pts = sorted(
@@ -258,6 +283,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--stream-pages", type=int, default=32)
     ap.add_argument("--capped", default="0.95:32,0.95:64", help="tau:max_pages settings (estimated mode)")
     ap.add_argument("--floored", default="0.8:32", help="tau:min_pages settings (estimated mode)")
+    ap.add_argument("--lognormal", default="0.8:0,0.9:0,0.95:0,0.8:16,0.9:16,0.95:16",
+                    help="tau:min_pages settings, log-normal mass estimate (0: no floor)")  # fmt: skip
     ap.add_argument("--only", default="", help="comma-separated setting names (default: all)")
     ap.add_argument("--parallel", type=int, default=6, help="servers at a time on the GPU")
     ap.add_argument("--concurrency", type=int, default=32, help="requests in flight per server")
@@ -274,8 +301,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     kinds = list(TASK_KINDS) if a.tasks == "all" else a.tasks.split(",")
     lengths = [int(x) for x in a.lengths.split(",")]
     pairs = lambda v: tuple((float(t), int(n)) for t, n in (x.split(":") for x in v.split(",") if x))  # noqa: E731
-    settings = backend_settings([float(t) for t in a.taus.split(",")], [int(k) for k in a.topks.split(",")],
-                                a.stream_pages, pairs(a.capped), pairs(a.floored))  # fmt: skip
+    taus, topks = [float(t) for t in a.taus.split(",")], [int(k) for k in a.topks.split(",")]
+    settings = backend_settings(taus, topks, a.stream_pages, pairs(a.capped), pairs(a.floored),
+                                pairs(a.lognormal))  # fmt: skip
     if a.only:
         settings = {k: v for k, v in settings.items() if k in a.only.split(",")}
     if a.access_log and a.access_log_setting in settings:

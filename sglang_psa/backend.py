@@ -29,7 +29,7 @@ from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 from sglang_psa.kernels._common import num_pages_of
 from sglang_psa.memory.summary_pool import SummaryPool, set_active_pool
 
-from .config import PSAConfig, validate_against_server
+from .config import MASS_ESTIMATES, PSAConfig, validate_against_server
 from .kernel_ops import KernelOps, select_params
 from .recall import selection_recall
 from .reuse import SelectionReuse
@@ -84,6 +84,7 @@ class PSAAttnBackend(AttentionBackend):
             self.summaries.mem_bytes() / 2**20,
         )
         self._use_centers = self.cfg.mode in ("estimated", "progressive")
+        self._variance_weight = MASS_ESTIMATES[self.cfg.mass_estimate]
         self._capturing = False
         self.stats: DecodeStats | None = None
         if self.cfg.stats:
@@ -293,7 +294,7 @@ class PSAAttnBackend(AttentionBackend):
             q, kmin, kmax, self.req_to_token, rpi, seq_lens, self.page_size, self.block_size,
             layer.scaling, self.max_pages_ctx, with_centers=self._use_centers, skip_below=dense_below,
             fill=False,  # select / certified mask by page count: the unused width stays unwritten
-            **reuse_kw,
+            variance_weight=self._variance_weight, **reuse_kw,
         )  # fmt: skip
         bounds, centers = res if self._use_centers else (res, None)
         if self.cfg.mode in ("certified", "progressive"):
@@ -305,8 +306,9 @@ class PSAAttnBackend(AttentionBackend):
                 rest_logits=centers if self.cfg.mode == "progressive" else None, dense_below=dense_below,
             )  # fmt: skip
         else:
+            order = centers if self.cfg.rank_by == "estimate" else bounds  # --psa-rank-by
             page_idx, counts = ops.select_pages(
-                bounds, seq_lens, self.page_size, self.params, mass_logits=centers, dense_below=dense_below,
+                order, seq_lens, self.page_size, self.params, mass_logits=centers, dense_below=dense_below,
                 **select_out, **reuse_kw,
             )  # fmt: skip
             logged = page_idx

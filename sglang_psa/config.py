@@ -18,6 +18,10 @@ MODES = ("estimated", "progressive", "certified", "topk")
 HOT_POLICIES = ("clock", "lru")  # DevicePagePool placement policies (memory/device_pool.py)
 HOT_GRANULARITIES = ("page", "head")  # a hot-pool slot holds a page of all kv heads, or of one
 REUSE_MODES = ("estimated", "topk")  # modes that store a page list --psa-reuse-steps can reuse
+# A page's estimated mass logit (kernels/page_bounds.py): the Quest interval's midpoint, or the
+# log-normal estimate (midpoint + half the logit variance, from the key ranges). Value: variance_weight.
+MASS_ESTIMATES = {"center": 0.0, "lognormal": 1.0 / 24.0}
+RANK_BY = ("bound", "estimate")  # estimated mode: order pages by Quest bound or by the mass estimate
 # Page sizes the kernels are written for (tl.arange needs powers of two; 16 keeps the bound cost
 # at 1/16 of the K+V bytes, 128 is the largest tile the decode kernel keeps in registers).
 MIN_PAGE_SIZE = 16
@@ -52,6 +56,8 @@ class PSAConfig:
     reuse_steps: int = 1  # a selection serves up to this many decode steps (1 = select every step)
     dense_below: int = 2048  # requests shorter than this (tokens) decode densely
     first_round_pages: int = 16  # progressive / certified modes: pages in the first round
+    mass_estimate: str = "center"  # center | lognormal: page mass that estimated / progressive stop on
+    rank_by: str = "bound"  # bound | estimate: page order of estimated mode
     stats: bool = False  # accumulate per-layer selection statistics on the device
     stats_interval: int = 256  # decode steps between two read-outs (the only host sync)
     measure_recall: bool = False  # stats also report attention-mass recall (dense pass; eval only)
@@ -134,6 +140,17 @@ class PSAConfig:
             raise _bad("tau", "in (0, 1]", self.tau)
         if self.mode not in MODES:
             raise _bad("mode", f"one of {', '.join(MODES)}", self.mode)
+        if self.mass_estimate not in MASS_ESTIMATES:
+            raise _bad("mass-estimate", f"one of {', '.join(MASS_ESTIMATES)}", self.mass_estimate)
+        if self.rank_by not in RANK_BY:
+            raise _bad("rank-by", f"one of {', '.join(RANK_BY)}", self.rank_by)
+        if self.rank_by == "estimate" and self.mode != "estimated":
+            raise ValueError(
+                "--psa-rank-by estimate orders the pages of --psa-mode estimated, not --psa-mode "
+                f"{self.mode} "
+                "(progressive / certified visit pages in bound order, topk is Quest's bound ranking); "
+                "use --psa-mode estimated or --psa-rank-by bound"
+            )
         for name in ("min_pages", "sink_pages", "local_pages", "dense_below"):
             if int(getattr(self, name)) < 0:
                 raise _bad(name.replace("_", "-"), ">= 0", getattr(self, name))

@@ -19,7 +19,16 @@ import logging
 import os
 from typing import Any
 
-from .config import ENV_VAR, MODES, SERVER_ARGS_ATTR, PSAConfig, uses_psa, validate_against_server
+from .config import (
+    ENV_VAR,
+    MASS_ESTIMATES,
+    MODES,
+    RANK_BY,
+    SERVER_ARGS_ATTR,
+    PSAConfig,
+    uses_psa,
+    validate_against_server,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +59,11 @@ _FLAG_HELP = {
     "W = --psa-max-pages, or --psa-topk in topk mode).",
     "dense_below": "PSA: requests shorter than this many tokens decode densely.",
     "first_round_pages": "PSA progressive/certified modes: pages visited in the first round.",
+    "mass_estimate": "PSA page-mass estimate that estimated mode stops on and progressive mode "
+    "estimates the unvisited tail with: center (q at the midpoint of the page's key range) or lognormal "
+    "(center + half the logit variance from the key ranges; tracks peaked pages, selects fewer).",
+    "rank_by": "PSA estimated mode: order pages by their Quest upper bound (bound) or by the mass "
+    "estimate (estimate).",
     "stats": "PSA: collect per-layer selection statistics (logged; Prometheus with --enable-metrics).",
     "stats_interval": "PSA: decode steps between two statistics read-outs.",
     "measure_recall": "PSA: also report the attention-mass recall of every selection against exact "
@@ -88,6 +102,10 @@ def add_psa_cli_args(parser: argparse.ArgumentParser) -> None:
         kwargs: dict[str, Any] = {"type": type(default), "default": default}
         if name == "mode":
             kwargs["choices"] = list(MODES)
+        elif name == "mass_estimate":
+            kwargs["choices"] = list(MASS_ESTIMATES)
+        elif name == "rank_by":
+            kwargs["choices"] = list(RANK_BY)
         group.add_argument(flag, dest=dest, help=_FLAG_HELP[name] + f" Default {default}.", **kwargs)
 
 

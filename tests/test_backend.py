@@ -208,3 +208,37 @@ def test_access_log_records_what_decode_selected(tmp_path):
         npages = -(-int(trace.seq_len[i]) // P)
         assert len(pages) == min(5, npages)
         assert 0 in list(pages) and npages - 1 in list(pages)  # sink and local window kept
+
+
+@pytest.mark.parametrize("estimate,rank_by", [("lognormal", "bound"), ("lognormal", "estimate"),
+                                              ("center", "estimate")])  # fmt: skip
+def test_mass_estimate_and_rank_reach_the_kernels(estimate, rank_by):
+    """The backend's decode equals bounds (with the chosen mass estimate) -> select (in the chosen
+    order) -> sparse attention, computed here from the kernels' references."""
+    from sglang_psa.config import MASS_ESTIMATES
+    from sglang_psa.kernel_ops import select_params
+    from sglang_psa.kernels import page_bounds_ref, select_pages_ref, sparse_decode_ref
+
+    opts = dict(mode="estimated", tau=0.6, max_pages=8, sink_pages=1, local_pages=1, dense_below=0,
+                mass_estimate=estimate, rank_by=rank_by)  # fmt: skip
+    b = make_backend(**opts)
+    batch = Batch(b, [150, 210], torch.Generator().manual_seed(5))
+    batch.prefill()
+    fb = batch.begin_decode()
+    for i in range(LAYERS):
+        q = torch.randn(len(batch.lens), HQ * D, generator=batch.gen)
+        k, v = batch._kv(len(batch.lens))
+        out = b.forward_decode(q, k, v, layer(i), fb).view(-1, HQ, D)
+        q3 = q.view(-1, HQ, D)
+        kmin, kmax = b.summaries.get(i)
+        meta = (b.req_to_token, fb.req_pool_indices, fb.seq_lens)
+        weight = MASS_ESTIMATES[estimate]
+        bounds, centers = page_bounds_ref(q3, kmin, kmax, *meta, P, b.block_size, D**-0.5, b.max_pages_ctx,
+                                          with_centers=True, variance_weight=weight)  # fmt: skip
+        order = centers if rank_by == "estimate" else bounds
+        idx, cnt = select_pages_ref(order, fb.seq_lens, P, select_params(b.cfg), mass_logits=centers,
+                                    dense_below=0)  # fmt: skip
+        ref, _ = sparse_decode_ref(q3, b.kv_pool.get_key_buffer(i), b.kv_pool.get_value_buffer(i), *meta,
+                                   idx, cnt, P, D**-0.5)  # fmt: skip
+        assert int(cnt.max()) < (210 + P) // P  # sparse: fewer pages than the longest request has
+        torch.testing.assert_close(out, ref.to(out.dtype), rtol=1e-5, atol=1e-5)

@@ -22,8 +22,10 @@ def test_every_server_setting_parses_and_validates():
 
     ensure_registered()
     ev = load_script("eval_accuracy")
-    settings = ev.backend_settings([0.8, 0.95], [8, 64], 32)
-    assert {"dense", "psa-estimated-0.8", "psa-certified-0.95", "topk-64", "streaming-32"} <= set(settings)
+    settings = ev.backend_settings([0.8, 0.95], [8, 64], 32, lognormal=((0.9, 0), (0.95, 16)))
+    want = {"dense", "psa-estimated-0.8", "psa-certified-0.95", "topk-64", "streaming-32",
+            "psa-lognormal-0.9", "psa-lognormal-0.95-min16"}  # fmt: skip
+    assert want <= set(settings)
     for name, flags in settings.items():
         parser = argparse.ArgumentParser()
         ServerArgs.add_cli_args(parser)
@@ -34,6 +36,8 @@ def test_every_server_setting_parses_and_validates():
         ns.disable_cuda_graph = True
         if name != "dense":
             assert cfg.measure_recall and cfg.stats
+        if name.startswith("psa-lognormal"):
+            assert (cfg.mass_estimate, cfg.rank_by, cfg.mode) == ("lognormal", "estimate", "estimated")
             validate_against_server(cfg, ns)
 
 
