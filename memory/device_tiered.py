@@ -28,12 +28,17 @@ over the slots' single head (expanded to Hkv, stride 0) through a per-head table
 shared pool serves every (layer, head): no fixed per-head quota.
 
 Overlap (`prefetch`): layer l+1's pages are unknown until its query exists, so after layer l's
-placement `prefetch(l + 1)` places and copies the previous step's union of layer l+1 on a side CUDA
-stream while layer l attends; `forward(l + 1)` makes the current stream wait on that stream's event,
-then places the exact union: predicted pages are hits, the rest are fetched synchronously. Prefetch
-never uses the scratch (a predicted page that finds no slot is skipped). Every `prefetch(l)` must be
-followed by `forward(l)` in the same step (in a graph capture, the side stream joins there). On the
-CPU prefetch runs inline.
+placement `prefetch(l + 1)` places and copies a *prediction* of layer l+1's union on a side CUDA
+stream while layer l attends and runs its MLP; `forward(l + 1)` makes the current stream wait on that
+stream's event, then places the exact union: predicted pages are hits, the rest are fetched
+synchronously. Two predictions (forward's `prefetch_next`):
+  - "previous-step": the union layer l+1 needed at the previous decode step;
+  - "next-layer": the union `speculate(l + 1, ...)` stored this step, from pages selected with a
+    query estimated before layer l+1 exists (sglang_psa/lookahead.py: layer l+1's query projection
+    of the residual stream entering layer l, as InfiniGen does).
+Prefetch never uses the scratch (a predicted page that finds no slot is skipped), and a wrong
+prediction costs only bandwidth. Every `prefetch(l)` must be followed by `forward(l)` in the same
+step (in a graph capture, the side stream joins there). On the CPU prefetch runs inline.
 
 Shapes and dtypes:
     q [bs, Hq, D]; req_to_token [max_reqs, max_context] int32; req_pool_indices, seq_lens [bs] int
@@ -86,13 +91,15 @@ class DeviceTieredAttention:
                                    **fetch_kw)  # fmt: skip
         dev = pool.device
         self.host_pages, self.hkv = pool.host.k.shape[1], pool.host.k.shape[3]
-        if self.head_pages:  # fused_place.union_head_pages' workspaces
-            self._owner = torch.zeros(pool.num_pages, dtype=torch.int32, device=dev)
-            self._pos_of = torch.zeros(pool.num_pages, dtype=torch.int32, device=dev)
-            self._count = torch.zeros(1, dtype=torch.int32, device=dev)
+        if self.head_pages:  # fused_place.union_head_pages' workspaces: exact union, speculated union
+            self._owner, self._pos_of, self._spec_owner, self._spec_pos_of = (
+                torch.zeros(pool.num_pages, dtype=torch.int32, device=dev) for _ in range(4)
+            )
+            self._count, self._spec_count = (torch.zeros(1, dtype=torch.int32, device=dev) for _ in range(2))
         self.counters = torch.zeros(len(COUNTER_NAMES), dtype=torch.int64, device=dev)
-        # previous step's union per layer: the prediction prefetch() uses
+        # per layer: the previous step's union, and this step's speculated union (the predictions)
         self.last_union = torch.full((pool.num_layers, width), -1, dtype=torch.int32, device=dev)
+        self.spec_union = torch.full((pool.num_layers, width), -1, dtype=torch.int32, device=dev)
         self._cuda = dev.type == "cuda"
         self.side = torch.cuda.Stream(device=dev) if self._cuda else None
         self._events = [torch.cuda.Event() for _ in range(pool.num_layers)] if self._cuda else []
@@ -145,6 +152,7 @@ class DeviceTieredAttention:
         for t in (pool.tick, pool.step_start, pool.last_use, pool.counters, self.counters):
             t.zero_()
         self.last_union.fill_(-1)
+        self.spec_union.fill_(-1)
 
     def invalidate_layer(self, layer: int, pages: torch.Tensor) -> None:
         """Drop pages [any shape] of `layer` from the pool (KV writes; graph-capturable). A pending
@@ -174,6 +182,26 @@ class DeviceTieredAttention:
             self._events[layer].record(self.side)
         self._pending.add(layer)
 
+    def speculate(self, layer: int, req_to_token: torch.Tensor, req_pool_indices: torch.Tensor,
+                  page_idx: torch.Tensor, counts: torch.Tensor) -> None:  # fmt: skip
+        """Store the union of a *predicted* selection of `layer` (page_idx [bs, Hkv, W], counts
+        [bs, Hkv]) as its next-layer prediction; forward(layer - 1, prefetch_next="next-layer")
+        prefetches it. Device ops only; own workspaces, so the exact union's state is untouched."""
+        bs, hkv, w = page_idx.shape
+        m = min(self.width, bs * hkv * w)
+        row = self.spec_union[layer]
+        if m < self.width:
+            row[m:].fill_(-1)
+        sel = (req_to_token, req_pool_indices, page_idx, counts, self.pool.k.shape[1])
+        if self.head_pages:
+            union_head_pages(*sel, self.host_pages, self._spec_owner, self._spec_pos_of, row[:m],
+                             self._spec_count)  # fmt: skip
+        elif self.pool.policy == "clock":
+            union_selected(*sel, self.pool.num_pages, m, self.pool.union_bitmap, out=row[:m])
+        else:
+            _, keys = selected_physical_pages(req_to_token, req_pool_indices, page_idx, sel[-1])
+            row[:m].copy_(union_pages(keys, counts, self.pool.num_pages, m))
+
     def _prefetch_body(self, layer: int, pages: torch.Tensor) -> None:
         if self.pool.policy == "clock":  # one launch: place + the prefetched counter
             pl = self.pool.place(layer, pages, acc=self.counters, acc_mode=2)
@@ -202,8 +230,7 @@ class DeviceTieredAttention:
         pl = pool.place(layer, union, scratch_base=self._scratch0, acc=self.counters, acc_mode=1)
         if copy:
             self.fetcher.copy(layer, union, pl.loc, pl.copy)
-        if prefetch_next:
-            self.prefetch(layer + 1)
+        self._prefetch_after(layer, prefetch_next)
         if self.head_pages:
             return head_page_table(*sel, self.host_pages, self._pos_of, pl.loc)
         return page_table(req_to_token, req_pool_indices, p, pool.num_pages, union, pl.loc)
@@ -220,6 +247,18 @@ class DeviceTieredAttention:
             self.last_union[layer, m:].fill_(-1)
         return self.last_union[layer, :m]
 
+    def _prefetch_after(self, layer: int, prefetch_next: bool | str) -> None:
+        """After layer's placement: prefetch layer + 1's predicted union (see the module docstring)."""
+        if prefetch_next in (False, None, "off"):
+            return
+        if prefetch_next in (True, "previous-step"):
+            self.prefetch(layer + 1)
+        elif prefetch_next == "next-layer":
+            if layer + 1 < self.pool.num_layers:
+                self.prefetch(layer + 1, self.spec_union[layer + 1])
+        else:
+            raise ValueError(f"prefetch_next must be off, previous-step or next-layer, got {prefetch_next!r}")
+
     def forward(
         self,
         layer: int,
@@ -230,12 +269,13 @@ class DeviceTieredAttention:
         page_idx: torch.Tensor,
         counts: torch.Tensor,
         sm_scale: float,
-        prefetch_next: bool = False,
+        prefetch_next: bool | str = False,
         copy: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Attention of `layer` over the selected pages, served from the pool (module docstring).
 
-        prefetch_next: after placing this layer, prefetch layer + 1 on the side stream.
+        prefetch_next: after placing this layer, prefetch layer + 1 on the side stream: "previous-step"
+        (or True) its previous-step union, "next-layer" the union speculate(layer + 1) stored.
         copy=False skips the host copies (wrong output; benchmarks use it to time the rest).
         """
         pool, p = self.pool, self.pool.k.shape[1]
@@ -267,8 +307,7 @@ class DeviceTieredAttention:
         if copy:
             self.fetcher.copy(layer, union, loc, pl.fetch | over)
         self.counters[:4] += torch.stack([valid.sum(), pl.hit.sum(), pl.fetch.sum(), over.sum()])
-        if prefetch_next:
-            self.prefetch(layer + 1)
+        self._prefetch_after(layer, prefetch_next)
         # page table: logical page -> slot, through a map over physical pages (entry NP: padding)
         where = torch.zeros(pool.num_pages + 1, dtype=torch.int32, device=dev)
         where[torch.where(valid, union.long(), pool.num_pages)] = loc.clamp(min=0).to(torch.int32)

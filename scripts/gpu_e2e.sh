@@ -190,10 +190,13 @@ tiered_equal)
   one tier_t09_head "${T09[@]}" "${TIER[@]}" "${HEAD[@]}"
   one res_t09_reuse "${T09[@]}" --psa-reuse-steps 4
   one tier_t09_head_reuse "${T09[@]}" "${TIER[@]}" "${HEAD[@]}" --psa-reuse-steps 4
-  one tier_t09_lru_prefetch "${T09[@]}" "${TIER[@]}" --psa-hot-pool-gb 0.09 --psa-hot-policy lru --psa-prefetch
+  one tier_t09_lru_prefetch "${T09[@]}" "${TIER[@]}" --psa-hot-pool-gb 0.09 --psa-hot-policy lru \
+    --psa-prefetch previous-step
+  # next-layer prefetch: layer l+1's pages selected with its query estimated from layer l's input
+  one tier_t09_head_nl "${T09[@]}" "${TIER[@]}" "${HEAD[@]}" --psa-prefetch next-layer
   for pair in "tier_t1 res_t1" "tier_t1_nopool res_t1" "tier_t1_head res_t1" "tier_t09_nopool res_t09" \
               "tier_t09_evict res_t09" "tier_t09_head res_t09" "tier_t09_lru_prefetch res_t09" \
-              "tier_t09_head_reuse res_t09_reuse"; do
+              "tier_t09_head_nl res_t09" "tier_t09_head_reuse res_t09_reuse"; do
     set -- $pair
     [ -f "$OUT/te_$1.json" ] && [ -f "$OUT/te_$2.json" ] || continue
     $CLIENT compare --a "$OUT/te_$1.json" --b "$OUT/te_$2.json" --out "$OUT/te_cmp_$1.json" || rc=1
@@ -219,20 +222,28 @@ capacity)
   CAP=(--model-path $M8 --page-size 32 --context-length 70000 --max-running-requests 16 --cuda-graph-max-bs 8
        --disable-prefill-cuda-graph)
   FILES=()
+  # tiered runs: a name with _head uses head slots, _nl next-layer prefetch, _prev previous-step
+  # prefetch, _nocopy skips the host copies (wrong tokens; times everything but the transfers)
   for B in ${CAP_RUNS:-tiered flashinfer hicache}; do
+    SKIP=0
     case $B in
     flashinfer) ARGS=(--attention-backend flashinfer) ;;
     hicache) ARGS=(--attention-backend flashinfer --enable-hierarchical-cache --hicache-size ${HICACHE_GB:-48}) ;;
     tiered*) ARGS=("${BENCH_PSA[@]}" --radix-cache-backend psa --psa-tiered --psa-host-kv-gb ${HOST_GB:-66}
-                   --psa-stats-interval 16 ${TIER_EXTRA:-}) ;;
+                   --psa-stats-interval 16 ${TIER_EXTRA:-})
+             [[ $B == *_head* ]] && ARGS+=(--psa-hot-granularity head)
+             [[ $B == *_nl* ]] && ARGS+=(--psa-prefetch next-layer)
+             [[ $B == *_prev* ]] && ARGS+=(--psa-prefetch previous-step)
+             [[ $B == *_nocopy* ]] && SKIP=1 ;;
     esac
-    start_server cap_$B "${CAP[@]}" "${ARGS[@]}" || { grep -iE "error|Traceback" "$OUT/cap_$B.log" | tail -5; continue; }
+    SGLANG_PSA_TIERED_SKIP_COPY=$SKIP start_server cap_$B "${CAP[@]}" "${ARGS[@]}" \
+      || { grep -iE "error|Traceback" "$OUT/cap_$B.log" | tail -5; continue; }
     timeout ${CAP_TIMEOUT:-300} python3 scripts/bench_capacity.py run --n $N --len $L --out-len ${CAP_OUT:-64} \
       --label $B --out "$OUT/cap_$B.json" && FILES+=("$OUT/cap_$B.json")
     grep -E "PSA tiered|#running-req" "$OUT/cap_$B.log" | tail -4
     stop_server
   done
-  python3 scripts/bench_capacity.py merge --baseline flashinfer --out "benchmarks/results/capacity-$COMMIT.json" \
+  python3 scripts/bench_capacity.py merge --baseline ${CAP_BASELINE:-flashinfer} --out "benchmarks/results/capacity-$COMMIT.json" \
     --meta "{\"commit\": \"$COMMIT\", \"device\": \"$DEV\", \"date\": \"$(date -u +%F)\", \"model\": \"llama3-8b shape, dummy weights, mem 0.7, page 32\", \"psa\": \"${BENCH_PSA[*]}\"}" "${FILES[@]}"
   ;;
 *) echo "unknown stage $STAGE"; exit 2 ;;

@@ -116,6 +116,11 @@ class PSAAttnBackend(AttentionBackend):
             self.tiered_prefill = TieredPrefill(self.dense, self.req_to_token, self.device)
             if getattr(sa, "enable_metrics", False):
                 self.tiered.metric_labels = {"tp_rank": str(getattr(model_runner, "tp_rank", 0))}
+        self.lookahead = None
+        if self.tiered is not None and self.cfg.prefetch == "next-layer":
+            from .lookahead import NextLayerQuery
+
+            self.lookahead = NextLayerQuery(model_runner.model, self._speculate)
         self.reuse: SelectionReuse | None = None
         if self.cfg.reuse_steps > 1:
             self.reuse = SelectionReuse(
@@ -268,20 +273,48 @@ class PSAAttnBackend(AttentionBackend):
         if self.tiered is not None:
             self.tiered.on_write(layer.layer_id, loc)
 
+    def _bounds(self, q, lid, rpi, seq_lens, scaling, reuse_kw):
+        """Page bounds [bs, Hkv, N] and (estimated / progressive) centers of layer lid."""
+        kmin, kmax = self.summaries.get(lid)
+        # centers: the calibrated per-page mass estimate that estimated mode stops on and progressive
+        # mode estimates the tail with (see page_bounds); topk and certified never read them.
+        # Requests below dense_below take every page, so their bounds are skipped (and select never
+        # reads them).
+        res = self.ops.page_bounds(
+            q, kmin, kmax, self.req_to_token, rpi, seq_lens, self.page_size, self.block_size,
+            scaling, self.max_pages_ctx, with_centers=self._use_centers, skip_below=self.cfg.dense_below,
+            fill=False,  # select / certified mask by page count: the unused width stays unwritten
+            variance_weight=self._variance_weight, **reuse_kw,
+        )  # fmt: skip
+        return res if self._use_centers else (res, None)
+
+    def _select(self, bounds, centers, seq_lens, reuse_kw, select_out):
+        """Estimated / topk selection: page_idx [bs, Hkv, W] int32, counts [bs, Hkv] int32."""
+        order = centers if self.cfg.rank_by == "estimate" else bounds  # --psa-rank-by
+        return self.ops.select_pages(
+            order, seq_lens, self.page_size, self.params, mass_logits=centers,
+            dense_below=self.cfg.dense_below, **select_out, **reuse_kw,
+        )  # fmt: skip
+
+    def _speculate(self, layer: RadixAttention, q_hat: torch.Tensor, forward_batch: ForwardBatch) -> None:
+        """--psa-prefetch next-layer: select layer's pages with its estimated query (lookahead.py);
+        the tiered pool prefetches their union during the previous layer."""
+        bs = forward_batch.batch_size
+        q = q_hat.reshape(-1, layer.tp_q_head_num, layer.head_dim)[:bs]
+        rpi, seq_lens = forward_batch.req_pool_indices[:bs], forward_batch.seq_lens[:bs]
+        bounds, centers = self._bounds(q, layer.layer_id, rpi, seq_lens, layer.scaling, {})
+        page_idx, counts = self._select(bounds, centers, seq_lens, {}, {})
+        self.tiered.speculate(layer.layer_id, self.req_to_token, rpi, page_idx, counts)
+
     def _psa_decode(self, q, layer, forward_batch) -> torch.Tensor:
         bs = q.shape[0]
         lid = layer.layer_id
         k_cache = self.kv_pool.get_key_buffer(lid)
         v_cache = self.kv_pool.get_value_buffer(lid)
-        kmin, kmax = self.summaries.get(lid)
         rpi = forward_batch.req_pool_indices[:bs]
         seq_lens = forward_batch.seq_lens[:bs]
         ops = self.ops
         dense_below = self.cfg.dense_below
-        # centers: the calibrated per-page mass estimate that estimated mode stops on and progressive
-        # mode estimates the tail with (see page_bounds); topk and certified never read them.
-        # Requests below dense_below take every page, so their bounds are skipped (and select never
-        # reads them).
         # --psa-reuse-steps: rows flagged in `keep` decode over the lists the buffers still hold from
         # an earlier step; bounds and select skip them (extra kernel arguments only when reuse is on).
         reuse_kw, select_out = {}, {}
@@ -290,13 +323,7 @@ class PSAAttnBackend(AttentionBackend):
             li = lid - self.kv_pool.start_layer
             reuse_kw = {"keep_rows": bufs.keep[:bs]}
             select_out = {"page_idx": bufs.page_idx[li, :bs], "counts": bufs.counts[li, :bs]}
-        res = ops.page_bounds(
-            q, kmin, kmax, self.req_to_token, rpi, seq_lens, self.page_size, self.block_size,
-            layer.scaling, self.max_pages_ctx, with_centers=self._use_centers, skip_below=dense_below,
-            fill=False,  # select / certified mask by page count: the unused width stays unwritten
-            variance_weight=self._variance_weight, **reuse_kw,
-        )  # fmt: skip
-        bounds, centers = res if self._use_centers else (res, None)
+        bounds, centers = self._bounds(q, lid, rpi, seq_lens, layer.scaling, reuse_kw)
         if self.cfg.mode in ("certified", "progressive"):
             out, _lse, counts, logged = ops.certified_decode(
                 q, k_cache, v_cache, self.req_to_token, rpi, seq_lens, bounds, self.page_size,
@@ -306,11 +333,7 @@ class PSAAttnBackend(AttentionBackend):
                 rest_logits=centers if self.cfg.mode == "progressive" else None, dense_below=dense_below,
             )  # fmt: skip
         else:
-            order = centers if self.cfg.rank_by == "estimate" else bounds  # --psa-rank-by
-            page_idx, counts = ops.select_pages(
-                order, seq_lens, self.page_size, self.params, mass_logits=centers, dense_below=dense_below,
-                **select_out, **reuse_kw,
-            )  # fmt: skip
+            page_idx, counts = self._select(bounds, centers, seq_lens, reuse_kw, select_out)
             logged = page_idx
             if self.tiered is not None:  # the selected pages come through the hot pool
                 out = self.tiered.forward(

@@ -22,6 +22,8 @@ REUSE_MODES = ("estimated", "topk")  # modes that store a page list --psa-reuse-
 # log-normal estimate (midpoint + half the logit variance, from the key ranges). Value: variance_weight.
 MASS_ESTIMATES = {"center": 0.0, "lognormal": 1.0 / 24.0}
 RANK_BY = ("bound", "estimate")  # estimated mode: order pages by Quest bound or by the mass estimate
+# tiered: what layer l+1's side-stream prefetch fetches while layer l computes (memory/device_tiered.py)
+PREFETCH_MODES = ("off", "previous-step", "next-layer")
 # Page sizes the kernels are written for (tl.arange needs powers of two; 16 keeps the bound cost
 # at 1/16 of the K+V bytes, 128 is the largest tile the decode kernel keeps in registers).
 MIN_PAGE_SIZE = 16
@@ -71,7 +73,7 @@ class PSAConfig:
     hot_pool_gb: float = 0.0  # GPU hot pool size; 0 = what SGLang would have given the KV pool
     hot_policy: str = "clock"  # clock | lru
     hot_granularity: str = "page"  # page (all kv heads per slot) | head (one kv head per slot)
-    prefetch: bool = False  # tiered: fetch layer l+1's previous pages on a side stream during layer l
+    prefetch: str = "off"  # tiered: off | previous-step | next-layer (layer l+1's predicted pages)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -181,6 +183,13 @@ class PSAConfig:
                 f"--psa-reuse-steps {self.reuse_steps} reuses a stored page selection, which --psa-mode "
                 f"{self.mode} does not make (it visits pages in rounds); use --psa-mode "
                 f"{' or '.join(REUSE_MODES)}, or --psa-reuse-steps 1"
+            )
+        if self.prefetch not in PREFETCH_MODES:
+            raise _bad("prefetch", f"one of {', '.join(PREFETCH_MODES)}", self.prefetch)
+        if self.prefetch != "off" and not self.tiered:
+            raise ValueError(
+                f"--psa-prefetch {self.prefetch} fetches pages from the host tier of --psa-tiered; add "
+                "--psa-tiered or drop --psa-prefetch"
             )
         if self.tiered:
             self._validate_tiered()

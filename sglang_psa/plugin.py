@@ -23,6 +23,7 @@ from .config import (
     ENV_VAR,
     MASS_ESTIMATES,
     MODES,
+    PREFETCH_MODES,
     RANK_BY,
     SERVER_ARGS_ATTR,
     PSAConfig,
@@ -81,7 +82,10 @@ _FLAG_HELP = {
     "hot_policy": "PSA tiered: hot-pool replacement, clock (fused Triton placement) or lru.",
     "hot_granularity": "PSA tiered: a hot-pool slot holds one page of all kv heads (page) or of one kv "
     "head (head: a miss moves only what that head reads; each head gets 1/Hkv of the pool).",
-    "prefetch": "PSA tiered: prefetch layer l+1's previous-step pages on a side stream during layer l.",
+    "prefetch": "PSA tiered: while layer l computes, fetch a prediction of layer l+1's pages on a side "
+    "stream: off, previous-step (the pages layer l+1 read at the previous step) or next-layer (pages "
+    "selected with layer l+1's query estimated from the residual stream entering layer l; Llama-style "
+    "models).",
 }
 
 
@@ -106,6 +110,8 @@ def add_psa_cli_args(parser: argparse.ArgumentParser) -> None:
             kwargs["choices"] = list(MASS_ESTIMATES)
         elif name == "rank_by":
             kwargs["choices"] = list(RANK_BY)
+        elif name == "prefetch":
+            kwargs["choices"] = list(PREFETCH_MODES)
         group.add_argument(flag, dest=dest, help=_FLAG_HELP[name] + f" Default {default}.", **kwargs)
 
 

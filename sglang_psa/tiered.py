@@ -28,6 +28,7 @@ Everything per step is device ops with static shapes: decode stays in CUDA graph
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import torch
@@ -35,6 +36,10 @@ import torch
 from .config import PSAConfig, uses_psa
 
 logger = logging.getLogger(__name__)
+
+# Benchmarks only: decode skips the host -> pool copies (wrong outputs) so that a run times everything
+# but the transfers; with it, the fetch time a setting exposes is its step time minus this one's.
+SKIP_COPY_ENV = "SGLANG_PSA_TIERED_SKIP_COPY"
 
 # Bytes SGLang's profiler found for the device KV pool (the hot pool's default budget); set by the hook
 # in the process that builds the pools.
@@ -167,6 +172,10 @@ class TieredDecode:
         self.attn = DeviceTieredAttention.build(capacity, tier, union_width, device, head_pages=per_head,
                                                 policy=cfg.hot_policy, backend="triton")  # fmt: skip
         self.slot_bytes = slot_bytes
+        self.copy = os.environ.get(SKIP_COPY_ENV, "") in ("", "0")
+        if not self.copy:
+            logger.warning("PSA tiered: %s is set: decode skips its host copies and returns WRONG tokens "
+                           "(timing runs only)", SKIP_COPY_ENV)  # fmt: skip
         self._steps = 0
         self._last = None
         self.last_report: dict[str, float] | None = None
@@ -180,8 +189,9 @@ class TieredDecode:
         )  # fmt: skip
 
     def begin_step(self) -> None:
-        """Device ops before layer 0 (recorded in the decode graph)."""
-        self.attn.begin_step(prefetch_first=self.cfg.prefetch)
+        """Device ops before layer 0 (recorded in the decode graph). Layer 0 has no layer before it to
+        predict from: only previous-step prefetch starts it here."""
+        self.attn.begin_step(prefetch_first=self.cfg.prefetch == "previous-step" and self.copy)
 
     def on_write(self, layer_id: int, loc: torch.Tensor) -> None:
         """Drop the written pages of this layer from the hot pool (loc: token slots just written)."""
@@ -190,9 +200,14 @@ class TieredDecode:
     def forward(self, layer_id, q, req_to_token, rpi, seq_lens, page_idx, counts, sm_scale) -> torch.Tensor:
         out, _lse = self.attn.forward(
             layer_id - self.start_layer, q, req_to_token, rpi, seq_lens, page_idx, counts, sm_scale,
-            prefetch_next=self.cfg.prefetch,
+            prefetch_next=self.cfg.prefetch if self.copy else "off", copy=self.copy,
         )  # fmt: skip
         return out
+
+    def speculate(self, layer_id: int, req_to_token, rpi, page_idx, counts) -> None:
+        """A predicted selection of layer_id (--psa-prefetch next-layer): the previous layer's forward
+        prefetches its union."""
+        self.attn.speculate(layer_id - self.start_layer, req_to_token, rpi, page_idx, counts)
 
     def report(self, every: int) -> dict[str, float] | None:
         """Every `every` eager decode steps: hit rate and bytes moved since the last report (one host
@@ -204,9 +219,12 @@ class TieredDecode:
         last, self._last = self._last or dict.fromkeys(now, 0), now
         d = {k: now[k] - last[k] for k in now}
         moved = (d["fetched"] + d["overflow"] + d["prefetched"]) * self.slot_bytes
+        misses = d["fetched"] + d["overflow"]
         rep = {
             "steps": every,
             "hit_rate": d["hits"] / max(d["needed"], 1),
+            # units moved on the side stream, overlapped with the previous layer's compute
+            "prefetch_share": d["prefetched"] / max(d["prefetched"] + misses, 1),
             "pages_needed_per_step": d["needed"] / every,
             "overflow_pages_per_step": d["overflow"] / every,
             "mib_fetched_per_step": moved / every / 2**20,

@@ -45,7 +45,8 @@ class StubPrefill:
         return True
 
 
-def make_backend(**cfg):
+def make_backend(model=None, **cfg):
+    """A PSAAttnBackend over SGLang's real CPU pools; `model` is what model_runner.model holds."""
     r2t = ReqToTokenPool(size=8, max_context_len=CTX, device="cpu", enable_memory_saver=False)
     kv = MHATokenToKVPool(size=SLOTS, page_size=P, dtype=torch.float32, head_num=HKV,
                           head_dim=D, layer_num=LAYERS, device="cpu", enable_memory_saver=False,
@@ -61,7 +62,7 @@ def make_backend(**cfg):
     runner = types.SimpleNamespace(
         server_args=sa, page_size=P, device="cpu", use_mla_backend=False, tp_rank=0,
         model_config=types.SimpleNamespace(head_dim=D), req_to_token_pool=r2t,
-        token_to_kv_pool=kv,
+        token_to_kv_pool=kv, model=model,
     )  # fmt: skip
     return PSAAttnBackend(runner, dense_backend=StubPrefill(kv))
 

@@ -33,6 +33,8 @@ from sglang_psa.config import PSAConfig, validate_against_server, validate_model
         ({"reuse_steps": 2, "mode": "progressive"}, "--psa-reuse-steps 2 .* --psa-mode progressive"),
         ({"stats_interval": 0}, "--psa-stats-interval must be >= 1"),
         ({"mass_estimate": "mean"}, "--psa-mass-estimate must be one of center, lognormal"),
+        ({"prefetch": True}, "--psa-prefetch must be one of off, previous-step, next-layer"),
+        ({"prefetch": "next-layer"}, "--psa-prefetch next-layer .* add --psa-tiered"),
         ({"rank_by": "mass"}, "--psa-rank-by must be one of bound, estimate"),
         ({"rank_by": "estimate", "mode": "progressive"}, "--psa-rank-by estimate .* --psa-mode progressive"),
     ],

@@ -258,6 +258,56 @@ def test_prefetch_turns_next_layer_misses_into_hits(policy):
     assert s["prefetched"] == s["needed"] == s["hits"] > 0 and s["fetched"] == 0
 
 
+@pytest.mark.parametrize("granularity", ["page", "head"])
+@pytest.mark.parametrize("policy", POLICIES)
+def test_next_layer_speculation_prefetches_what_the_layer_then_selects(policy, granularity):
+    """speculate(l + 1) with layer l+1's exact selection: forward(l, prefetch_next="next-layer") moves
+    all of layer l+1's misses on the side stream, and layer l+1 finds them resident."""
+    b = Batch(6)
+    t = b.tiered(64, policy=policy, granularity=granularity)
+    g = torch.Generator().manual_seed(2)
+    sel = [b.select(g) for _ in range(L)]
+    t.begin_step()
+    t.speculate(1, b.req_to_token, b.rpi, *sel[1])
+    b.run(t, 0, *sel[0], prefetch_next="next-layer")
+    before = t.stats()
+    out, _ = b.run(t, 1, *sel[1])
+    assert torch.equal(out, b.resident(1, *sel[1])[0])
+    s = t.stats()
+    needed = s["needed"] - before["needed"]
+    assert needed > 0 and s["hits"] - before["hits"] == needed and s["fetched"] == before["fetched"]
+    assert s["prefetched"] == needed  # an empty pool: every page of layer 1 was a miss, all prefetched
+
+
+@pytest.mark.parametrize("granularity", ["page", "head"])
+@pytest.mark.parametrize("policy", POLICIES)
+@settings(max_examples=25, deadline=None)
+@given(capacity=st.integers(0, 24), seed=st.integers(0, 2**16))
+def test_wrong_speculation_costs_bandwidth_never_correctness(policy, granularity, capacity, seed):
+    """Predictions unrelated to what layers then select (a random selection): outputs stay resident's."""
+    b = Batch(seed)
+    t = b.tiered(capacity, policy=policy, granularity=granularity)
+    g = torch.Generator().manual_seed(seed + 7)
+    for _ in range(3):
+        t.begin_step()
+        for layer in range(L):
+            if layer + 1 < L:
+                t.speculate(layer + 1, b.req_to_token, b.rpi, *b.select(g))
+            idx, cnt = b.select(g)
+            out, _ = b.run(t, layer, idx, cnt, prefetch_next="next-layer")
+            assert torch.equal(out, b.resident(layer, idx, cnt)[0])
+            check_pool(t)
+    s = t.stats()
+    assert s["hits"] + s["fetched"] + s["overflow"] == s["needed"]
+
+
+def test_prefetch_next_rejects_an_unknown_prediction():
+    b = Batch(1)
+    t = b.tiered(8)
+    with pytest.raises(ValueError, match="prefetch_next must be off, previous-step or next-layer"):
+        b.run(t, 0, *b.select(torch.Generator().manual_seed(0)), prefetch_next="sometimes")
+
+
 # ----------------------------------------------------------------------------- GPU
 @pytest.mark.gpu
 @pytest.mark.parametrize("pad", ["host", "device"])
