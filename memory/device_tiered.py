@@ -51,7 +51,8 @@ overflow pages (fetched into scratch), pages prefetched.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -201,6 +202,23 @@ class DeviceTieredAttention:
         else:
             _, keys = selected_physical_pages(req_to_token, req_pool_indices, page_idx, sel[-1])
             row[:m].copy_(union_pages(keys, counts, self.pool.num_pages, m))
+
+    @contextlib.contextmanager
+    def on_side_stream(self, layer: int, *inputs: torch.Tensor) -> Iterator[None]:
+        """Run the block's device ops for `layer` (its speculative selection) on the prefetch stream,
+        after the current stream's work so far, so that they overlap the layer before it; forward(layer)
+        joins them, whether or not a prefetch follows. `inputs` made on the current stream are kept
+        alive until the side stream is done with them. Inline on the CPU."""
+        if not self._cuda:
+            yield
+            return
+        self.side.wait_stream(torch.cuda.current_stream(self.pool.device))
+        for t in inputs:
+            t.record_stream(self.side)
+        with torch.cuda.stream(self.side):
+            yield
+            self._events[layer].record(self.side)
+        self._pending.add(layer)
 
     def _prefetch_body(self, layer: int, pages: torch.Tensor) -> None:
         if self.pool.policy == "clock":  # one launch: place + the prefetched counter

@@ -298,13 +298,15 @@ class PSAAttnBackend(AttentionBackend):
 
     def _speculate(self, layer: RadixAttention, q_hat: torch.Tensor, forward_batch: ForwardBatch) -> None:
         """--psa-prefetch next-layer: select layer's pages with its estimated query (lookahead.py);
-        the tiered pool prefetches their union during the previous layer."""
+        the tiered pool prefetches their union during the previous layer. All of it runs on the
+        prefetch stream, beside the previous layer's compute."""
         bs = forward_batch.batch_size
         q = q_hat.reshape(-1, layer.tp_q_head_num, layer.head_dim)[:bs]
         rpi, seq_lens = forward_batch.req_pool_indices[:bs], forward_batch.seq_lens[:bs]
-        bounds, centers = self._bounds(q, layer.layer_id, rpi, seq_lens, layer.scaling, {})
-        page_idx, counts = self._select(bounds, centers, seq_lens, {}, {})
-        self.tiered.speculate(layer.layer_id, self.req_to_token, rpi, page_idx, counts)
+        with self.tiered.attn.on_side_stream(layer.layer_id - self.kv_pool.start_layer, q_hat):
+            bounds, centers = self._bounds(q, layer.layer_id, rpi, seq_lens, layer.scaling, {})
+            page_idx, counts = self._select(bounds, centers, seq_lens, {}, {})
+            self.tiered.speculate(layer.layer_id, self.req_to_token, rpi, page_idx, counts)
 
     def _psa_decode(self, q, layer, forward_batch) -> torch.Tensor:
         bs = q.shape[0]
