@@ -65,3 +65,44 @@ def test_tracer_writes_a_log_of_the_trained_model(tmp_path):
     )
     trace = load_access_log(str(tmp_path / "log"))
     assert len(trace) == 2 * 3 * 4 * 2  # 2 prompts x 3 steps x 4 layers x 2 kv heads
+
+
+def test_lookahead_recall_queries_are_the_models_own(tmp_path):
+    """layer_query(layer, the stream entering it) is the post-RoPE query HF's attention receives, so the
+    script's next-layer estimate differs from the real query only by the stream it is given."""
+    import torch
+    from transformers import AttentionInterface, AutoModelForCausalLM
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    lr = load_script("lookahead_recall_hf")
+    model = AutoModelForCausalLM.from_pretrained(str(MODEL), dtype=torch.float32).eval()
+    seen, streams = {}, {}
+
+    def capture(module, query, key, value, attention_mask, **kw):
+        seen[module.layer_idx] = query[0, :, -1].clone()
+        return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, **kw)
+
+    AttentionInterface.register("lookahead_test", capture)
+    AttentionMaskInterface.register("lookahead_test", sdpa_mask)
+    model.config._attn_implementation = "lookahead_test"
+
+    def keep(i):
+        def hook(module, args, kwargs):
+            streams[i] = kwargs.get("hidden_states", args[0] if args else None)
+
+        return hook
+
+    for i, lay in enumerate(model.model.layers):
+        lay.register_forward_pre_hook(keep(i), with_kwargs=True)
+    pos = torch.arange(7)[None]
+    with torch.no_grad():
+        model(input_ids=torch.arange(10, 17)[None], position_ids=pos)
+        cos, sin = model.model.rotary_emb(streams[0], pos[:, -1:])
+        for i, lay in enumerate(model.model.layers):
+            q = lr.layer_query(lay, streams[i][0, -1:], cos, sin)
+            torch.testing.assert_close(q, seen[i], rtol=1e-5, atol=1e-5)
+    res = lr.main(["--model", str(MODEL), "--lengths", "512", "--samples", "1", "--tasks", "passkey",
+                   "--steps", "3", "--out", str(tmp_path)])  # fmt: skip
+    for rows in res["layers"].values():
+        assert 0.0 < rows["all"]["coverage"] <= 1.0 and set(rows) == {"L1", "L2", "L3", "all"}
