@@ -97,6 +97,8 @@ class DeviceTieredAttention:
                 torch.zeros(pool.num_pages, dtype=torch.int32, device=dev) for _ in range(4)
             )
             self._count, self._spec_count = (torch.zeros(1, dtype=torch.int32, device=dev) for _ in range(2))
+        elif pool.policy == "clock":  # the sorted union's bitmap for speculation (it runs on the side
+            self._spec_bitmap = torch.zeros_like(pool.union_bitmap)  # stream, beside exact unions)
         self.counters = torch.zeros(len(COUNTER_NAMES), dtype=torch.int64, device=dev)
         # per layer: the previous step's union, and this step's speculated union (the predictions)
         self.last_union = torch.full((pool.num_layers, width), -1, dtype=torch.int32, device=dev)
@@ -198,7 +200,7 @@ class DeviceTieredAttention:
             union_head_pages(*sel, self.host_pages, self._spec_owner, self._spec_pos_of, row[:m],
                              self._spec_count)  # fmt: skip
         elif self.pool.policy == "clock":
-            union_selected(*sel, self.pool.num_pages, m, self.pool.union_bitmap, out=row[:m])
+            union_selected(*sel, self.pool.num_pages, m, self._spec_bitmap, out=row[:m])
         else:
             _, keys = selected_physical_pages(req_to_token, req_pool_indices, page_idx, sel[-1])
             row[:m].copy_(union_pages(keys, counts, self.pool.num_pages, m))
