@@ -92,13 +92,16 @@ class DeviceTieredAttention:
                                    **fetch_kw)  # fmt: skip
         dev = pool.device
         self.host_pages, self.hkv = pool.host.k.shape[1], pool.host.k.shape[3]
-        if self.head_pages:  # fused_place.union_head_pages' workspaces: exact union, speculated union
+        # The Triton unions' workspaces, one set for the exact union and one for the speculated union
+        # (it runs on the side stream, beside exact unions): union_head_pages' owner / pos_of / count,
+        # union_selected's all-zero bitmap (the pool's own for the exact union).
+        if self.head_pages:
             self._owner, self._pos_of, self._spec_owner, self._spec_pos_of = (
                 torch.zeros(pool.num_pages, dtype=torch.int32, device=dev) for _ in range(4)
             )
             self._count, self._spec_count = (torch.zeros(1, dtype=torch.int32, device=dev) for _ in range(2))
-        elif pool.policy == "clock":  # the sorted union's bitmap for speculation (it runs on the side
-            self._spec_bitmap = torch.zeros_like(pool.union_bitmap)  # stream, beside exact unions)
+        else:
+            self._spec_bitmap = torch.zeros(pool.num_pages, dtype=torch.int8, device=dev)
         self.counters = torch.zeros(len(COUNTER_NAMES), dtype=torch.int64, device=dev)
         # per layer: the previous step's union, and this step's speculated union (the predictions)
         self.last_union = torch.full((pool.num_layers, width), -1, dtype=torch.int32, device=dev)
@@ -190,20 +193,8 @@ class DeviceTieredAttention:
         """Store the union of a *predicted* selection of `layer` (page_idx [bs, Hkv, W], counts
         [bs, Hkv]) as its next-layer prediction; forward(layer - 1, prefetch_next="next-layer")
         prefetches it. Device ops only; own workspaces, so the exact union's state is untouched."""
-        bs, hkv, w = page_idx.shape
-        m = min(self.width, bs * hkv * w)
-        row = self.spec_union[layer]
-        if m < self.width:
-            row[m:].fill_(-1)
         sel = (req_to_token, req_pool_indices, page_idx, counts, self.pool.k.shape[1])
-        if self.head_pages:
-            union_head_pages(*sel, self.host_pages, self._spec_owner, self._spec_pos_of, row[:m],
-                             self._spec_count)  # fmt: skip
-        elif self.pool.policy == "clock":
-            union_selected(*sel, self.pool.num_pages, m, self._spec_bitmap, out=row[:m])
-        else:
-            _, keys = selected_physical_pages(req_to_token, req_pool_indices, page_idx, sel[-1])
-            row[:m].copy_(union_pages(keys, counts, self.pool.num_pages, m))
+        self._union_into(self._row(self.spec_union, layer, page_idx), sel, speculated=True)
 
     @contextlib.contextmanager
     def on_side_stream(self, layer: int, *inputs: torch.Tensor) -> Iterator[None]:
@@ -243,10 +234,7 @@ class DeviceTieredAttention:
         pool, p = self.pool, self.pool.k.shape[1]
         union = self._union_row(layer, page_idx)
         sel = (req_to_token, req_pool_indices, page_idx, counts, p)
-        if self.head_pages:
-            union_head_pages(*sel, self.host_pages, self._owner, self._pos_of, union, self._count)
-        else:
-            union_selected(*sel, pool.num_pages, union.shape[0], pool.union_bitmap, out=union)
+        self._union_into(union, sel, speculated=False)
         pl = pool.place(layer, union, scratch_base=self._scratch0, acc=self.counters, acc_mode=1)
         if copy:
             self.fetcher.copy(layer, union, pl.loc, pl.copy)
@@ -255,17 +243,32 @@ class DeviceTieredAttention:
             return head_page_table(*sel, self.host_pages, self._pos_of, pl.loc)
         return page_table(req_to_token, req_pool_indices, p, pool.num_pages, union, pl.loc)
 
-    def _union_row(self, layer: int, page_idx: torch.Tensor) -> torch.Tensor:
-        """This call's union buffer: the first m = min(width, rows x Hkv x W) entries of the layer's
-        row (static per batch shape, so a small batch does not pay for the widest one); the rest of
-        the row is cleared so the next step's prefetch reads no stale prediction. The layer's pending
-        prefetch is joined first: the row it read as its prediction is overwritten here."""
-        self._join(layer)
+    def _union_into(self, out: torch.Tensor, sel: tuple, speculated: bool) -> None:
+        """The selection's union (Triton) into out [m]: head pages in any order, or pages ascending;
+        -1 padded. Exact and speculated unions use their own workspaces."""
+        if self.head_pages:
+            ws = (self._spec_owner, self._spec_pos_of) if speculated else (self._owner, self._pos_of)
+            count = self._spec_count if speculated else self._count
+            union_head_pages(*sel, self.host_pages, *ws, out, count)
+        else:
+            bitmap = self._spec_bitmap if speculated else self.pool.union_bitmap
+            union_selected(*sel, self.pool.num_pages, out.shape[0], bitmap, out=out)
+
+    def _row(self, rows: torch.Tensor, layer: int, page_idx: torch.Tensor) -> torch.Tensor:
+        """The first m = min(width, bs x Hkv x W) entries of rows[layer] (static per batch shape, so a
+        small batch does not pay for the widest one); the rest is cleared so no stale entry is read
+        as a prediction."""
         bs, hkv, w = page_idx.shape
         m = min(self.width, bs * hkv * w)
         if m < self.width:
-            self.last_union[layer, m:].fill_(-1)
-        return self.last_union[layer, :m]
+            rows[layer, m:].fill_(-1)
+        return rows[layer, :m]
+
+    def _union_row(self, layer: int, page_idx: torch.Tensor) -> torch.Tensor:
+        """This call's union buffer, the layer's row of last_union (see _row). The layer's pending
+        prefetch is joined first: the row it read as its prediction is overwritten here."""
+        self._join(layer)
+        return self._row(self.last_union, layer, page_idx)
 
     def _prefetch_after(self, layer: int, prefetch_next: bool | str) -> None:
         """After layer's placement: prefetch layer + 1's predicted union (see the module docstring)."""

@@ -49,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from eval_accuracy import LOCAL, PAGE, SINK, result_header  # noqa: E402
 from eval_accuracy_hf import greedy  # noqa: E402
 
+from sglang_psa.config import MASS_ESTIMATES  # noqa: E402
 from sglang_psa.kernels import SelectParams, select_pages_ref  # noqa: E402
 from sglang_psa.kernels._common import page_layout, selection_mask  # noqa: E402
 from sglang_psa.longctx_tasks import (  # noqa: E402
@@ -122,7 +123,8 @@ class Probe:
 
     # ------------------------------------------------------------------ summaries
     def summaries(self, q: torch.Tensor, k: torch.Tensor, scaling: float, n_pages: int):
-        """Per query head Quest bound and center [Hkv, G, N] (float64)."""
+        """Per query head Quest bound, center and key spread sm_scale^2 sum_d q_d^2 range_d^2 [Hkv, G, N]
+        (float64)."""
         hkv, length, d = k.shape
         pad = (0, 0, 0, n_pages * self.page - length)
         kd = k.double()
@@ -132,10 +134,8 @@ class Probe:
         upper = (torch.einsum("hgd,hnd->hgn", qd.clamp(min=0), kmax)
                  + torch.einsum("hgd,hnd->hgn", qd.clamp(max=0), kmin)) * scaling  # fmt: skip
         center = torch.einsum("hgd,hnd->hgn", qd, (kmin + kmax) / 2) * scaling
-        # per-dimension key variance from the range (range^2 / 12: uniform, and ~Gaussian at 16 keys)
         spread = torch.einsum("hgd,hnd->hgn", qd * qd, (kmax - kmin).nan_to_num(0.0) ** 2) * scaling**2
-        self._spread = spread / 12.0
-        return upper, center
+        return upper, center, spread
 
     def __call__(self, module, query, key, value, attention_mask, scaling, dropout=0.0, **kw):
         bsz, hq, q_len, d = query.shape
@@ -153,7 +153,7 @@ class Probe:
         prob = torch.softmax(logits.double(), -1)
         pm = page_sum(prob, n_pages, self.page)  # [Hkv, G, N]
         gm = pm.mean(1)  # [Hkv, N] the group's mass (sums to 1)
-        upper, center = self.summaries(q, k, scaling, n_pages)
+        upper, center, spread = self.summaries(q, k, scaling, n_pages)
         bnd, ctr = upper.amax(1).float(), center.amax(1).float()
         if self.rule is None:
             mask_pg = torch.ones(hkv, n_pages, dtype=torch.bool)
@@ -162,7 +162,7 @@ class Probe:
                     layer, logits, pm, gm, upper, center, bnd, ctr, valid, forced, ntok, seq, n_pages
                 )
         else:
-            mask_pg = self._select(layer, gm, upper, center, bnd, ctr, valid, forced, seq, n_pages)
+            mask_pg = self._select(layer, gm, upper, center, spread, bnd, ctr, valid, forced, seq, n_pages)
             acc = self.use.setdefault(self.rule["name"], {})
             rec = (gm * mask_pg).sum(-1)
             cnt = mask_pg.sum(-1)
@@ -178,7 +178,9 @@ class Probe:
         return out.transpose(1, 2).contiguous(), None
 
     # ------------------------------------------------------------------ rules
-    def _select(self, layer, gm, upper, center, bnd, ctr, valid, forced, seq, n_pages) -> torch.Tensor:
+    def _select(
+        self, layer, gm, upper, center, spread, bnd, ctr, valid, forced, seq, n_pages
+    ) -> torch.Tensor:
         r = self.rule
         kind, hkv = r["kind"], gm.shape[0]
         if kind == "dense":
@@ -192,8 +194,9 @@ class Probe:
             elif kind == "calib":
                 beta = self.betas.get(layer, 0.0) if r["beta"] == "fit" else float(r["beta"])
                 mass = (center + beta * (upper - center)).amax(1).float()
-            elif kind == "var":  # log-normal page mass: center + Var(q.k) / 2, Var from key ranges
-                mass = (center + 0.5 * float(r.get("scale", 1.0)) * self._spread).amax(1).float()
+            elif kind == "var":  # log-normal page mass (page_bounds' variance_weight), scaled by :scale=
+                weight = MASS_ESTIMATES["lognormal"] * float(r.get("scale", 1.0))
+                mass = (center + weight * spread).amax(1).float()
             elif kind == "calib2":
                 b1, b2 = self.joint.get(layer, (0.0, 0.0))
                 w = upper - center

@@ -34,7 +34,13 @@ from analyze_attention_sparsity import build_prompts  # noqa: E402
 from eval_accuracy import LOCAL, PAGE, SINK, result_header  # noqa: E402
 
 from sglang_psa.config import MASS_ESTIMATES  # noqa: E402
-from sglang_psa.kernels import SelectParams, page_bounds_ref, select_pages_ref  # noqa: E402
+from sglang_psa.kernels import (  # noqa: E402
+    SelectParams,
+    alloc_summaries,
+    page_bounds_ref,
+    select_pages_ref,
+    update_page_summaries_ref,
+)
 from sglang_psa.kernels._common import selection_mask  # noqa: E402
 
 
@@ -48,19 +54,29 @@ def layer_query(layer, stream: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
     return q[0, :, 0]
 
 
+def record_layer_inputs(layers) -> dict[int, torch.Tensor]:
+    """Forward pre-hooks keeping the residual stream entering each HF decoder layer (HF does not fuse
+    it into the norm): {layer index: hidden_states [b, t, hidden]}, overwritten at every forward."""
+    streams: dict[int, torch.Tensor] = {}
+
+    def keep(i: int):
+        def hook(module, args, kwargs):
+            streams[i] = kwargs.get("hidden_states", args[0] if args else None)
+
+        return hook
+
+    for i, lay in enumerate(layers):
+        lay.register_forward_pre_hook(keep(i), with_kwargs=True)
+    return streams
+
+
 def select(q: torch.Tensor, keys: torch.Tensor, scaling: float, rule: dict) -> torch.Tensor:
     """PSA's selection of one decode token: q [Hq, D], keys [Hkv, L, D] -> mask [Hkv, N pages]."""
     hkv, length, d = keys.shape
     n = -(-length // PAGE)
-    k = keys.permute(1, 0, 2).contiguous()  # [L, Hkv, D]: token slots 0..L-1
-    pad = torch.nn.functional.pad(k, (0, 0, 0, 0, 0, n * PAGE - length))
-    kmin = torch.where(torch.arange(n * PAGE)[:, None, None] < length, pad, float("inf")).view(
-        n, PAGE, hkv, d
-    )
-    kmax = torch.where(torch.arange(n * PAGE)[:, None, None] < length, pad, float("-inf")).view(
-        n, PAGE, hkv, d
-    )
-    kmin, kmax = kmin.amin(1), kmax.amax(1)
+    k = torch.nn.functional.pad(keys.permute(1, 0, 2), (0, 0, 0, 0, 0, n * PAGE - length))  # slots 0..
+    kmin, kmax = alloc_summaries(n * PAGE, hkv, d, PAGE, k.dtype, k.device)
+    update_page_summaries_ref(k, kmin, kmax, torch.arange(length), PAGE)  # the server's summaries
     r2t = torch.arange(n * PAGE, dtype=torch.int32)[None]
     seq = torch.tensor([length])
     meta = (r2t, torch.zeros(1, dtype=torch.int32), seq, PAGE, PAGE, scaling, n)
@@ -96,16 +112,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     tok = PreTrainedTokenizerFast.from_pretrained(a.model)
     model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32).eval()
     layers = model.model.layers
-    streams: dict[int, torch.Tensor] = {}
-
-    def keep_stream(i: int):
-        def hook(module, args, kwargs):
-            streams[i] = kwargs.get("hidden_states", args[0] if args else None)
-
-        return hook
-
-    for i, lay in enumerate(layers):  # the residual stream entering each layer (HF does not fuse it)
-        lay.register_forward_pre_hook(keep_stream(i), with_kwargs=True)
+    streams = record_layer_inputs(layers)
     lengths, kinds = [int(x) for x in a.lengths.split(",")], a.tasks.split(",")
     prompts = build_prompts(a.model, kinds, lengths, a.samples, tok, 100_000)
     # per rule and layer: covered, real, new covered, new, spec pages, steps

@@ -303,7 +303,7 @@ class PSAAttnBackend(AttentionBackend):
         bs = forward_batch.batch_size
         q = q_hat.reshape(-1, layer.tp_q_head_num, layer.head_dim)[:bs]
         rpi, seq_lens = forward_batch.req_pool_indices[:bs], forward_batch.seq_lens[:bs]
-        with self.tiered.attn.on_side_stream(layer.layer_id - self.kv_pool.start_layer, q_hat):
+        with self.tiered.on_side_stream(layer.layer_id, q_hat):
             bounds, centers = self._bounds(q, layer.layer_id, rpi, seq_lens, layer.scaling, {})
             page_idx, counts = self._select(bounds, centers, seq_lens, {}, {})
             self.tiered.speculate(layer.layer_id, self.req_to_token, rpi, page_idx, counts)

@@ -209,6 +209,10 @@ class TieredDecode:
         prefetches its union."""
         self.attn.speculate(layer_id - self.start_layer, req_to_token, rpi, page_idx, counts)
 
+    def on_side_stream(self, layer_id: int, *inputs: torch.Tensor):
+        """Context for layer_id's speculative selection: on the prefetch stream, joined by its forward."""
+        return self.attn.on_side_stream(layer_id - self.start_layer, *inputs)
+
     def report(self, every: int) -> dict[str, float] | None:
         """Every `every` eager decode steps: hit rate and bytes moved since the last report (one host
         read of the device counters), logged, returned and kept as `last_report`."""

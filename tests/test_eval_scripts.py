@@ -77,7 +77,7 @@ def test_lookahead_recall_queries_are_the_models_own(tmp_path):
 
     lr = load_script("lookahead_recall_hf")
     model = AutoModelForCausalLM.from_pretrained(str(MODEL), dtype=torch.float32).eval()
-    seen, streams = {}, {}
+    seen = {}
 
     def capture(module, query, key, value, attention_mask, **kw):
         seen[module.layer_idx] = query[0, :, -1].clone()
@@ -87,14 +87,7 @@ def test_lookahead_recall_queries_are_the_models_own(tmp_path):
     AttentionMaskInterface.register("lookahead_test", sdpa_mask)
     model.config._attn_implementation = "lookahead_test"
 
-    def keep(i):
-        def hook(module, args, kwargs):
-            streams[i] = kwargs.get("hidden_states", args[0] if args else None)
-
-        return hook
-
-    for i, lay in enumerate(model.model.layers):
-        lay.register_forward_pre_hook(keep(i), with_kwargs=True)
+    streams = lr.record_layer_inputs(model.model.layers)
     pos = torch.arange(7)[None]
     with torch.no_grad():
         model(input_ids=torch.arange(10, 17)[None], position_ids=pos)
