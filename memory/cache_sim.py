@@ -8,9 +8,12 @@ is 2 * page_size * head_dim * elem_bytes bytes. (SGLang's pool stores a token's 
 `build_stream` simulates the coarser (request, layer, page) unit instead, Hkv times larger.)
 
 The pool is shared by all layers and requests (DESIGN.md, tiered mode), or split into per-layer
-quotas (`simulate_quota`). Accesses are replayed in decode order: step by step, layer by layer,
-and within a layer request by request, head by head. Every selected unit is needed on the GPU: a
-miss fetches it (bytes = its valid tokens' K+V) and the policy decides whether and what it keeps.
+quotas: fixed (`simulate_quota`) or re-derived from the recent selection sizes as the workload
+changes (`simulate_adaptive_quota`); `simulate_pinned` is the shared LRU pool with the sink and
+local-window units pinned (issue 6's two policy options). Accesses are replayed in decode order:
+step by step, layer by layer, and within a layer request by request, head by head. Every selected
+unit is needed on the GPU: a miss fetches it (bytes = its valid tokens' K+V) and the policy decides
+whether and what it keeps.
 
 Policies (all demand-fetch):
   lru        page granularity, capacity in units;
@@ -51,6 +54,8 @@ class AccessStream:
     num_layers: int
     unit_tokens: int
     token_bytes: int  # bytes of one token of one unit (K+V, all heads of the unit)
+    # [n] bool: the access is a sink or local-window page (always selected); None = unknown
+    forced: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.keys.shape[0])
@@ -80,6 +85,7 @@ class AccessStream:
             num_layers=self.num_layers,
             unit_tokens=self.unit_tokens,
             token_bytes=self.token_bytes,
+            forced=None if self.forced is None else self.forced[mask],
         )
 
 
@@ -118,6 +124,8 @@ def build_stream(trace, merge_heads: bool = False) -> AccessStream:
     else:
         key = ((req * L + layer) * H + head) * maxp + page
     tokens = np.clip(n_len - page * P, 0, P).astype(np.int32)
+    sink, local = int(tr.meta.get("sink_pages", 0)), int(tr.meta.get("local_pages", 0))
+    forced = (page < sink) | (page >= -(-n_len // P) - local)
     return AccessStream(
         keys=key.astype(np.int64),
         tokens=tokens,
@@ -127,6 +135,7 @@ def build_stream(trace, merge_heads: bool = False) -> AccessStream:
         num_layers=L,
         unit_tokens=P,
         token_bytes=token_bytes,
+        forced=forced,
     )
 
 
@@ -342,6 +351,97 @@ def simulate_quota(
         r = simulate(stream.subset(m), int(capacity * q[lyr]), policy)  # counted in _result
         hits[m] = r.hits
     return _result(stream, policy, capacity, hits, warmup_steps)
+
+
+def simulate_pinned(stream: AccessStream, capacity: float, warmup_steps: int = 0) -> SimResult:
+    """Shared LRU pool (units) in which sink and local-window units are pinned.
+
+    A unit accessed as forced (stream.forced) is pinned until the end of the next step in which it is
+    not forced (it left the window, or its request stopped): then it rejoins the LRU order as most
+    recently used. Only unpinned units are evicted, least recently used first; a unit that finds no
+    room (everything else pinned) is fetched and not kept.
+    """
+    if stream.forced is None:
+        raise ValueError("simulate_pinned needs stream.forced (build_stream sets it from the trace)")
+    hits = np.zeros(len(stream), dtype=bool)
+    cap = int(capacity)
+    lru: OrderedDict[int, None] = OrderedDict()
+    pinned: dict[int, None] = {}
+    forced_now: set[int] = set()
+    cur = None
+    for i, (k, st, f) in enumerate(zip(stream.keys.tolist(), stream.step.tolist(), stream.forced.tolist())):
+        if st != cur:  # step boundary: units not forced in the step just ended are unpinned
+            for kk in [kk for kk in pinned if kk not in forced_now]:
+                del pinned[kk]
+                lru[kk] = None
+            forced_now, cur = set(), st
+        hits[i] = k in lru or k in pinned
+        if f:
+            forced_now.add(k)
+            lru.pop(k, None)
+            pinned[k] = None
+        elif k in lru:
+            lru.move_to_end(k)
+        elif k not in pinned:
+            lru[k] = None
+        while len(lru) + len(pinned) > cap:
+            if lru:
+                lru.popitem(last=False)
+            else:  # only pinned units left: the newcomer is not kept
+                pinned.pop(k, None)
+                break
+    return _result(stream, "lru_pinned", capacity, hits, warmup_steps)
+
+
+def simulate_adaptive_quota(
+    stream: AccessStream,
+    capacity: float,
+    interval: int = 8,
+    smoothing: float = 0.5,
+    warmup_steps: int = 0,
+) -> SimResult:
+    """Per-layer LRU quotas that follow each layer's measured selection size.
+
+    Every `interval` steps, layer l's quota becomes capacity x s_l / sum(s), s_l an exponential moving
+    average (weight `smoothing` on the newest step) of layer l's units per step; before the first
+    update the quotas are equal. A layer may borrow room while the pool has any; when the pool is full,
+    a miss of layer l evicts layer l's LRU unit if l is at or over its quota, else the LRU unit of the
+    layer most over its own (HotPagePool's quota policy).
+    """
+    if interval < 1 or not 0.0 < smoothing <= 1.0:
+        raise ValueError(f"need interval >= 1 and smoothing in (0, 1], got {interval}, {smoothing}")
+    n_layers = stream.num_layers
+    hits = np.zeros(len(stream), dtype=bool)
+    cap = int(capacity)
+    pools: list[OrderedDict[int, None]] = [OrderedDict() for _ in range(n_layers)]
+    quota = np.full(n_layers, cap / n_layers)
+    ema = np.zeros(n_layers)
+    seen = np.zeros(n_layers)
+    cur, n_steps, total = None, 0, 0
+    for i, (k, st, lyr) in enumerate(zip(stream.keys.tolist(), stream.step.tolist(), stream.layer.tolist())):
+        if st != cur:
+            if cur is not None:
+                ema = seen if n_steps == 0 else smoothing * seen + (1 - smoothing) * ema
+                n_steps += 1
+                if n_steps % interval == 0 and ema.sum() > 0:
+                    quota = cap * ema / ema.sum()
+            seen, cur = np.zeros(n_layers), st
+        seen[lyr] += 1
+        pool = pools[lyr]
+        if k in pool:
+            pool.move_to_end(k)
+            hits[i] = True
+            continue
+        if cap <= 0:
+            continue
+        pool[k] = None
+        total += 1
+        if total > cap:
+            sizes = np.array([len(p) for p in pools], dtype=np.float64)
+            victim = lyr if sizes[lyr] - 1 >= quota[lyr] else int(np.argmax(sizes - quota))
+            pools[victim].popitem(last=False)
+            total -= 1
+    return _result(stream, "lru_adaptive_quota", capacity, hits, warmup_steps)
 
 
 def per_layer_hit_rate(stream: AccessStream, result: SimResult, warmup_steps: int = 0) -> np.ndarray:

@@ -6,6 +6,7 @@ import functools
 import time
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -14,6 +15,8 @@ from sglang_psa.memory.cache_sim import (
     build_stream,
     next_use,
     simulate,
+    simulate_adaptive_quota,
+    simulate_pinned,
     simulate_quota,
     stream_from_steps,
     sweep,
@@ -162,6 +165,67 @@ def test_quota_equals_separate_pools():
     for m in (1.0, 2.0):
         sel = {d["policy"]: d["hit_rate"] for d in rows if d["multiple"] == m and d["pool"] == "shared"}
         assert sel["belady"] >= max(sel["lru"], sel["lfu"]) - 1e-12
+
+
+def test_build_stream_marks_sink_and_local_pages():
+    # 100 tokens at P=16: pages 0..6; sink 1, local 2 -> pages 0, 5, 6 are forced
+    meta = {"num_layers": 1, "num_kv_heads": 1, "sink_pages": 1, "local_pages": 2}
+    tr = trace_from_records([(0, 0, 0, 0, 100, [0, 2, 5, 6])], page_size=16, meta=meta)
+    assert build_stream(tr).forced.tolist() == [True, False, True, True]
+
+
+def with_forced(steps, forced_keys):
+    s = stream_from_steps(steps)
+    s.forced = np.isin(s.keys, list(forced_keys))
+    return s
+
+
+def test_pinned_keeps_window_pages_that_lru_evicts():
+    # cap 2; each step: the forced page 0, then two new pages. LRU evicts 0 every step; pinned keeps it.
+    steps = [[0, 10 + 2 * i, 11 + 2 * i] for i in range(6)]
+    assert simulate(with_forced(steps, ()), 2, "lru").num_hits == 0
+    r = simulate_pinned(with_forced(steps, {0}), 2)
+    assert r.hits.tolist()[::3] == [False] + [True] * 5
+    # page 0 stops being forced (it left the window): unpinned at the next step, then evicted by LRU
+    steps2 = steps + [[1], [1, 2], [1, 2], [0]]
+    r = simulate_pinned(with_forced(steps2, {0}), 2)
+    assert r.hits.tolist()[-6:] == [False, True, False, True, True, False]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.lists(st.integers(0, 12), min_size=1, max_size=5), min_size=1, max_size=12), st.integers(0, 5)
+)
+def test_pinned_without_forced_pages_is_lru(steps, cap):
+    s = with_forced(steps, ())
+    assert simulate_pinned(s, cap).hits.tolist() == simulate(s, cap, "lru").hits.tolist()
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.lists(st.integers(0, 12), min_size=1, max_size=5), min_size=1, max_size=12), st.integers(0, 5)
+)
+def test_adaptive_quota_on_one_layer_is_lru_and_never_beats_belady(steps, cap):
+    s = stream_from_steps(steps)
+    r = simulate_adaptive_quota(s, cap, interval=1)
+    assert r.hits.tolist() == simulate(s, cap, "lru").hits.tolist()
+    assert r.num_hits <= simulate(s, cap, "belady").num_hits
+
+
+def test_adaptive_quota_shields_a_small_hot_layer_from_a_scanning_one():
+    # layer 0 re-reads pages 0, 1 every step; layer 1 reads 5 new pages; cap 6 < 7 units per step
+    recs = []
+    for step in range(20):
+        recs.append((step, 0, 0, 0, 640, [0, 1]))
+        recs.append((step, 0, 1, 0, 640, list(range(100 + 5 * step, 105 + 5 * step))))
+    s = build_stream(trace_from_records(recs, page_size=32, meta={"num_layers": 2, "num_kv_heads": 1}))
+    shared = simulate(s, 6, "lru")
+    adaptive = simulate_adaptive_quota(s, 6, interval=2)
+    layer0 = s.layer == 0
+    assert shared.hits[layer0].sum() == 0  # the scan evicts layer 0's pages every step
+    assert adaptive.hits[layer0].sum() == layer0.sum() - 2  # only the first reads miss
+    with pytest.raises(ValueError, match="interval"):
+        simulate_adaptive_quota(s, 6, interval=0)
 
 
 def test_speed_100k():

@@ -1,0 +1,79 @@
+#!/usr/bin/env python
+"""Hot-pool policy options of issue 6 on recorded access logs: one shared LRU pool (what tiered mode
+runs) against per-layer quotas, fixed or adapting to each layer's recent selection size, and against
+the shared pool with sink / local-window pages pinned; Belady's optimum as the ceiling.
+
+    python scripts/compare_pool_policies.py benchmarks/access_trained benchmarks/access_server_trained
+
+Capacities are multiples of the per-step budget (mean units selected per decode step); the first step
+of every log only fills the pool. Writes benchmarks/results/pool-policies-<date>.json (hit rates).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from sglang_psa.access_log import load_access_log  # noqa: E402
+from sglang_psa.memory import cache_sim as C  # noqa: E402
+
+WARMUP = 1
+
+
+def policies(stream: C.AccessStream, cap: float, intervals: list[int]) -> dict[str, float]:
+    out = {
+        "shared_lru": C.simulate(stream, cap, "lru", warmup_steps=WARMUP).hit_rate,
+        "shared_lru_pinned": C.simulate_pinned(stream, cap, warmup_steps=WARMUP).hit_rate,
+        "static_quota_lru": C.simulate_quota(stream, cap, policy="lru", warmup_steps=WARMUP).hit_rate,
+        "belady": C.simulate(stream, cap, "belady", warmup_steps=WARMUP).hit_rate,
+    }
+    for n in intervals:
+        r = C.simulate_adaptive_quota(stream, cap, interval=n, warmup_steps=WARMUP)
+        out[f"adaptive_quota_lru_every{n}"] = r.hit_rate
+    return {k: round(v, 4) for k, v in out.items()}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("logs", nargs="+", help="access-log directories or .npz files")
+    ap.add_argument("--multiples", default="1,1.5,2,3")
+    ap.add_argument("--intervals", default="8,32", help="steps between two quota updates")
+    ap.add_argument("--out", default="benchmarks/results")
+    a = ap.parse_args(argv)
+    multiples = [float(m) for m in a.multiples.split(",")]
+    intervals = [int(n) for n in a.intervals.split(",")]
+    rows = []
+    for log in a.logs:
+        trace = load_access_log(log)
+        for unit, merge in (("head_page", False), ("page", True)):
+            stream = C.build_stream(trace, merge_heads=merge)
+            budget = stream.budget_units()
+            for m in multiples:
+                rows.append({"log": log, "source": trace.source, "unit": unit, "multiple": m,
+                             "capacity_units": round(m * budget, 1), "steps": stream.num_steps,
+                             "forced_share": round(float(stream.forced.mean()), 4),
+                             "hit_rate": policies(stream, m * budget, intervals)})  # fmt: skip
+                print(json.dumps(rows[-1]), flush=True)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    res = {
+        "benchmark": "compare_pool_policies", "date": now.isoformat(timespec="seconds"),
+        "commit": git.stdout.strip(), "device": "cpu (offline replay of recorded selections)",
+        "config": {"multiples": multiples, "intervals": intervals, "warmup_steps": WARMUP}, "rows": rows,
+    }  # fmt: skip
+    os.makedirs(a.out, exist_ok=True)
+    path = Path(a.out) / f"pool-policies-{now.strftime('%Y%m%d')}.json"
+    path.write_text(json.dumps(res, separators=(",", ":")))
+    print("wrote", path)
+    return res
+
+
+if __name__ == "__main__":
+    main()
