@@ -148,6 +148,41 @@ def select_pages_ref(
     return out_idx, out_counts
 
 
+def select_streaming(
+    seq_lens: torch.Tensor,
+    num_kv_heads: int,
+    width: int,
+    page_size: int,
+    sink_pages: int,
+    local_pages: int,
+    dense_below: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The selection of a streaming layer (--psa-streaming-layers): every kv head reads its request's
+    sink pages and local window only (all pages when they are fewer, or below dense_below, as
+    select_pages), no bounds needed. A handful of fixed-shape torch ops: CUDA-graph capturable.
+
+    seq_lens [bs] int -> page_idx [bs, Hkv, width] int32 ascending, -1 after; counts [bs, Hkv] int32.
+    Equal to select_pages in top-k mode with topk = sink_pages + local_pages (padded to width).
+    """
+    check_int("seq_lens", seq_lens)
+    if sink_pages + local_pages > width:
+        raise ValueError(f"sink_pages + local_pages ({sink_pages} + {local_pages}) exceed the width {width}")
+    seq = seq_lens.to(torch.int64)
+    npages = (seq + page_size - 1) // page_size  # [bs]
+    w = torch.arange(width, device=seq.device)
+    n_sink = npages.clamp(max=sink_pages)
+    n_local = (npages - n_sink).clamp(max=local_pages)
+    idx = torch.where(w < n_sink[:, None], w, (npages - n_local - n_sink)[:, None] + w)  # [bs, W]
+    count = n_sink + n_local
+    short = (seq < dense_below) & (npages <= width)  # below dense_below: every page
+    idx = torch.where(short[:, None], w, idx)
+    count = torch.where(short, npages, count)
+    idx = torch.where(w < count[:, None], idx, -1).to(torch.int32)
+    bs = seq.shape[0]
+    return (idx[:, None].expand(bs, num_kv_heads, width).contiguous(),
+            count.to(torch.int32)[:, None].expand(bs, num_kv_heads).contiguous())  # fmt: skip
+
+
 @triton.jit
 def _sortable_key(u):
     """Order-preserving map fp32 -> int32 (negative floats get their magnitude bits flipped).

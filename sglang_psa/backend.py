@@ -15,6 +15,9 @@ the page lists selected for it up to R - 1 steps earlier, skipping bounds and se
 
 --psa-tiered (sglang_psa/tiered.py): the KV pool is in pinned host memory; the selected pages reach
 the attention kernel through TieredDecode's GPU hot pool, and every KV write invalidates its pages there.
+
+--psa-streaming-layers: those layers read only their sink pages and local window (no bounds, no
+select), whatever --psa-mode says for the others.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 
+from sglang_psa.kernels import select_streaming
 from sglang_psa.kernels._common import num_pages_of
 from sglang_psa.memory.summary_pool import SummaryPool, set_active_pool
 
@@ -84,6 +88,7 @@ class PSAAttnBackend(AttentionBackend):
             self.summaries.mem_bytes() / 2**20,
         )
         self._use_centers = self.cfg.mode in ("estimated", "progressive")
+        self._streaming_layers = self.cfg.streaming_layer_ids()  # --psa-streaming-layers
         self._variance_weight = MASS_ESTIMATES[self.cfg.mass_estimate]
         self._capturing = False
         self.stats: DecodeStats | None = None
@@ -296,6 +301,11 @@ class PSAAttnBackend(AttentionBackend):
             dense_below=self.cfg.dense_below, **select_out, **reuse_kw,
         )  # fmt: skip
 
+    def _streaming(self, seq_lens: torch.Tensor, num_kv_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A streaming layer's page lists: sinks and local window (page_idx [bs, Hkv, W], counts)."""
+        return select_streaming(seq_lens, num_kv_heads, self.width, self.page_size, self.cfg.sink_pages,
+                                self.cfg.local_pages, self.cfg.dense_below)  # fmt: skip
+
     def _speculate(self, layer: RadixAttention, q_hat: torch.Tensor, forward_batch: ForwardBatch) -> None:
         """--psa-prefetch next-layer: select layer's pages with its estimated query (lookahead.py);
         the tiered pool prefetches their union during the previous layer. All of it runs on the
@@ -304,8 +314,11 @@ class PSAAttnBackend(AttentionBackend):
         q = q_hat.reshape(-1, layer.tp_q_head_num, layer.head_dim)[:bs]
         rpi, seq_lens = forward_batch.req_pool_indices[:bs], forward_batch.seq_lens[:bs]
         with self.tiered.on_side_stream(layer.layer_id, q_hat):
-            bounds, centers = self._bounds(q, layer.layer_id, rpi, seq_lens, layer.scaling, {})
-            page_idx, counts = self._select(bounds, centers, seq_lens, {}, {})
+            if layer.layer_id in self._streaming_layers:  # known exactly, no estimate needed
+                page_idx, counts = self._streaming(seq_lens, layer.tp_k_head_num)
+            else:
+                bounds, centers = self._bounds(q, layer.layer_id, rpi, seq_lens, layer.scaling, {})
+                page_idx, counts = self._select(bounds, centers, seq_lens, {}, {})
             self.tiered.speculate(layer.layer_id, self.req_to_token, rpi, page_idx, counts)
 
     def _psa_decode(self, q, layer, forward_batch) -> torch.Tensor:
@@ -320,13 +333,17 @@ class PSAAttnBackend(AttentionBackend):
         # --psa-reuse-steps: rows flagged in `keep` decode over the lists the buffers still hold from
         # an earlier step; bounds and select skip them (extra kernel arguments only when reuse is on).
         reuse_kw, select_out = {}, {}
-        bufs = self.reuse.current if self.reuse is not None else None
+        streaming = lid in self._streaming_layers
+        bufs = self.reuse.current if self.reuse is not None and not streaming else None
         if bufs is not None and bs <= bufs.rows:
             li = lid - self.kv_pool.start_layer
             reuse_kw = {"keep_rows": bufs.keep[:bs]}
             select_out = {"page_idx": bufs.page_idx[li, :bs], "counts": bufs.counts[li, :bs]}
-        bounds, centers = self._bounds(q, lid, rpi, seq_lens, layer.scaling, reuse_kw)
-        if self.cfg.mode in ("certified", "progressive"):
+        if streaming:
+            bounds = centers = None
+        else:
+            bounds, centers = self._bounds(q, lid, rpi, seq_lens, layer.scaling, reuse_kw)
+        if self.cfg.mode in ("certified", "progressive") and not streaming:
             out, _lse, counts, logged = ops.certified_decode(
                 q, k_cache, v_cache, self.req_to_token, rpi, seq_lens, bounds, self.page_size,
                 layer.scaling, float(self.cfg.tau), self.cfg.sink_pages, self.cfg.local_pages,
@@ -335,7 +352,10 @@ class PSAAttnBackend(AttentionBackend):
                 rest_logits=centers if self.cfg.mode == "progressive" else None, dense_below=dense_below,
             )  # fmt: skip
         else:
-            page_idx, counts = self._select(bounds, centers, seq_lens, reuse_kw, select_out)
+            if streaming:
+                page_idx, counts = self._streaming(seq_lens, layer.tp_k_head_num)
+            else:
+                page_idx, counts = self._select(bounds, centers, seq_lens, reuse_kw, select_out)
             logged = page_idx
             if self.tiered is not None:  # the selected pages come through the hot pool
                 out = self.tiered.forward(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from typing import Any
 
 MODES = ("estimated", "progressive", "certified", "topk")
@@ -60,6 +61,9 @@ class PSAConfig:
     first_round_pages: int = 16  # progressive / certified modes: pages in the first round
     mass_estimate: str = "center"  # center | lognormal: page mass that estimated / progressive stop on
     rank_by: str = "bound"  # bound | estimate: page order of estimated mode
+    # decoder layers that read only their sink pages and local window (LServe's streaming heads, a
+    # whole layer at a time), e.g. "0-2,5"; the others select as --psa-mode says
+    streaming_layers: str = ""
     stats: bool = False  # accumulate per-layer selection statistics on the device
     stats_interval: int = 256  # decode steps between two read-outs (the only host sync)
     measure_recall: bool = False  # stats also report attention-mass recall (dense pass; eval only)
@@ -128,6 +132,16 @@ class PSAConfig:
         """Static width W of the page_idx arrays select_pages returns."""
         return self.topk if self.mode == "topk" else self.max_pages
 
+    def streaming_layer_ids(self) -> frozenset[int]:
+        """--psa-streaming-layers "0-2,5" -> {0, 1, 2, 5}; a ValueError names the option."""
+        ids: set[int] = set()
+        for item in filter(None, str(self.streaming_layers).replace(" ", "").split(",")):
+            m = re.fullmatch(r"(\d+)(?:-(\d+))?", item)
+            if m is None or (m.group(2) is not None and int(m.group(2)) < int(m.group(1))):
+                raise _bad("streaming-layers", "layer ids and ranges like 0-2,5", self.streaming_layers)
+            ids.update(range(int(m.group(1)), int(m.group(2) or m.group(1)) + 1))
+        return frozenset(ids)
+
     def dense_pages(self, page_size: int) -> int:
         """Pages a request just below dense_below spans."""
         return -(-max(self.dense_below - 1, 0) // page_size)
@@ -153,6 +167,7 @@ class PSAConfig:
                 "(progressive / certified visit pages in bound order, topk is Quest's bound ranking); "
                 "use --psa-mode estimated or --psa-rank-by bound"
             )
+        self.streaming_layer_ids()
         for name in ("min_pages", "sink_pages", "local_pages", "dense_below"):
             if int(getattr(self, name)) < 0:
                 raise _bad(name.replace("_", "-"), ">= 0", getattr(self, name))
@@ -346,6 +361,13 @@ def validate_model(cfg: PSAConfig, model_config: Any) -> None:
         raise ValueError(
             f"--attention-backend psa does not support attention logit soft-capping "
             f"(attn_logit_softcapping={cap}); use --attention-backend flashinfer"
+        )
+    n_layers = getattr(model_config, "num_hidden_layers", None)
+    streaming = cfg.streaming_layer_ids()
+    if n_layers is not None and streaming and max(streaming) >= int(n_layers):
+        raise ValueError(
+            f"--psa-streaming-layers {cfg.streaming_layers} names layer {max(streaming)}, but the model "
+            f"has {n_layers} decoder layers (0..{int(n_layers) - 1})"
         )
     head_dim = getattr(model_config, "head_dim", None)
     if head_dim is not None and head_dim not in (64, 128, 256):

@@ -63,6 +63,8 @@ _FLAG_HELP = {
     "mass_estimate": "PSA page-mass estimate that estimated mode stops on and progressive mode "
     "estimates the unvisited tail with: center (q at the midpoint of the page's key range) or lognormal "
     "(center + half the logit variance from the key ranges; tracks peaked pages, selects fewer).",
+    "streaming_layers": "PSA: decoder layers (ids and ranges, e.g. 0-2,5) that read only their sink pages "
+    "and local window, as LServe's streaming heads; the other layers select as --psa-mode says.",
     "rank_by": "PSA estimated mode: order pages by their Quest upper bound (bound) or by the mass "
     "estimate (estimate).",
     "stats": "PSA: collect per-layer selection statistics (logged; Prometheus with --enable-metrics).",

@@ -45,7 +45,7 @@ class StubPrefill:
         return True
 
 
-def make_backend(model=None, **cfg):
+def make_backend(model=None, model_config_layers=None, **cfg):
     """A PSAAttnBackend over SGLang's real CPU pools; `model` is what model_runner.model holds."""
     r2t = ReqToTokenPool(size=8, max_context_len=CTX, device="cpu", enable_memory_saver=False)
     kv = MHATokenToKVPool(size=SLOTS, page_size=P, dtype=torch.float32, head_num=HKV,
@@ -61,7 +61,8 @@ def make_backend(model=None, **cfg):
     )  # fmt: skip
     runner = types.SimpleNamespace(
         server_args=sa, page_size=P, device="cpu", use_mla_backend=False, tp_rank=0,
-        model_config=types.SimpleNamespace(head_dim=D), req_to_token_pool=r2t,
+        model_config=types.SimpleNamespace(head_dim=D, num_hidden_layers=model_config_layers or LAYERS),
+        req_to_token_pool=r2t,
         token_to_kv_pool=kv, model=model,
     )  # fmt: skip
     return PSAAttnBackend(runner, dense_backend=StubPrefill(kv))
@@ -243,3 +244,38 @@ def test_mass_estimate_and_rank_reach_the_kernels(estimate, rank_by):
                                    idx, cnt, P, D**-0.5)  # fmt: skip
         assert int(cnt.max()) < (210 + P) // P  # sparse: fewer pages than the longest request has
         torch.testing.assert_close(out, ref.to(out.dtype), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["estimated", "certified"])
+def test_streaming_layers_read_sinks_and_window_only(mode):
+    """--psa-streaming-layers 1: layer 1 attends over its sink page and local window (whatever the
+    mode), layer 0 still selects; the access log shows both."""
+    from sglang_psa.kernels import select_streaming, sparse_decode_ref
+
+    b = make_backend(mode=mode, tau=0.99, max_pages=12, sink_pages=1, local_pages=2, dense_below=0,
+                     first_round_pages=2, streaming_layers="1", stats=True, stats_interval=100)  # fmt: skip
+    batch = Batch(b, [150, 230], torch.Generator().manual_seed(6))
+    batch.prefill()
+    fb = batch.begin_decode()
+    meta = (b.req_to_token, fb.req_pool_indices, fb.seq_lens)
+    for i in range(LAYERS):
+        q = torch.randn(len(batch.lens), HQ * D, generator=batch.gen)
+        k, v = batch._kv(len(batch.lens))
+        out = b.forward_decode(q, k, v, layer(i), fb).view(-1, HQ, D)
+        idx, cnt = select_streaming(fb.seq_lens, HKV, b.width, P, 1, 2)
+        ref, _ = sparse_decode_ref(q.view(-1, HQ, D), b.kv_pool.get_key_buffer(i),
+                                   b.kv_pool.get_value_buffer(i), *meta, idx, cnt, P, D**-0.5)  # fmt: skip
+        same = torch.allclose(out, ref.to(out.dtype), rtol=1e-5, atol=1e-5)
+        assert same == (i == 1), f"layer {i}"
+    assert int(b.stats.selected[1]) == 2 * HKV * 3  # requests x kv heads x (1 sink + 2 local) pages
+    assert int(b.stats.selected[0]) > 2 * HKV * 3  # tau 0.99 selects more on layer 0
+
+
+def test_streaming_layers_option_errors_name_the_flag():
+    with pytest.raises(ValueError, match="streaming-layers"):
+        PSAConfig(streaming_layers="2-1").validate()
+    with pytest.raises(ValueError, match="streaming-layers"):
+        PSAConfig(streaming_layers="a").validate()
+    assert PSAConfig(streaming_layers="0-2, 5").validate().streaming_layer_ids() == {0, 1, 2, 5}
+    with pytest.raises(ValueError, match="has 2 decoder layers"):
+        make_backend(streaming_layers="0,2", model_config_layers=2)

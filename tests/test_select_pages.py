@@ -183,3 +183,26 @@ def test_output_rows_are_fully_written(device):
     got = select_pages(bounds.to(device), seq_lens.to(device), P, params, page_idx=page_idx, counts=counts)
     ref = select_pages_ref(bounds, seq_lens, P, params)
     assert torch.equal(got[0].cpu(), ref[0]) and torch.equal(got[1].cpu(), ref[1])
+
+
+@pytest.mark.parametrize("dense_below", [0, 100])
+def test_streaming_selection_is_topk_of_sinks_and_window(dense_below):
+    from sglang_psa.kernels import select_streaming
+
+    seq = torch.tensor([1, 16, 17, 40, 95, 96, 97, 300, 1000])
+    for sink, local, width in ((1, 2, 3), (1, 4, 8), (2, 0, 4), (0, 3, 5)):
+        idx, cnt = select_streaming(seq, 2, width, 16, sink, local, dense_below)
+        k = sink + local
+        params = SelectParams(topk=k, sink_pages=sink, local_pages=local)
+        bounds = torch.randn(len(seq), 2, 64)
+        ref_idx, ref_cnt = select_pages_ref(bounds, seq, 16, params, dense_below=dense_below)
+        short = (seq < dense_below) & ((seq + 15) // 16 <= width)
+        for b in range(len(seq)):
+            if bool(short[b]) and (seq[b] + 15) // 16 > k:  # dense rows: wider than the top-k width
+                n = int((seq[b] + 15) // 16)
+                assert cnt[b].tolist() == [n, n] and idx[b, 0, :n].tolist() == list(range(n))
+                continue
+            assert torch.equal(cnt[b], ref_cnt[b]), (b, sink, local)
+            n = int(cnt[b, 0])
+            assert torch.equal(idx[b, :, :n], ref_idx[b, :, :n])
+            assert bool((idx[b, :, n:] == -1).all())
