@@ -58,8 +58,8 @@ def backend_settings(
     above a page floor (--psa-min-pages). The offline study (attention-sparsity-hf-*.json) found
     accuracy follows a minimum of pages per kv head more than the attention-mass recall, and that a
     cap stops diffuse heads (tau-only reads) while peaked heads still stop early.
-    lognormal: (tau, min_pages) pairs (min_pages 0: no floor) for estimated mode with the log-normal
-    mass estimate, pages ranked by it (--psa-mass-estimate lognormal --psa-rank-by estimate).
+    lognormal: (tau, min_pages[, max_pages]) for estimated mode with the log-normal mass estimate,
+    pages ranked by it (--psa-mass-estimate lognormal --psa-rank-by estimate); see lognormal_name.
     """
     psa = ["--attention-backend", "psa", "--psa-max-pages", "2048", "--psa-dense-below", "0",
            "--psa-sink-pages", str(SINK), "--psa-local-pages", str(LOCAL), "--psa-stats",
@@ -74,10 +74,12 @@ def backend_settings(
     for tau, pages in floored:
         out[f"psa-estimated-{tau:g}-min{pages}"] = [*psa, "--psa-mode", "estimated", "--psa-tau", str(tau),
                                                     "--psa-min-pages", str(pages)]  # fmt: skip
-    for tau, pages in lognormal:
-        name = f"psa-lognormal-{tau:g}" + (f"-min{pages}" if pages else "")
-        out[name] = [*psa, "--psa-mode", "estimated", "--psa-tau", str(tau), "--psa-min-pages", str(pages),
-                     "--psa-mass-estimate", "lognormal", "--psa-rank-by", "estimate"]  # fmt: skip
+    for tau, lo, *hi in lognormal:
+        cap = hi[0] if hi else 2048
+        flags = [*psa[:2], "--psa-max-pages", str(cap), *psa[4:]]
+        out[lognormal_name(tau, lo, *hi)] = [*flags, "--psa-mode", "estimated", "--psa-tau", str(tau),
+                                            "--psa-min-pages", str(lo), "--psa-mass-estimate", "lognormal",
+                                            "--psa-rank-by", "estimate"]  # fmt: skip
     for k in topks:
         out[f"topk-{k}"] = [*psa, "--psa-mode", "topk", "--psa-topk", str(k)]
     # streaming: sinks + local window only (LServe's streaming heads): top-k with no free slot
@@ -86,6 +88,43 @@ def backend_settings(
                                         "--psa-sink-pages", str(sink), "--psa-local-pages",
                                         str(stream_pages - sink)]  # fmt: skip
     return out
+
+
+def lognormal_name(tau: float, min_pages: int, max_pages: int | None = None) -> str:
+    """Setting name of estimated mode with the log-normal estimate, ranked by it: psa-lognormal-<tau>
+    [-min<n>][-max<n>]; min_pages == max_pages is a fixed budget, "topk-lognormal-<n>" (top-k with the
+    log-normal estimate as its order instead of Quest's bound: it tells the ranking's share of a gain
+    from the threshold's)."""
+    if max_pages is not None and max_pages == min_pages:
+        return f"topk-lognormal-{max_pages}"
+    return (f"psa-lognormal-{tau:g}" + (f"-min{min_pages}" if min_pages else "")
+            + (f"-max{max_pages}" if max_pages is not None else ""))  # fmt: skip
+
+
+def parse_ints_after_tau(spec: str) -> tuple[tuple, ...]:
+    """ "0.8:16,0.5:10:12" -> ((0.8, 16), (0.5, 10, 12)): a tau, then one or more page counts."""
+    out = []
+    for item in filter(None, spec.split(",")):
+        tau, *pages = item.split(":")
+        if not pages:
+            raise ValueError(f"expected tau:pages[:pages], got {item!r}")
+        out.append((float(tau), *(int(n) for n in pages)))
+    return tuple(out)
+
+
+def streaming_name(name: str, layers: str) -> str:
+    """The name of `name` with --psa-streaming-layers `layers` added: topk-12 -> topk-12-stream0-2."""
+    return f"{name}-stream{layers.replace(',', '_')}"
+
+
+def add_streaming(settings: dict[str, list[str]], names: list[str], layers: str) -> None:
+    """Add a copy of each setting in `names` whose `layers` read only sinks + local window
+    (LServe's streaming heads, per layer), e.g. the layers a per-layer sensitivity sweep finds the
+    answer does not depend on."""
+    for name in names:
+        if name not in settings or name == "dense":
+            raise ValueError(f"--hybrid names PSA settings of this run; {name!r} is not one")
+        settings[streaming_name(name, layers)] = [*settings[name], "--psa-streaming-layers", layers]
 
 
 def _post(url: str, body: dict, timeout: float = 600) -> dict | None:
@@ -247,10 +286,14 @@ def plot(rows: list[dict], path: Path, length: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    groups = {"PSA estimated": r"psa-estimated-[\d.]+$", "PSA estimated, capped": r"psa-estimated-.*-max",
-              "PSA estimated, floor": r"psa-estimated-.*-min", "PSA progressive": "psa-progressive",
-              "PSA log-normal": r"psa-lognormal-[\d.]+$", "PSA log-normal, floor": r"psa-lognormal-.*-min",
-              "PSA certified": "psa-certified", "top-k": "topk", "streaming": "streaming"}  # fmt: skip
+    groups = {
+        "PSA estimated": r"psa-estimated-[\d.]+$", "PSA estimated, capped": r"psa-estimated-.*-max",
+        "PSA estimated, floor": r"psa-estimated-.*-min", "PSA progressive": "psa-progressive",
+        "PSA log-normal": r"psa-lognormal-[\d.]+$", "PSA log-normal, floor": r"psa-lognormal-.*-min\d+$",
+        "PSA log-normal, floor + cap": r"psa-lognormal-.*-max", "top-k, log-normal order": "topk-lognormal",
+        "PSA certified": "psa-certified", "top-k (Quest)": r"topk-\d+$", "streaming": "streaming-",
+        "streaming layers + top-k (Quest)": r"topk-\d+-stream", "streaming layers + PSA": r"psa-.*-stream",
+    }  # fmt: skip
     for label, pattern in groups.items():
         pts = sorted(
             (_pages_at(r, length), sum(v[length] for v in r["accuracy"].values()) / len(r["accuracy"]))
@@ -284,12 +327,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--samples", type=int, default=20, help="prompts per task and length")
     ap.add_argument("--tasks", default="all")
     ap.add_argument("--taus", default="0.8,0.9,0.95,0.99")
-    ap.add_argument("--topks", default="8,16,32,64,128", help="top-k budgets in pages of 16 tokens")
+    ap.add_argument("--topks", default="8,10,12,16,32,64", help="top-k budgets in pages of 16 tokens")
     ap.add_argument("--stream-pages", type=int, default=32)
     ap.add_argument("--capped", default="0.95:32,0.95:64", help="tau:max_pages settings (estimated mode)")
     ap.add_argument("--floored", default="0.8:32", help="tau:min_pages settings (estimated mode)")
-    ap.add_argument("--lognormal", default="0.8:0,0.9:0,0.95:0,0.8:16,0.9:16,0.95:16",
-                    help="tau:min_pages settings, log-normal mass estimate (0: no floor)")  # fmt: skip
+    ap.add_argument("--lognormal", default="0.8:0,0.9:0,0.95:0,0.8:16,0.9:16,0.95:16,0.5:10:12,0.01:10:10",
+                    help="tau:min_pages[:max_pages] settings, log-normal mass estimate ranked by it "
+                         "(min 0: no floor; min == max: topk-lognormal-<n>)")  # fmt: skip
+    ap.add_argument("--streaming-layers", default="0-2", help="layers the --hybrid copies stream")
+    ap.add_argument("--hybrid", default="", help="settings to repeat with --psa-streaming-layers")
     ap.add_argument("--only", default="", help="comma-separated setting names (default: all)")
     ap.add_argument("--parallel", type=int, default=6, help="servers at a time on the GPU")
     ap.add_argument("--concurrency", type=int, default=32, help="requests in flight per server")
@@ -308,7 +354,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     pairs = lambda v: tuple((float(t), int(n)) for t, n in (x.split(":") for x in v.split(",") if x))  # noqa: E731
     taus, topks = [float(t) for t in a.taus.split(",")], [int(k) for k in a.topks.split(",")]
     settings = backend_settings(taus, topks, a.stream_pages, pairs(a.capped), pairs(a.floored),
-                                pairs(a.lognormal))  # fmt: skip
+                                parse_ints_after_tau(a.lognormal))  # fmt: skip
+    if a.hybrid:
+        add_streaming(settings, a.hybrid.split(","), a.streaming_layers)
     if a.only:
         settings = {k: v for k, v in settings.items() if k in a.only.split(",")}
     if a.access_log and a.access_log_setting in settings:

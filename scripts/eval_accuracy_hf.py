@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import datetime
 import json
 import math
@@ -33,9 +34,21 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from eval_accuracy import LOCAL, PAGE, SINK, add_vs_dense, build_prompts, plot, result_header  # noqa: E402
+from eval_accuracy import (  # noqa: E402
+    LOCAL,
+    PAGE,
+    SINK,
+    add_vs_dense,
+    build_prompts,
+    lognormal_name,
+    parse_ints_after_tau,
+    plot,
+    result_header,
+    streaming_name,
+)
 
-from sglang_psa.kernels import SelectParams, page_bounds_ref, select_pages_ref  # noqa: E402
+from sglang_psa.config import MASS_ESTIMATES, PSAConfig  # noqa: E402
+from sglang_psa.kernels import SelectParams, page_bounds_ref, select_pages_ref, select_streaming  # noqa: E402
 from sglang_psa.kernels._common import compact_selection, page_layout, selection_mask  # noqa: E402
 from sglang_psa.longctx_tasks import TASK_KINDS, score_answer  # noqa: E402
 
@@ -49,6 +62,12 @@ class Setting:
     sink: int = SINK
     local: int = LOCAL
     first_round: int = 16
+    # estimated mode: --psa-mass-estimate (page_bounds' variance weight), --psa-rank-by, page floor/cap
+    variance_weight: float = 0.0
+    rank_by: str = "bound"
+    min_pages: int = 0
+    max_pages: int | None = None
+    streaming_layers: frozenset[int] = frozenset()  # --psa-streaming-layers: sinks + local window only
     # per prompt length (the driver sets `length` before each prompt), summed over decode steps and
     # layers: [selected pages, all pages, recall sum, recall count]
     length: str = ""
@@ -60,10 +79,17 @@ class Setting:
     scores: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # kind -> length -> scores
 
 
-def settings_for(taus: list[float], topks: list[int], stream_pages: int) -> list[Setting]:
+def settings_for(
+    taus: list[float], topks: list[int], stream_pages: int, lognormal: tuple = ()
+) -> list[Setting]:
+    """The GPU suite's families; lognormal: (tau, min_pages[, max_pages]) as eval_accuracy.py's."""
     out = [Setting("dense", "dense")]
     for mode in ("estimated", "progressive", "certified"):
         out += [Setting(f"psa-{mode}-{t:g}", mode, tau=t) for t in taus]
+    for tau, lo, *hi in lognormal:
+        out.append(Setting(lognormal_name(tau, lo, *hi), "estimated", tau=tau, rank_by="estimate",
+                           variance_weight=MASS_ESTIMATES["lognormal"], min_pages=lo,
+                           max_pages=hi[0] if hi else None))  # fmt: skip
     out += [Setting(f"topk-{k}", "topk", topk=k) for k in topks]
     sink = max(1, stream_pages // 8)
     out.append(
@@ -140,6 +166,12 @@ class Sparsifier:
         if s is None or s.mode == "dense":
             mask_tok = torch.ones(hkv, length, dtype=torch.bool)
             counts = torch.full((hkv,), n_pages)
+        elif module.layer_idx in s.streaming_layers:
+            idx, cnt = select_streaming(torch.tensor([length]), hkv, s.sink + s.local, PAGE, s.sink, s.local)
+            counts, mask_pg = cnt[0], selection_mask(idx[0], cnt[0], n_pages)
+            mask_tok = mask_pg.repeat_interleave(PAGE, dim=1)[:, :length]
+            if self.access_log is not None:
+                self._log(module.layer_idx, mask_pg, length)
         else:
             # the cache's own pages: token t of the request sits in slot t, page j in block j
             kmin, kmax = (t.transpose(0, 1).contiguous() for t in page_summaries(k, n_pages))
@@ -147,17 +179,20 @@ class Sparsifier:
             table = torch.arange(n_pages * PAGE, dtype=torch.int32)[None]
             row = torch.zeros(1, dtype=torch.int64)
             bnd, centers = page_bounds_ref(q.reshape(1, hq, d), kmin, kmax, table, row, seq, PAGE, PAGE,
-                                           scaling, n_pages, with_centers=True)  # fmt: skip
+                                           scaling, n_pages, with_centers=True,
+                                           variance_weight=s.variance_weight)  # fmt: skip
             bnd, centers = bnd[0], centers[0]
             if s.mode in ("certified", "progressive"):
                 rest = centers if s.mode == "progressive" else None
                 mask_pg, counts = certified_pages(s, logits, bnd, length, n_pages, rest)
             else:
+                cap = max(min(n_pages, s.max_pages or n_pages), s.sink + s.local)
                 params = SelectParams(tau=s.tau if s.mode == "estimated" else 1.0, sink_pages=s.sink,
-                                      local_pages=s.local, max_pages=max(n_pages, s.sink + s.local),
+                                      local_pages=s.local, max_pages=cap, min_pages=min(s.min_pages, cap),
                                       topk=s.topk if s.mode == "topk" else None)  # fmt: skip
                 mass = centers[None] if s.mode == "estimated" else None
-                idx, cnt = select_pages_ref(bnd[None], seq, PAGE, params, mass_logits=mass)
+                order = centers if s.rank_by == "estimate" else bnd  # the backend's --psa-rank-by
+                idx, cnt = select_pages_ref(order[None], seq, PAGE, params, mass_logits=mass)
                 counts = cnt[0]
                 mask_pg = selection_mask(idx[0], counts, n_pages)
             mask_tok = mask_pg.repeat_interleave(PAGE, dim=1)[:, :length]
@@ -222,6 +257,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--taus", default="0.8,0.9,0.95,0.99")
     ap.add_argument("--topks", default="8,16,32,64,128")
     ap.add_argument("--stream-pages", type=int, default=32)
+    ap.add_argument("--lognormal", default="", help="tau:min_pages[:max_pages] settings (eval_accuracy.py's)")
+    ap.add_argument("--streaming-layers", default="0-2", help="layers the --hybrid copies stream")
+    ap.add_argument("--hybrid", default="", help="settings to repeat with those layers streaming")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--only", default="", help="comma-separated setting names (dense always runs)")
     ap.add_argument("--out", default="benchmarks/results")
@@ -232,7 +270,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     kinds = list(TASK_KINDS) if a.tasks == "all" else a.tasks.split(",")
     lengths = [int(x) for x in a.lengths.split(",")]
     settings = settings_for([float(t) for t in a.taus.split(",")], [int(k) for k in a.topks.split(",")],
-                            a.stream_pages)  # fmt: skip
+                            a.stream_pages, parse_ints_after_tau(a.lognormal))  # fmt: skip
+    if a.hybrid:
+        by_name = {s.name: s for s in settings}
+        layers = PSAConfig(streaming_layers=a.streaming_layers).streaming_layer_ids()
+        for name in a.hybrid.split(","):
+            if name not in by_name or name == "dense":
+                raise ValueError(f"--hybrid names sparse settings of this run; {name!r} is not one")
+            copy_ = dataclasses.replace(by_name[name], name=streaming_name(name, a.streaming_layers),
+                                        streaming_layers=layers, by_length={}, scores={})  # fmt: skip
+            settings.append(copy_)
     if a.only:
         keep = set(a.only.split(",")) | {"dense"}
         settings = [s for s in settings if s.name in keep]
@@ -266,6 +313,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         rows.append({
             "name": s.name, "mode": s.mode, "tau": s.tau, "topk": s.topk, "accuracy": acc,
             "mean_accuracy": sum(flat) / len(flat),
+            "scores": flat,  # prompt order (task, length, sample): paired comparisons across settings
             "page_fraction": s.total(0) / s.total(1) if s.total(1) else 1.0,
             "recall": s.total(2) / s.total(3) if s.total(3) else None,
             "page_fraction_by_length": {n: v[0] / v[1] for n, v in s.by_length.items()},

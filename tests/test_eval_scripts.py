@@ -22,9 +22,16 @@ def test_every_server_setting_parses_and_validates():
 
     ensure_registered()
     ev = load_script("eval_accuracy")
-    settings = ev.backend_settings([0.8, 0.95], [8, 64], 32, lognormal=((0.9, 0), (0.95, 16)))
+    lognormal = ev.parse_ints_after_tau("0.9:0,0.95:16,0.5:10:12,0.01:10:10")
+    assert lognormal == ((0.9, 0), (0.95, 16), (0.5, 10, 12), (0.01, 10, 10))
+    settings = ev.backend_settings([0.8, 0.95], [8, 64], 32, lognormal=lognormal)
+    ev.add_streaming(settings, ["topk-64", "psa-lognormal-0.5-min10-max12"], "0-1,3")
+    with pytest.raises(ValueError, match="'dense'"):
+        ev.add_streaming(settings, ["dense"], "0")
     want = {"dense", "psa-estimated-0.8", "psa-certified-0.95", "topk-64", "streaming-32",
-            "psa-lognormal-0.9", "psa-lognormal-0.95-min16"}  # fmt: skip
+            "psa-lognormal-0.9", "psa-lognormal-0.95-min16", "psa-lognormal-0.5-min10-max12",
+            "topk-lognormal-10", "topk-64-stream0-1_3",
+            "psa-lognormal-0.5-min10-max12-stream0-1_3"}  # fmt: skip
     assert want <= set(settings)
     for name, flags in settings.items():
         parser = argparse.ArgumentParser()
@@ -36,18 +43,40 @@ def test_every_server_setting_parses_and_validates():
         ns.disable_cuda_graph = True
         if name != "dense":
             assert cfg.measure_recall and cfg.stats
-        if name.startswith("psa-lognormal"):
+        if "lognormal" in name:
             assert (cfg.mass_estimate, cfg.rank_by, cfg.mode) == ("lognormal", "estimate", "estimated")
             validate_against_server(cfg, ns)
+        if name == "psa-lognormal-0.5-min10-max12":
+            assert (cfg.tau, cfg.min_pages, cfg.max_pages) == (0.5, 10, 12)
+        assert cfg.streaming_layer_ids() == ({0, 1, 3} if name.endswith("-stream0-1_3") else set())
+        if name == "topk-lognormal-10":
+            assert cfg.min_pages == cfg.max_pages == 10
+
+
+def test_lognormal_spec_errors_name_the_item():
+    ev = load_script("eval_accuracy")
+    with pytest.raises(ValueError, match="'0.9'"):
+        ev.parse_ints_after_tau("0.8:16,0.9")
 
 
 def test_offline_twin_runs_on_the_trained_model(tmp_path):
     ev = load_script("eval_accuracy_hf")
-    only = "psa-estimated-0.9,topk-8,psa-progressive-0.9"
+    only = ("psa-estimated-0.9,topk-8,psa-progressive-0.9,psa-lognormal-0.5-min6-max7,topk-lognormal-6,"
+            "topk-8-stream0-2")  # fmt: skip
     res = ev.main(["--model", str(MODEL), "--lengths", "512", "--samples", "1", "--tasks", "passkey",
-                   "--only", only, "--out", str(tmp_path)])  # fmt: skip
+                   "--only", only, "--lognormal", "0.5:6:7,0.01:6:6", "--hybrid", "topk-8",
+                   "--streaming-layers", "0-2", "--out", str(tmp_path)])  # fmt: skip
     names = [r["name"] for r in res["rows"]]
-    assert names == ["dense", "psa-estimated-0.9", "psa-progressive-0.9", "topk-8"]
+    assert names == ["dense", "psa-estimated-0.9", "psa-progressive-0.9", "psa-lognormal-0.5-min6-max7",
+                     "topk-lognormal-6", "topk-8", "topk-8-stream0-2"]  # fmt: skip
+    by_name = {r["name"]: r for r in res["rows"]}
+    # every (step, layer, kv head) reads exactly 6 pages with the fixed budget, 6 or 7 with floor + cap
+    fixed = by_name["topk-lognormal-6"]["page_fraction"]
+    assert 0 < fixed < 1
+    assert fixed <= by_name["psa-lognormal-0.5-min6-max7"]["page_fraction"] <= fixed * 7 / 6 + 1e-9
+    # 3 of 4 layers read 5 pages (sink 1 + local 4) instead of top-k's 8
+    top8 = by_name["topk-8"]["page_fraction"]
+    assert by_name["topk-8-stream0-2"]["page_fraction"] == pytest.approx(top8 * (3 * 5 + 8) / 32)
     dense = res["rows"][0]
     assert dense["page_fraction"] == 1.0 and dense["recall"] == pytest.approx(1.0)
     for r in res["rows"][1:]:
