@@ -278,7 +278,7 @@ def _pages_at(row: dict, length: str) -> float:
     return row.get("page_fraction_by_length", {}).get(length, row["page_fraction"])
 
 
-def plot(rows: list[dict], path: Path, length: str) -> None:
+def plot(rows: list[dict], path: Path, length: str, dpi: int = 90) -> None:
     """Mean accuracy at `length` vs fraction of pages read, one curve per family of settings."""
     import matplotlib
 
@@ -290,9 +290,11 @@ def plot(rows: list[dict], path: Path, length: str) -> None:
         "PSA estimated": r"psa-estimated-[\d.]+$", "PSA estimated, capped": r"psa-estimated-.*-max",
         "PSA estimated, floor": r"psa-estimated-.*-min", "PSA progressive": "psa-progressive",
         "PSA log-normal": r"psa-lognormal-[\d.]+$", "PSA log-normal, floor": r"psa-lognormal-.*-min\d+$",
-        "PSA log-normal, floor + cap": r"psa-lognormal-.*-max", "top-k, log-normal order": "topk-lognormal",
+        "PSA log-normal, floor + cap": r"psa-lognormal-.*-max\d+$",
+        "top-k, log-normal order": r"topk-lognormal-\d+$",
         "PSA certified": "psa-certified", "top-k (Quest)": r"topk-\d+$", "streaming": "streaming-",
         "streaming layers + top-k (Quest)": r"topk-\d+-stream", "streaming layers + PSA": r"psa-.*-stream",
+        "streaming layers + top-k, log-normal order": r"topk-lognormal-\d+-stream",
     }  # fmt: skip
     for label, pattern in groups.items():
         pts = sorted(
@@ -317,7 +319,7 @@ def plot(rows: list[dict], path: Path, length: str) -> None:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=dpi)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

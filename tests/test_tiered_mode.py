@@ -76,16 +76,18 @@ def test_per_head_slots_equal_dense_and_resident(slots):
             torch.testing.assert_close(a, c, rtol=1e-6, atol=1e-6)
 
 
-def test_sparse_selection_matches_resident_backend():
-    opts = dict(mode="estimated", tau=0.5, max_pages=6, sink_pages=1, local_pages=1, dense_below=0)
+@pytest.mark.parametrize("streaming", ["", "0"], ids=["selecting", "layer-0-streaming"])
+def test_sparse_selection_matches_resident_backend(streaming):
+    opts = dict(mode="estimated", tau=0.5, max_pages=6, sink_pages=1, local_pages=1, dense_below=0,
+                streaming_layers=streaming)  # fmt: skip
     resident = make_backend(**opts)
     tier = make_backend(**opts, tiered=True, hot_pool_gb=pool_gb(5))
     batches = [Batch(x, [150, 90, 200], torch.Generator().manual_seed(3)) for x in (resident, tier)]
     for x in batches:
         x.prefill()
     for _ in range(12):
-        (a, _), (c, _) = batches[0].decode()[0], batches[1].decode()[0]
-        torch.testing.assert_close(a, c, rtol=1e-6, atol=1e-6)  # same pages; slots differ
+        for (a, _), (c, _) in zip(batches[0].decode(), batches[1].decode()):
+            torch.testing.assert_close(a, c, rtol=1e-6, atol=1e-6)  # same pages; slots differ
     assert tier.tiered.attn.pool.stats()["evictions"] > 0
 
 
