@@ -163,15 +163,15 @@ class Sparsifier:
         logits = torch.einsum("hgd,hld->hgl", q, k) * scaling  # [Hkv, G, L]
         s = self.setting
         n_pages = -(-length // PAGE)
-        if s is None or s.mode == "dense":
-            mask_tok = torch.ones(hkv, length, dtype=torch.bool)
-            counts = torch.full((hkv,), n_pages)
-        elif module.layer_idx in s.streaming_layers:
+        if s is not None and module.layer_idx in s.streaming_layers:  # any mode, dense included
             idx, cnt = select_streaming(torch.tensor([length]), hkv, s.sink + s.local, PAGE, s.sink, s.local)
             counts, mask_pg = cnt[0], selection_mask(idx[0], cnt[0], n_pages)
             mask_tok = mask_pg.repeat_interleave(PAGE, dim=1)[:, :length]
             if self.access_log is not None:
                 self._log(module.layer_idx, mask_pg, length)
+        elif s is None or s.mode == "dense":
+            mask_tok = torch.ones(hkv, length, dtype=torch.bool)
+            counts = torch.full((hkv,), n_pages)
         else:
             # the cache's own pages: token t of the request sits in slot t, page j in block j
             kmin, kmax = (t.transpose(0, 1).contiguous() for t in page_summaries(k, n_pages))
@@ -248,6 +248,48 @@ def greedy(model, past, first_logits, n_new: int, eos: int) -> list[int]:
     return out
 
 
+def run_prompts(model, tok, sparsifier: Sparsifier, prompts: list[dict], settings: list[Setting],
+                t0: float | None = None) -> None:  # fmt: skip
+    """Decode every prompt under every setting (one dense prefill per prompt, shared); scores and page
+    counts accumulate in the settings. settings[0] is reported per (task, length) when t0 is given."""
+    for i, p in enumerate(prompts):
+        model.config._attn_implementation = "sdpa"
+        with torch.no_grad():
+            pre = model(input_ids=torch.tensor([p["input_ids"]]), use_cache=True)
+        model.config._attn_implementation = "psa_sim"
+        for s in settings:
+            sparsifier.setting = s
+            s.length = str(p["length"])
+            new = greedy(model, copy.deepcopy(pre.past_key_values), pre.logits[0, -1], p["max_new"],
+                         tok.eos_token_id)  # fmt: skip
+            score = score_answer(tok.decode(new, skip_special_tokens=True), p["answer"])
+            s.scores.setdefault(p["kind"], {}).setdefault(str(p["length"]), []).append(score)
+        cell = (p["kind"], p["length"])
+        last = i + 1 == len(prompts) or (prompts[i + 1]["kind"], prompts[i + 1]["length"]) != cell
+        if t0 is not None and last:
+            first = settings[0].scores[p["kind"]][str(p["length"])]
+            print(f"{p['kind']} {p['length']}: {settings[0].name} {sum(first) / len(first):.2f} "
+                  f"({time.time() - t0:.0f}s)", flush=True)  # fmt: skip
+
+
+def summarize(settings: list[Setting]) -> list[dict]:
+    """One result row per setting: accuracy per task and length, per-prompt scores, pages, recall."""
+    rows = []
+    for s in settings:
+        acc = {k: {n: sum(v) / len(v) for n, v in d.items()} for k, d in s.scores.items()}
+        flat = [x for d in s.scores.values() for v in d.values() for x in v]
+        rows.append({
+            "name": s.name, "mode": s.mode, "tau": s.tau, "topk": s.topk, "accuracy": acc,
+            "mean_accuracy": sum(flat) / len(flat),
+            "scores": flat,  # prompt order (task, length, sample): paired comparisons across settings
+            "page_fraction": s.total(0) / s.total(1) if s.total(1) else 1.0,
+            "recall": s.total(2) / s.total(3) if s.total(3) else None,
+            "page_fraction_by_length": {n: v[0] / v[1] for n, v in s.by_length.items()},
+            "recall_by_length": {n: v[2] / v[3] for n, v in s.by_length.items()},
+        })  # fmt: skip
+    return rows
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="models/psa-llama-2m")
@@ -285,40 +327,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         settings = [s for s in settings if s.name in keep]
     t0 = time.time()
     prompts = build_prompts(a.model, kinds, lengths, a.samples)
-    for i, p in enumerate(prompts):
-        model.config._attn_implementation = "sdpa"
-        with torch.no_grad():
-            pre = model(input_ids=torch.tensor([p["input_ids"]]), use_cache=True)
-        model.config._attn_implementation = "psa_sim"
-        for s in settings:
-            sparsifier.setting = s
-            s.length = str(p["length"])
-            new = greedy(model, copy.deepcopy(pre.past_key_values), pre.logits[0, -1], p["max_new"],
-                         tok.eos_token_id)  # fmt: skip
-            score = score_answer(tok.decode(new, skip_special_tokens=True), p["answer"])
-            s.scores.setdefault(p["kind"], {}).setdefault(str(p["length"]), []).append(score)
-        if (
-            i + 1 == len(prompts)
-            or prompts[i + 1]["kind"] != p["kind"]
-            or prompts[i + 1]["length"] != p["length"]
-        ):
-            dense = settings[0].scores[p["kind"]][str(p["length"])]
-            print(f"{p['kind']} {p['length']}: dense {sum(dense) / len(dense):.2f} ({time.time() - t0:.0f}s)",
-                  flush=True)  # fmt: skip
-
-    rows = []
-    for s in settings:
-        acc = {k: {n: sum(v) / len(v) for n, v in d.items()} for k, d in s.scores.items()}
-        flat = [x for d in s.scores.values() for v in d.values() for x in v]
-        rows.append({
-            "name": s.name, "mode": s.mode, "tau": s.tau, "topk": s.topk, "accuracy": acc,
-            "mean_accuracy": sum(flat) / len(flat),
-            "scores": flat,  # prompt order (task, length, sample): paired comparisons across settings
-            "page_fraction": s.total(0) / s.total(1) if s.total(1) else 1.0,
-            "recall": s.total(2) / s.total(3) if s.total(3) else None,
-            "page_fraction_by_length": {n: v[0] / v[1] for n, v in s.by_length.items()},
-            "recall_by_length": {n: v[2] / v[3] for n, v in s.by_length.items()},
-        })  # fmt: skip
+    run_prompts(model, tok, sparsifier, prompts, settings, t0)
+    rows = summarize(settings)
     add_vs_dense(rows)
     for r in rows:
         print(f"{r['name']:22s} acc {r['mean_accuracy']:.3f} pages {r['page_fraction']:.3f} "

@@ -128,3 +128,16 @@ def test_lookahead_recall_queries_are_the_models_own(tmp_path):
                    "--steps", "3", "--out", str(tmp_path)])  # fmt: skip
     for rows in res["layers"].values():
         assert 0.0 < rows["all"]["coverage"] <= 1.0 and set(rows) == {"L1", "L2", "L3", "all"}
+
+
+def test_find_streaming_layers_runs_and_keeps_its_promise(tmp_path):
+    fs = load_script("find_streaming_layers")
+    res = fs.main(["--model", str(MODEL), "--lengths", "512", "--samples", "2", "--tasks", "passkey",
+                   "--max-lost", "1", "--out", str(tmp_path)])  # fmt: skip
+    single = res["single_layer"]
+    assert [r["name"] for r in single] == ["dense"] + [f"stream-{i}" for i in range(4)]
+    assert all(0 < r["page_fraction"] < 1 for r in single[1:])  # one of 4 layers reads 5 of ~30 pages
+    kept = [g for g in res["greedy"] if g["kept"]]
+    assert res["streaming_layers"] == ",".join(str(x) for x in sorted(g["added"] for g in kept))
+    assert all(g["lost"] <= 1 for g in kept)
+    assert list(tmp_path.glob("streaming-layers-*.json"))
