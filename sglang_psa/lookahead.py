@@ -8,8 +8,8 @@ layer's attention this way). A forward pre-hook on decoder layer l computes
 
     q_hat[l+1] = RoPE_{l+1}(W_q^{l+1} . RMSNorm_{l+1}(stream_l))
 
-exactly as layer l+1 would on that input, and hands it to `on_query(attention of layer l+1, q_hat,
-forward_batch)`;
+exactly as layer l+1 would on that input (on CUDA in one Triton launch, kernels/next_query.py), and
+hands it to `on_query(attention of layer l+1, q_hat, forward_batch)`;
 the backend selects pages with it and the tiered pool prefetches their union on a side stream while
 layer l attends and runs its MLP (memory/device_tiered.py). Only decode batches are hooked; extend
 batches run untouched. The hook is plain tensor ops on fixed shapes, so it is recorded into decode
@@ -27,11 +27,14 @@ Llama, Mistral and Qwen2 families. Anything else raises at server start, naming 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from sglang_psa.kernels.next_query import next_query
 
 OnQuery = Callable[[Any, torch.Tensor, Any], None]  # (RadixAttention of the layer, q_hat, ForwardBatch)
 
@@ -75,11 +78,42 @@ def _check_layer(layer: Any, index: int) -> None:
         )
 
 
+def fusable(layer: Any) -> bool:
+    """Whether kernels/next_query.py computes `layer`'s estimate: plain RMSNorm, neox RoPE over the
+    whole head from a cos/sin cache, a contiguous qkv weight."""
+    norm, attn = layer.input_layernorm, layer.self_attn
+    rope = attn.rotary_emb
+    return (
+        getattr(norm, "variance_size_override", None) is None
+        and not getattr(norm, "cast_x_before_out_mul", False)
+        and getattr(norm, "override_orig_dtype", None) is None
+        and bool(getattr(rope, "is_neox_style", False))
+        and getattr(rope, "rotary_dim", None) == attn.head_dim
+        and getattr(rope, "head_size", attn.head_dim) == attn.head_dim
+        and isinstance(getattr(rope, "cos_sin_cache", None), torch.Tensor)
+        and not hasattr(rope, "sin_cos_cache")
+        and attn.qkv_proj.weight.stride(-1) == 1
+        and attn.head_dim in (32, 64, 128, 256)
+    )
+
+
 def estimate_query(layer: Any, positions: torch.Tensor, hidden: torch.Tensor,
-                   residual: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
+                   residual: torch.Tensor | None, fused: bool | None = None) -> torch.Tensor:  # fmt: skip
     """What `layer` would compute as its query if (hidden, residual) were its own inputs:
-    [T, Hq_local * head_dim]. Torch ops only (the native paths of SGLang's RMSNorm and RoPE); reads
-    the module's weights, writes nothing of them."""
+    [T, Hq_local * head_dim]; reads the module's weights, writes nothing of them.
+
+    fused: one Triton launch (kernels/next_query.py) instead of the native torch paths of SGLang's
+    RMSNorm, linear and RoPE (~20 kernels); None = fused on CUDA when `fusable(layer)`, unless
+    SGLANG_PSA_LOOKAHEAD_TORCH=1 (the A/B switch for timing both)."""
+    if fused is None:
+        fused = hidden.is_cuda and os.environ.get("SGLANG_PSA_LOOKAHEAD_TORCH") != "1" and fusable(layer)
+    if fused:
+        attn, norm = layer.self_attn, layer.input_layernorm
+        return next_query(
+            hidden.contiguous(), None if residual is None else residual.contiguous(), norm.weight,
+            norm.variance_epsilon, attn.qkv_proj.weight, attn.qkv_proj.bias, attn.q_size,
+            attn.rotary_emb.cos_sin_cache, positions, attn.head_dim,
+        )  # fmt: skip
     norm = layer.input_layernorm
     x = norm.forward_native(hidden) if residual is None else norm.forward_native(hidden, residual)[0]
     attn = layer.self_attn

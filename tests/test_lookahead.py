@@ -86,6 +86,22 @@ def test_estimate_equals_the_layers_own_query_on_the_same_stream(llama_layers, w
     assert not torch.allclose(got, other, atol=1e-2)  # layer 1's weights, not layer 0's
 
 
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_fused_estimate_equals_the_torch_path(llama_layers, with_residual):
+    """kernels/next_query.py on SGLang's own Llama layer (Llama-3 RoPE cache, fp32 weights), through
+    the Triton interpreter on CPU: the same query as the native torch path."""
+    from sglang_psa.lookahead import fusable
+
+    g = torch.Generator().manual_seed(2)
+    positions = torch.tensor([3, 700, 2100, 4000])
+    hidden = torch.randn(4, HIDDEN, generator=g)
+    residual = torch.randn(4, HIDDEN, generator=g) if with_residual else None
+    assert fusable(llama_layers[1])
+    fused = estimate_query(llama_layers[1], positions, hidden, residual, fused=True)
+    torch_path = estimate_query(llama_layers[1], positions, hidden, residual, fused=False)
+    torch.testing.assert_close(fused, torch_path, rtol=1e-4, atol=1e-4)
+
+
 def _model(layers):
     inner = types.SimpleNamespace(layers=layers, start_layer=0, end_layer=len(layers))
     return types.SimpleNamespace(model=inner)
