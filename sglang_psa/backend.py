@@ -17,7 +17,7 @@ the page lists selected for it up to R - 1 steps earlier, skipping bounds and se
 the attention kernel through TieredDecode's GPU hot pool, and every KV write invalidates its pages there.
 
 --psa-streaming-layers: those layers read only their sink pages and local window (no bounds, no
-select), whatever --psa-mode says for the others.
+select, no summary updates), whatever --psa-mode says for the others.
 """
 
 from __future__ import annotations
@@ -273,8 +273,9 @@ class PSAAttnBackend(AttentionBackend):
         return out.reshape(-1, layer.tp_q_head_num * layer.v_head_dim)
 
     def _update_summaries(self, layer: RadixAttention, loc: torch.Tensor) -> None:
-        k_cache = self.kv_pool.get_key_buffer(layer.layer_id)
-        self.summaries.update(layer.layer_id, k_cache, loc, self.ops.update_page_summaries)
+        if layer.layer_id not in self._streaming_layers:  # a streaming layer never reads its bounds
+            k_cache = self.kv_pool.get_key_buffer(layer.layer_id)
+            self.summaries.update(layer.layer_id, k_cache, loc, self.ops.update_page_summaries)
         if self.tiered is not None:
             self.tiered.on_write(layer.layer_id, loc)
 
