@@ -3,7 +3,7 @@
 # each well under 9 minutes. Run from the repo root on the device machine (carry .devbundle):
 #   bash scripts/gpu_e2e.sh STAGE
 # Stages: smoke | equal | serve | serve_fi | robust | bench | bench_triton | bench_log | serving | eval
-#         tiered_equal | capacity (issue 6)
+#         eval_hybrid (issue 7) | tiered_equal | capacity (issue 6)
 # Results: $OUT/*.json (+ server logs) and benchmarks/results/*.json.
 set -uo pipefail
 STAGE=${1:?stage}
@@ -160,6 +160,17 @@ eval)
     --lengths 4096,8192 --samples 20 --log-dir "$OUT/evallogs" --access-log "$OUT/accesslog_trained" \
     2>&1 | tee "$OUT/eval.log"
   ;;
+eval_hybrid)
+  # Issue 7 (session 8): the log-normal order, floor + cap, fixed budgets and streaming layers 0-2
+  # (scripts/find_streaming_layers.py's choice for this model) through the servers, vs Quest top-k.
+  ONLY=dense,topk-10,topk-12,topk-16,topk-lognormal-12,psa-lognormal-0.95-min16,psa-lognormal-0.8-min10-max12
+  ONLY=$ONLY,topk-12-stream0-2,topk-16-stream0-2,topk-lognormal-12-stream0-2,psa-lognormal-0.8-min10-max12-stream0-2
+  PSA_COMMIT=$COMMIT timeout 540 python3 scripts/eval_accuracy.py --parallel 8 --model models/psa-llama-2m \
+    --lengths 4096,8192 --samples ${EVAL_SAMPLES:-100} --tasks kv_retrieval,passkey --topks 10,12,16 \
+    --lognormal 0.95:16,0.8:10:12,0.01:12:12 --streaming-layers 0-2 \
+    --hybrid topk-12,topk-16,topk-lognormal-12,psa-lognormal-0.8-min10-max12 --only $ONLY \
+    --log-dir "$OUT/evallogs" 2>&1 | tee "$OUT/eval_hybrid.log"
+  ;;
 tiered_equal)
   # Issue 6: tiered mode (KV pool in pinned host memory, decode through the GPU hot pool) must return
   # resident PSA's greedy tokens, at tau 1.0 and tau 0.9, with a pool that holds everything, one with
@@ -223,9 +234,10 @@ capacity)
        --disable-prefill-cuda-graph)
   FILES=()
   # tiered runs: a name with _head uses head slots, _nl next-layer prefetch, _prev previous-step
-  # prefetch, _nocopy skips the host copies (wrong tokens; times everything but the transfers)
+  # prefetch, _nocopy skips the host copies (wrong tokens; times everything but the transfers),
+  # _torchq estimates the next layer's query through torch's native paths instead of next_query.py
   for B in ${CAP_RUNS:-tiered flashinfer hicache}; do
-    SKIP=0
+    SKIP=0; TORCHQ=0
     case $B in
     flashinfer) ARGS=(--attention-backend flashinfer) ;;
     hicache) ARGS=(--attention-backend flashinfer --enable-hierarchical-cache --hicache-size ${HICACHE_GB:-48}) ;;
@@ -234,9 +246,10 @@ capacity)
              [[ $B == *_head* ]] && ARGS+=(--psa-hot-granularity head)
              [[ $B == *_nl* ]] && ARGS+=(--psa-prefetch next-layer)
              [[ $B == *_prev* ]] && ARGS+=(--psa-prefetch previous-step)
-             [[ $B == *_nocopy* ]] && SKIP=1 ;;
+             [[ $B == *_nocopy* ]] && SKIP=1
+             [[ $B == *_torchq* ]] && TORCHQ=1 ;;
     esac
-    SGLANG_PSA_TIERED_SKIP_COPY=$SKIP start_server cap_$B "${CAP[@]}" "${ARGS[@]}" \
+    SGLANG_PSA_LOOKAHEAD_TORCH=$TORCHQ SGLANG_PSA_TIERED_SKIP_COPY=$SKIP start_server cap_$B "${CAP[@]}" "${ARGS[@]}" \
       || { grep -iE "error|Traceback" "$OUT/cap_$B.log" | tail -5; continue; }
     timeout ${CAP_TIMEOUT:-300} python3 scripts/bench_capacity.py run --n $N --len $L --out-len ${CAP_OUT:-64} \
       --label $B --out "$OUT/cap_$B.json" && FILES+=("$OUT/cap_$B.json")
