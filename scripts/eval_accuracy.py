@@ -117,13 +117,19 @@ def streaming_name(name: str, layers: str) -> str:
     return f"{name}-stream{layers.replace(',', '_')}"
 
 
+def check_hybrid(names: list[str], available) -> None:
+    """--hybrid copies sparse settings of this run (not dense): a ValueError names the stranger."""
+    for name in names:
+        if name not in available or name == "dense":
+            raise ValueError(f"--hybrid names PSA settings of this run; {name!r} is not one")
+
+
 def add_streaming(settings: dict[str, list[str]], names: list[str], layers: str) -> None:
     """Add a copy of each setting in `names` whose `layers` read only sinks + local window
     (LServe's streaming heads, per layer), e.g. the layers a per-layer sensitivity sweep finds the
     answer does not depend on."""
+    check_hybrid(names, settings)
     for name in names:
-        if name not in settings or name == "dense":
-            raise ValueError(f"--hybrid names PSA settings of this run; {name!r} is not one")
         settings[streaming_name(name, layers)] = [*settings[name], "--psa-streaming-layers", layers]
 
 

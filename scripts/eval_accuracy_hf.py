@@ -40,6 +40,7 @@ from eval_accuracy import (  # noqa: E402
     SINK,
     add_vs_dense,
     build_prompts,
+    check_hybrid,
     lognormal_name,
     parse_ints_after_tau,
     plot,
@@ -163,38 +164,18 @@ class Sparsifier:
         logits = torch.einsum("hgd,hld->hgl", q, k) * scaling  # [Hkv, G, L]
         s = self.setting
         n_pages = -(-length // PAGE)
-        if s is not None and module.layer_idx in s.streaming_layers:  # any mode, dense included
-            idx, cnt = select_streaming(torch.tensor([length]), hkv, s.sink + s.local, PAGE, s.sink, s.local)
-            counts, mask_pg = cnt[0], selection_mask(idx[0], cnt[0], n_pages)
-            mask_tok = mask_pg.repeat_interleave(PAGE, dim=1)[:, :length]
-            if self.access_log is not None:
-                self._log(module.layer_idx, mask_pg, length)
-        elif s is None or s.mode == "dense":
+        streaming = s is not None and module.layer_idx in s.streaming_layers  # any mode, dense included
+        if not streaming and (s is None or s.mode == "dense"):
             mask_tok = torch.ones(hkv, length, dtype=torch.bool)
             counts = torch.full((hkv,), n_pages)
         else:
-            # the cache's own pages: token t of the request sits in slot t, page j in block j
-            kmin, kmax = (t.transpose(0, 1).contiguous() for t in page_summaries(k, n_pages))
-            seq = torch.tensor([length])
-            table = torch.arange(n_pages * PAGE, dtype=torch.int32)[None]
-            row = torch.zeros(1, dtype=torch.int64)
-            bnd, centers = page_bounds_ref(q.reshape(1, hq, d), kmin, kmax, table, row, seq, PAGE, PAGE,
-                                           scaling, n_pages, with_centers=True,
-                                           variance_weight=s.variance_weight)  # fmt: skip
-            bnd, centers = bnd[0], centers[0]
-            if s.mode in ("certified", "progressive"):
-                rest = centers if s.mode == "progressive" else None
-                mask_pg, counts = certified_pages(s, logits, bnd, length, n_pages, rest)
+            if streaming:
+                idx, cnt = select_streaming(
+                    torch.tensor([length]), hkv, s.sink + s.local, PAGE, s.sink, s.local
+                )
+                counts, mask_pg = cnt[0], selection_mask(idx[0], cnt[0], n_pages)
             else:
-                cap = max(min(n_pages, s.max_pages or n_pages), s.sink + s.local)
-                params = SelectParams(tau=s.tau if s.mode == "estimated" else 1.0, sink_pages=s.sink,
-                                      local_pages=s.local, max_pages=cap, min_pages=min(s.min_pages, cap),
-                                      topk=s.topk if s.mode == "topk" else None)  # fmt: skip
-                mass = centers[None] if s.mode == "estimated" else None
-                order = centers if s.rank_by == "estimate" else bnd  # the backend's --psa-rank-by
-                idx, cnt = select_pages_ref(order[None], seq, PAGE, params, mass_logits=mass)
-                counts = cnt[0]
-                mask_pg = selection_mask(idx[0], counts, n_pages)
+                mask_pg, counts = self._sparse_pages(s, q, k, logits, length, n_pages, scaling)
             mask_tok = mask_pg.repeat_interleave(PAGE, dim=1)[:, :length]
             if self.access_log is not None:
                 self._log(module.layer_idx, mask_pg, length)
@@ -206,6 +187,32 @@ class Sparsifier:
         prob = torch.softmax(logits.masked_fill(~mask_tok[:, None], float("-inf")), -1)
         out = torch.einsum("hgl,hld->hgd", prob, v).reshape(1, hq, 1, d).to(query.dtype)
         return out.transpose(1, 2).contiguous(), None
+
+    @staticmethod
+    def _sparse_pages(s: Setting, q, k, logits, length: int, n_pages: int, scaling: float):
+        """The setting's selection from the cache's own page summaries: mask [Hkv, N], counts [Hkv].
+        q [Hkv, G, D], k [Hkv, L, D], logits [Hkv, G, L]."""
+        hkv, g, d = q.shape
+        # the cache's own pages: token t of the request sits in slot t, page j in block j
+        kmin, kmax = (t.transpose(0, 1).contiguous() for t in page_summaries(k, n_pages))
+        seq = torch.tensor([length])
+        table = torch.arange(n_pages * PAGE, dtype=torch.int32)[None]
+        row = torch.zeros(1, dtype=torch.int64)
+        bnd, centers = page_bounds_ref(q.reshape(1, hkv * g, d), kmin, kmax, table, row, seq, PAGE, PAGE,
+                                       scaling, n_pages, with_centers=True,
+                                       variance_weight=s.variance_weight)  # fmt: skip
+        bnd, centers = bnd[0], centers[0]
+        if s.mode in ("certified", "progressive"):
+            rest = centers if s.mode == "progressive" else None
+            return certified_pages(s, logits, bnd, length, n_pages, rest)
+        cap = max(min(n_pages, s.max_pages or n_pages), s.sink + s.local)
+        params = SelectParams(tau=s.tau if s.mode == "estimated" else 1.0, sink_pages=s.sink,
+                              local_pages=s.local, max_pages=cap, min_pages=min(s.min_pages, cap),
+                              topk=s.topk if s.mode == "topk" else None)  # fmt: skip
+        mass = centers[None] if s.mode == "estimated" else None
+        order = centers if s.rank_by == "estimate" else bnd  # the backend's --psa-rank-by
+        idx, cnt = select_pages_ref(order[None], seq, PAGE, params, mass_logits=mass)
+        return selection_mask(idx[0], cnt[0], n_pages), cnt[0]
 
     def _log(self, layer: int, mask_pg: torch.Tensor, length: int) -> None:
         """Record the selected pages of this layer: page_idx [1, Hkv, W] ascending, -1 padded."""
@@ -316,9 +323,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if a.hybrid:
         by_name = {s.name: s for s in settings}
         layers = PSAConfig(streaming_layers=a.streaming_layers).streaming_layer_ids()
+        check_hybrid(a.hybrid.split(","), by_name)
         for name in a.hybrid.split(","):
-            if name not in by_name or name == "dense":
-                raise ValueError(f"--hybrid names sparse settings of this run; {name!r} is not one")
             copy_ = dataclasses.replace(by_name[name], name=streaming_name(name, a.streaming_layers),
                                         streaming_layers=layers, by_length={}, scores={})  # fmt: skip
             settings.append(copy_)

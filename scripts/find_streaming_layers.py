@@ -25,31 +25,35 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from eval_accuracy import build_prompts, result_header  # noqa: E402
+from eval_accuracy import add_vs_dense, build_prompts, result_header  # noqa: E402
 from eval_accuracy_hf import Setting, load_with_sparsifier, run_prompts, summarize  # noqa: E402
-
-
-def lost_against(dense: list[float], scores: list[float]) -> int:
-    return sum(d > x for d, x in zip(dense, scores))
 
 
 def flag(layers: list[int]) -> str:
     return ",".join(str(x) for x in sorted(layers))
 
 
-def evaluate(ctx, layer_sets: list[list[int]]) -> list[dict]:
-    """Dense and one setting per streaming set, over the same prompts; rows with lost counts."""
+def evaluate(ctx, layer_sets: list[list[int]], dense: dict | None = None) -> list[dict]:
+    """Rows of dense and of one setting per streaming set, over the same prompts, with the prompts
+    each loses against dense (add_vs_dense). Pass the dense row of an earlier call on the same prompts
+    to reuse it instead of decoding dense again."""
     model, tok, sparsifier, prompts = ctx
-    settings = [Setting("dense", "dense")]
+    settings = [] if dense is not None else [Setting("dense", "dense")]
     settings += [Setting(f"stream-{flag(ls)}", "dense", streaming_layers=frozenset(ls)) for ls in layer_sets]
     run_prompts(model, tok, sparsifier, prompts, settings)
-    rows = summarize(settings)
-    dense = rows[0]["scores"]
+    rows = ([dense] if dense is not None else []) + summarize(settings)
+    add_vs_dense(rows)
     for r in rows:
-        r["lost"] = lost_against(dense, r["scores"])
-        r.pop("recall_by_length", None)
-        r["scores"] = "".join(str(int(x)) for x in r["scores"])
+        r["lost"] = r["paired_vs_dense"]["lost"]
     return rows
+
+
+def compact(row: dict) -> dict:
+    """A row for the result file: scores as one character per prompt, no per-length recall."""
+    dropped = ("recall_by_length", "accuracy_vs_dense", "paired_vs_dense")
+    out = {k: v for k, v in row.items() if k not in dropped}
+    out["scores"] = "".join(str(int(x)) for x in row["scores"])
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -81,9 +85,9 @@ def main(argv: list[str] | None = None) -> dict:
     for layer in order:
         if single[1 + layer]["lost"] > a.max_lost:
             break  # alone it already loses too much; so does any set holding it
-        row = evaluate(ctx, [chosen + [layer]])[1]
+        row = evaluate(ctx, [chosen + [layer]], dense=single[0])[1]
         keep = row["lost"] <= a.max_lost
-        greedy.append({"added": layer, "kept": keep, **row})
+        greedy.append({"added": layer, "kept": keep, **compact(row)})
         print(f"{row['name']}: lost {row['lost']} -> {'keep' if keep else 'drop'} layer {layer}", flush=True)
         if keep:
             chosen.append(layer)
@@ -92,7 +96,7 @@ def main(argv: list[str] | None = None) -> dict:
     res = result_header("find_streaming_layers", stamp, a.model, lengths, a.samples, kinds,
                         max_lost=a.max_lost, seconds=round(time.time() - t0),
                         device_note="cpu, HF transformers, fp32 (offline twin)")  # fmt: skip
-    res["single_layer"] = single
+    res["single_layer"] = [compact(r) for r in single]
     res["greedy"] = greedy
     res["streaming_layers"] = flag(chosen)
     res["flag"] = f"--psa-streaming-layers {flag(chosen)}" if chosen else ""

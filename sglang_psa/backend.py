@@ -302,10 +302,15 @@ class PSAAttnBackend(AttentionBackend):
             dense_below=self.cfg.dense_below, **select_out, **reuse_kw,
         )  # fmt: skip
 
-    def _streaming(self, seq_lens: torch.Tensor, num_kv_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """A streaming layer's page lists: sinks and local window (page_idx [bs, Hkv, W], counts)."""
-        return select_streaming(seq_lens, num_kv_heads, self.width, self.page_size, self.cfg.sink_pages,
-                                self.cfg.local_pages, self.cfg.dense_below)  # fmt: skip
+    def _page_lists(self, q, layer, rpi, seq_lens, reuse_kw, select_out):
+        """One layer's page lists (page_idx [bs, Hkv, W], counts [bs, Hkv]) in estimated / topk mode:
+        bounds -> select, or sinks + local window on a --psa-streaming-layers layer (no bounds)."""
+        if layer.layer_id in self._streaming_layers:
+            cfg = self.cfg
+            return select_streaming(seq_lens, layer.tp_k_head_num, self.width, self.page_size, cfg.sink_pages,
+                                    cfg.local_pages, cfg.dense_below)  # fmt: skip
+        bounds, centers = self._bounds(q, layer.layer_id, rpi, seq_lens, layer.scaling, reuse_kw)
+        return self._select(bounds, centers, seq_lens, reuse_kw, select_out)
 
     def _speculate(self, layer: RadixAttention, q_hat: torch.Tensor, forward_batch: ForwardBatch) -> None:
         """--psa-prefetch next-layer: select layer's pages with its estimated query (lookahead.py);
@@ -315,11 +320,7 @@ class PSAAttnBackend(AttentionBackend):
         q = q_hat.reshape(-1, layer.tp_q_head_num, layer.head_dim)[:bs]
         rpi, seq_lens = forward_batch.req_pool_indices[:bs], forward_batch.seq_lens[:bs]
         with self.tiered.on_side_stream(layer.layer_id, q_hat):
-            if layer.layer_id in self._streaming_layers:  # known exactly, no estimate needed
-                page_idx, counts = self._streaming(seq_lens, layer.tp_k_head_num)
-            else:
-                bounds, centers = self._bounds(q, layer.layer_id, rpi, seq_lens, layer.scaling, {})
-                page_idx, counts = self._select(bounds, centers, seq_lens, {}, {})
+            page_idx, counts = self._page_lists(q, layer, rpi, seq_lens, {}, {})  # streaming: exact
             self.tiered.speculate(layer.layer_id, self.req_to_token, rpi, page_idx, counts)
 
     def _psa_decode(self, q, layer, forward_batch) -> torch.Tensor:
@@ -334,17 +335,13 @@ class PSAAttnBackend(AttentionBackend):
         # --psa-reuse-steps: rows flagged in `keep` decode over the lists the buffers still hold from
         # an earlier step; bounds and select skip them (extra kernel arguments only when reuse is on).
         reuse_kw, select_out = {}, {}
-        streaming = lid in self._streaming_layers
-        bufs = self.reuse.current if self.reuse is not None and not streaming else None
+        bufs = self.reuse.current if self.reuse is not None else None
         if bufs is not None and bs <= bufs.rows:
             li = lid - self.kv_pool.start_layer
             reuse_kw = {"keep_rows": bufs.keep[:bs]}
             select_out = {"page_idx": bufs.page_idx[li, :bs], "counts": bufs.counts[li, :bs]}
-        if streaming:
-            bounds = centers = None
-        else:
+        if self.cfg.mode in ("certified", "progressive") and lid not in self._streaming_layers:
             bounds, centers = self._bounds(q, lid, rpi, seq_lens, layer.scaling, reuse_kw)
-        if self.cfg.mode in ("certified", "progressive") and not streaming:
             out, _lse, counts, logged = ops.certified_decode(
                 q, k_cache, v_cache, self.req_to_token, rpi, seq_lens, bounds, self.page_size,
                 layer.scaling, float(self.cfg.tau), self.cfg.sink_pages, self.cfg.local_pages,
@@ -353,10 +350,7 @@ class PSAAttnBackend(AttentionBackend):
                 rest_logits=centers if self.cfg.mode == "progressive" else None, dense_below=dense_below,
             )  # fmt: skip
         else:
-            if streaming:
-                page_idx, counts = self._streaming(seq_lens, layer.tp_k_head_num)
-            else:
-                page_idx, counts = self._select(bounds, centers, seq_lens, reuse_kw, select_out)
+            page_idx, counts = self._page_lists(q, layer, rpi, seq_lens, reuse_kw, select_out)
             logged = page_idx
             if self.tiered is not None:  # the selected pages come through the hot pool
                 out = self.tiered.forward(

@@ -97,16 +97,25 @@ def fusable(layer: Any) -> bool:
     )
 
 
+def use_fused(layer: Any) -> bool:
+    """The estimate's default path: fused on CUDA when `fusable(layer)`, unless
+    SGLANG_PSA_LOOKAHEAD_TORCH=1 (the A/B switch for timing both)."""
+    return (
+        os.environ.get("SGLANG_PSA_LOOKAHEAD_TORCH") != "1"
+        and layer.self_attn.qkv_proj.weight.is_cuda
+        and fusable(layer)
+    )
+
+
 def estimate_query(layer: Any, positions: torch.Tensor, hidden: torch.Tensor,
                    residual: torch.Tensor | None, fused: bool | None = None) -> torch.Tensor:  # fmt: skip
     """What `layer` would compute as its query if (hidden, residual) were its own inputs:
     [T, Hq_local * head_dim]; reads the module's weights, writes nothing of them.
 
     fused: one Triton launch (kernels/next_query.py) instead of the native torch paths of SGLang's
-    RMSNorm, linear and RoPE (~20 kernels); None = fused on CUDA when `fusable(layer)`, unless
-    SGLANG_PSA_LOOKAHEAD_TORCH=1 (the A/B switch for timing both)."""
+    RMSNorm, linear and RoPE (~20 kernels); None = `use_fused(layer)`."""
     if fused is None:
-        fused = hidden.is_cuda and os.environ.get("SGLANG_PSA_LOOKAHEAD_TORCH") != "1" and fusable(layer)
+        fused = use_fused(layer)
     if fused:
         attn, norm = layer.self_attn, layer.input_layernorm
         return next_query(
@@ -134,19 +143,22 @@ class NextLayerQuery:
         for i in range(start, end):
             _check_layer(layers[i], i)
         self.on_query = on_query
+        # fused estimate or torch path, decided once per layer (not on every decode step)
         self.handles = [
-            layers[i].register_forward_pre_hook(self._hook(layers[i + 1]), with_kwargs=True)
+            layers[i].register_forward_pre_hook(
+                self._hook(layers[i + 1], use_fused(layers[i + 1])), with_kwargs=True
+            )  # fmt: skip
             for i in range(start, end - 1)
         ]
 
-    def _hook(self, nxt: Any) -> Callable:
+    def _hook(self, nxt: Any, fused: bool) -> Callable:
         def hook(module, args, kwargs):
             positions, hidden, fb, residual = _layer_inputs(args, kwargs)
             mode = getattr(fb, "forward_mode", None)
             if mode is None or not mode.is_decode():
                 return None
             with torch.no_grad():
-                q_hat = estimate_query(nxt, positions, hidden, residual)
+                q_hat = estimate_query(nxt, positions, hidden, residual, fused=fused)
                 self.on_query(nxt.self_attn.attn, q_hat, fb)
             return None
 
