@@ -165,7 +165,7 @@ eval_hybrid)
   # (scripts/find_streaming_layers.py's choice for this model) through the servers, vs Quest top-k.
   ONLY=dense,topk-10,topk-12,topk-16,topk-lognormal-12,psa-lognormal-0.95-min16,psa-lognormal-0.8-min10-max12
   ONLY=$ONLY,topk-12-stream0-2,topk-16-stream0-2,topk-lognormal-12-stream0-2,psa-lognormal-0.8-min10-max12-stream0-2
-  PSA_COMMIT=$COMMIT timeout 540 python3 scripts/eval_accuracy.py --parallel 8 --model models/psa-llama-2m \
+  PSA_COMMIT=$COMMIT timeout ${EVAL_TIMEOUT:-540} python3 scripts/eval_accuracy.py --parallel ${EVAL_PARALLEL:-8} --model models/psa-llama-2m \
     --lengths 4096,8192 --samples ${EVAL_SAMPLES:-100} --tasks kv_retrieval,passkey --topks 10,12,16 \
     --lognormal 0.95:16,0.8:10:12,0.01:12:12 --streaming-layers 0-2 \
     --hybrid topk-12,topk-16,topk-lognormal-12,psa-lognormal-0.8-min10-max12 --only $ONLY \
