@@ -79,6 +79,7 @@ class DeviceTieredAttention:
         pool: DevicePagePool,
         width: int,
         attend: Callable = sparse_decode,
+        prefetch_programs: int | None = None,
         **fetch_kw,
     ):
         if width < 1:
@@ -86,6 +87,7 @@ class DeviceTieredAttention:
         if pool.scratch_slots < width:
             raise ValueError(f"pool needs scratch_slots >= width ({width}), has {pool.scratch_slots}")
         self.pool, self.width, self.attend = pool, width, attend
+        self.prefetch_programs = prefetch_programs  # side-stream copy grid (None: the fetcher's default)
         self.head_pages = pool.head_pages
         self.fetcher = PageFetcher(pool.host, pool.k, pool.v, sink_slot=pool.capacity,
                                    head_pages=self.head_pages,
@@ -216,10 +218,10 @@ class DeviceTieredAttention:
     def _prefetch_body(self, layer: int, pages: torch.Tensor) -> None:
         if self.pool.policy == "clock":  # one launch: place + the prefetched counter
             pl = self.pool.place(layer, pages, acc=self.counters, acc_mode=2)
-            self.fetcher.copy(layer, pages, pl.slots, pl.fetch)
+            self.fetcher.copy(layer, pages, pl.slots, pl.fetch, max_programs=self.prefetch_programs)
             return
         pl = self.pool.place(layer, pages)
-        self.fetcher.copy(layer, pages, pl.slots, pl.fetch)
+        self.fetcher.copy(layer, pages, pl.slots, pl.fetch, max_programs=self.prefetch_programs)
         self.counters[4] += pl.fetch.sum()
 
     def _join(self, layer: int) -> None:

@@ -162,16 +162,18 @@ class PageFetcher:
         dst = (slot * p + self._t).reshape(-1)
         return src_k, src_v, dst
 
-    def copy(self, layer: int, pages: torch.Tensor, slots: torch.Tensor, copy: torch.Tensor) -> None:
+    def copy(self, layer: int, pages: torch.Tensor, slots: torch.Tensor, copy: torch.Tensor,
+             max_programs: int | None = None) -> None:  # fmt: skip
         """Copy host page pages[i] of `layer` into slot slots[i] where copy[i] (all [M]).
 
         pages may hold -1 and slots anything where copy is False. No host sync on the kernel path.
+        max_programs: the Triton backend's grid along the pages (None: page_copy's default).
         """
         hk, hv = self.host.k[layer], self.host.v[layer]
         if self.backend == "triton":
             pages_c, slots_c, count = page_copy.compact(copy.to(self._t.device), pages, slots)
             page_copy.copy_pages(hk, hv, self.dst_k, self.dst_v, pages_c, slots_c, count, self.block,
-                                 self.triton_warps, self.host_ptr, head_pages=self.head_pages)  # fmt: skip
+                                 self.triton_warps, self.host_ptr, max_programs, self.head_pages)  # fmt: skip
             return
         if self.head_pages:  # torch backend
             pages_c, slots_c, count = page_copy.compact(copy.to(self._t.device), pages, slots)

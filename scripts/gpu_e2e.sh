@@ -235,7 +235,8 @@ capacity)
   FILES=()
   # tiered runs: a name with _head uses head slots, _nl next-layer prefetch, _prev previous-step
   # prefetch, _nocopy skips the host copies (wrong tokens; times everything but the transfers),
-  # _torchq estimates the next layer's query through torch's native paths instead of next_query.py
+  # _torchq estimates the next layer's query through torch's native paths instead of next_query.py,
+  # _pN gives the side-stream prefetch copy N programs (--psa-prefetch-programs)
   for B in ${CAP_RUNS:-tiered flashinfer hicache}; do
     SKIP=0; TORCHQ=0
     case $B in
@@ -247,7 +248,8 @@ capacity)
              [[ $B == *_nl* ]] && ARGS+=(--psa-prefetch next-layer)
              [[ $B == *_prev* ]] && ARGS+=(--psa-prefetch previous-step)
              [[ $B == *_nocopy* ]] && SKIP=1
-             [[ $B == *_torchq* ]] && TORCHQ=1 ;;
+             [[ $B == *_torchq* ]] && TORCHQ=1
+             [[ $B =~ _p([0-9]+) ]] && ARGS+=(--psa-prefetch-programs ${BASH_REMATCH[1]}) ;;
     esac
     SGLANG_PSA_LOOKAHEAD_TORCH=$TORCHQ SGLANG_PSA_TIERED_SKIP_COPY=$SKIP start_server cap_$B "${CAP[@]}" "${ARGS[@]}" \
       || { grep -iE "error|Traceback" "$OUT/cap_$B.log" | tail -5; continue; }

@@ -78,6 +78,9 @@ class PSAConfig:
     hot_policy: str = "clock"  # clock | lru
     hot_granularity: str = "page"  # page (all kv heads per slot) | head (one kv head per slot)
     prefetch: str = "off"  # tiered: off | previous-step | next-layer (layer l+1's predicted pages)
+    # tiered: programs of the side-stream prefetch copy (0 = the main copy's grid, 8 per SM); fewer
+    # leave SMs to the layer it overlaps, the copy is PCIe-bound anyway
+    prefetch_programs: int = 0
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -206,6 +209,9 @@ class PSAConfig:
                 f"--psa-prefetch {self.prefetch} fetches pages from the host tier of --psa-tiered; add "
                 "--psa-tiered or drop --psa-prefetch"
             )
+        if isinstance(self.prefetch_programs, bool) or not isinstance(self.prefetch_programs, int) \
+                or self.prefetch_programs < 0:  # fmt: skip
+            raise _bad("prefetch-programs", "an integer >= 0 (0 = the default grid)", self.prefetch_programs)
         if self.tiered:
             self._validate_tiered()
         if page_size is not None:

@@ -88,6 +88,8 @@ _FLAG_HELP = {
     "stream: off, previous-step (the pages layer l+1 read at the previous step) or next-layer (pages "
     "selected with layer l+1's query estimated from the residual stream entering layer l; Llama-style "
     "models).",
+    "prefetch_programs": "PSA tiered: Triton programs of the side-stream prefetch copy (0 = the same grid "
+    "as the main-stream copy, 8 per SM); fewer leave SMs to the layer the prefetch overlaps.",
 }
 
 

@@ -170,7 +170,8 @@ class TieredDecode:
         union_width = DeviceTieredAttention.union_width(max_rows, hkv, width, num_pages, head_pages=per_head)
         capacity = max(0, budget // slot_bytes - (1 + union_width))  # less the sink and the scratch slots
         self.attn = DeviceTieredAttention.build(capacity, tier, union_width, device, head_pages=per_head,
-                                                policy=cfg.hot_policy, backend="triton")  # fmt: skip
+                                                policy=cfg.hot_policy, backend="triton",
+                                                prefetch_programs=cfg.prefetch_programs or None)  # fmt: skip
         self.slot_bytes = slot_bytes
         self.copy = os.environ.get(SKIP_COPY_ENV, "") in ("", "0")
         if not self.copy:

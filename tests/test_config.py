@@ -35,6 +35,7 @@ from sglang_psa.config import PSAConfig, validate_against_server, validate_model
         ({"mass_estimate": "mean"}, "--psa-mass-estimate must be one of center, lognormal"),
         ({"prefetch": True}, "--psa-prefetch must be one of off, previous-step, next-layer"),
         ({"prefetch": "next-layer"}, "--psa-prefetch next-layer .* add --psa-tiered"),
+        ({"prefetch_programs": -1}, "--psa-prefetch-programs must be an integer >= 0"),
         ({"rank_by": "mass"}, "--psa-rank-by must be one of bound, estimate"),
         ({"rank_by": "estimate", "mode": "progressive"}, "--psa-rank-by estimate .* --psa-mode progressive"),
     ],

@@ -258,13 +258,15 @@ def test_prefetch_turns_next_layer_misses_into_hits(policy):
     assert s["prefetched"] == s["needed"] == s["hits"] > 0 and s["fetched"] == 0
 
 
+@pytest.mark.parametrize("programs", [None, 1])
 @pytest.mark.parametrize("granularity", ["page", "head"])
 @pytest.mark.parametrize("policy", POLICIES)
-def test_next_layer_speculation_prefetches_what_the_layer_then_selects(policy, granularity):
+def test_next_layer_speculation_prefetches_what_the_layer_then_selects(policy, granularity, programs):
     """speculate(l + 1) with layer l+1's exact selection: forward(l, prefetch_next="next-layer") moves
-    all of layer l+1's misses on the side stream, and layer l+1 finds them resident."""
+    all of layer l+1's misses on the side stream, and layer l+1 finds them resident. programs: the
+    prefetch copy's grid (--psa-prefetch-programs; 1 program strides over every page)."""
     b = Batch(6)
-    t = b.tiered(64, policy=policy, granularity=granularity)
+    t = b.tiered(64, policy=policy, granularity=granularity, prefetch_programs=programs)
     g = torch.Generator().manual_seed(2)
     sel = [b.select(g) for _ in range(L)]
     t.begin_step()
