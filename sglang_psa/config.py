@@ -78,9 +78,10 @@ class PSAConfig:
     hot_policy: str = "clock"  # clock | lru
     hot_granularity: str = "page"  # page (all kv heads per slot) | head (one kv head per slot)
     prefetch: str = "off"  # tiered: off | previous-step | next-layer (layer l+1's predicted pages)
-    # tiered: programs of the side-stream prefetch copy (0 = the main copy's grid, 8 per SM); fewer
-    # leave SMs to the layer it overlaps, the copy is PCIe-bound anyway
-    prefetch_programs: int = 0
+    # tiered: programs of the side-stream prefetch copy (0 = the main copy's grid, 8 per SM). The copy
+    # is PCIe-bound; a full grid takes SMs from the layer it overlaps (bench_fetch_overlap.py, H200,
+    # 640 head pages a layer: 37% of the fetch hidden with 1056 programs, 79% with 66)
+    prefetch_programs: int = 66
 
     # ------------------------------------------------------------------ construction
     @classmethod

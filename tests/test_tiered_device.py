@@ -76,9 +76,9 @@ def record_copies(t: DeviceTieredAttention) -> list:
     """Wrap the fetcher so each call's (pages, slots, copy) is kept for checks."""
     calls, inner = [], t.fetcher.copy
 
-    def copy(layer, pages, slots, mask):
+    def copy(layer, pages, slots, mask, **kw):
         calls.append((layer, pages.clone(), slots.clone(), mask.clone()))
-        inner(layer, pages, slots, mask)
+        inner(layer, pages, slots, mask, **kw)
 
     t.fetcher.copy = copy
     return calls
