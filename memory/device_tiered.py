@@ -40,6 +40,11 @@ Prefetch never uses the scratch (a predicted page that finds no slot is skipped)
 prediction costs only bandwidth. Every `prefetch(l)` must be followed by `forward(l)` in the same
 step (in a graph capture, the side stream joins there). On the CPU prefetch runs inline.
 
+KV writes: `invalidate_layer` drops the written pages of a layer (any write: prefill, a page reused
+by the radix cache); `write_through` instead writes the new rows into the slots of resident pages, so
+the page a decode step appends to stays a hit (without it that page misses in every layer and kv
+head at every step, and no prediction can fetch it ahead: its row is written in the same layer).
+
 Shapes and dtypes:
     q [bs, Hq, D]; req_to_token [max_reqs, max_context] int32; req_pool_indices, seq_lens [bs] int
     page_idx [bs, Hkv, W] int32 selected logical pages ([:count], -1 after), counts [bs, Hkv] int32
@@ -172,6 +177,35 @@ class DeviceTieredAttention:
             ok = (pages >= 0) & (pages < self.host_pages)
             pages = torch.where(ok[None, :], pages[None, :] + heads, -1)
         self.pool.invalidate_layer(layer, pages)
+
+    def write_through(
+        self, layer: int, loc: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor
+    ) -> None:
+        """A KV write of `layer` applied to the pool too: token slots loc [n] (-1 allowed) now hold
+        k_rows / v_rows [n, Hkv, D] (the values as stored in the host tier). Resident pages (every kv
+        head's page with head slots) get the new rows in their slots and stay resident, so the page a
+        decode step appends to is a hit at the next step instead of a refetch (--psa-write-through);
+        rows of absent pages go to the sink slot, which nothing reads. Device ops, graph-capturable.
+        A pending prefetch of this layer is joined first: it may have placed the written page."""
+        self._join(layer)
+        pool, p = self.pool, self.pool.k.shape[1]
+        loc = loc.reshape(-1).to(pool.device, torch.int64)
+        page, off = loc // p, loc % p
+        ok = (loc >= 0) & (page < self.host_pages)
+        page = torch.where(ok, page, -1)
+        if self.head_pages:  # key h * NP + page per kv head: [n, Hkv] slots, rows [n, Hkv, 1, D]
+            heads = torch.arange(self.hkv, device=pool.device) * self.host_pages
+            keys = torch.where(ok[:, None], page[:, None] + heads, -1)
+            slots = pool.lookup(layer, keys.reshape(-1)).view(keys.shape).long()
+            slots = torch.where(slots >= 0, slots, pool.capacity)
+            off = off[:, None].expand_as(slots)
+            pool.k[slots, off, 0] = k_rows.to(pool.k.dtype)
+            pool.v[slots, off, 0] = v_rows.to(pool.v.dtype)
+            return
+        slots = pool.lookup(layer, page).long()
+        slots = torch.where(slots >= 0, slots, pool.capacity)
+        pool.k[slots, off] = k_rows.to(pool.k.dtype)
+        pool.v[slots, off] = v_rows.to(pool.v.dtype)
 
     # ------------------------------------------------------------------ prefetch
     def prefetch(self, layer: int, pages: torch.Tensor | None = None) -> None:

@@ -82,6 +82,9 @@ class PSAConfig:
     # is PCIe-bound; a full grid takes SMs from the layer it overlaps (bench_fetch_overlap.py, H200,
     # 640 head pages a layer: 37% of the fetch hidden with 1056 programs, 79% with 66)
     prefetch_programs: int = 66
+    # tiered: a decode KV write updates the resident slots of the written page instead of dropping
+    # them, so the page a step appends to stays a hit (off until timed on a GPU)
+    write_through: bool = False
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -210,6 +213,8 @@ class PSAConfig:
                 f"--psa-prefetch {self.prefetch} fetches pages from the host tier of --psa-tiered; add "
                 "--psa-tiered or drop --psa-prefetch"
             )
+        if self.write_through and not self.tiered:
+            raise ValueError("--psa-write-through updates the hot pool of --psa-tiered; add --psa-tiered")
         if isinstance(self.prefetch_programs, bool) or not isinstance(self.prefetch_programs, int) \
                 or self.prefetch_programs < 0:  # fmt: skip
             raise _bad("prefetch-programs", "an integer >= 0 (0 = the default grid)", self.prefetch_programs)

@@ -90,6 +90,9 @@ _FLAG_HELP = {
     "models).",
     "prefetch_programs": "PSA tiered: Triton programs of the side-stream prefetch copy (0 = the same grid "
     "as the main-stream copy, 8 per SM); fewer leave SMs to the layer the prefetch overlaps.",
+    "write_through": "PSA tiered: a decode step's KV write also updates the hot-pool slots of the written "
+    "page (read back from the host tier) instead of dropping them, so the page a request appends to stays "
+    "resident rather than being fetched again by every layer and kv head at every step.",
 }
 
 

@@ -215,6 +215,61 @@ def test_per_head_invalidation_drops_every_heads_copy():
     assert torch.equal(out, b.resident(0, idx, cnt)[0])
 
 
+def check_contents(t, host: HostTier) -> None:
+    """Every resident slot holds its host page (all kv heads, or the one head of a head page)."""
+    pool = t.pool
+    tab = pool.table()
+    for layer, key in torch.nonzero(tab >= 0).tolist():
+        slot = int(tab[layer, key])
+        if t.head_pages:
+            h, page = divmod(key, t.host_pages)
+            want_k, want_v = host.k[layer, page, :, h : h + 1], host.v[layer, page, :, h : h + 1]
+        else:
+            want_k, want_v = host.k[layer, key], host.v[layer, key]
+        assert torch.equal(pool.k[slot].cpu(), want_k) and torch.equal(pool.v[slot].cpu(), want_v), (
+            layer,
+            key,
+        )
+
+
+@pytest.mark.parametrize("granularity", ["page", "head"])
+@pytest.mark.parametrize("policy", POLICIES)
+@settings(max_examples=15, deadline=None)
+@given(capacity=st.integers(0, 40), seed=st.integers(0, 2**16))
+def test_write_through_keeps_written_pages_resident_and_exact(policy, granularity, capacity, seed):
+    """Decode appends a token per request and layer (the host tier gets its K/V, write_through gets the
+    same rows): resident slots keep equalling the host tier, outputs stay resident's, and a written
+    page that was resident keeps its slot (invalidation would have dropped it)."""
+    b = Batch(seed)
+    t = b.tiered(capacity, policy=policy, granularity=granularity)
+    g = torch.Generator().manual_seed(seed + 3)
+    last = [(n - 1) // P for n in LENS]  # each request's newest logical page, selected every step
+    for _ in range(3):
+        t.begin_step()
+        for layer in range(L):
+            # a decode write: one new row at an offset of each request's newest page (loc = slot id)
+            loc = torch.stack([b.req_to_token[r, last[r] * P + int(torch.randint(0, P, (1,), generator=g))]
+                               for r in range(2)]).long()  # fmt: skip
+            k_new, v_new = torch.randn(2, HKV, D, generator=g), torch.randn(2, HKV, D, generator=g)
+            b.host.k[layer].view(-1, HKV, D)[loc] = k_new
+            b.host.v[layer].view(-1, HKV, D)[loc] = v_new
+            keys = loc // P
+            if t.head_pages:
+                keys = (keys[:, None] + torch.arange(HKV) * t.host_pages).reshape(-1)
+            slots_before = t.pool.lookup(layer, keys)
+            t.write_through(layer, torch.cat([loc, torch.tensor([-1])]),  # -1: a padded row
+                            torch.cat([k_new, k_new[:1]]), torch.cat([v_new, v_new[:1]]))  # fmt: skip
+            assert torch.equal(t.pool.lookup(layer, keys), slots_before)  # resident pages stay resident
+            check_contents(t, b.host)
+            idx, cnt = b.select(g)
+            idx[:, :, 0], cnt = torch.tensor(last, dtype=torch.int32)[:, None], cnt.clamp(min=1)
+            idx = torch.where(torch.arange(W)[None, None] < cnt[..., None], idx, -1)
+            out, _ = b.run(t, layer, idx, cnt)
+            assert torch.equal(out, b.resident(layer, idx, cnt)[0])
+            check_pool(t)
+            check_contents(t, b.host)
+
+
 # ----------------------------------------------------------------------------- staleness
 @pytest.mark.parametrize("policy", POLICIES)
 def test_invalidated_page_is_refetched_never_served_stale(policy):
@@ -373,3 +428,67 @@ def test_whole_step_replays_in_a_cuda_graph(capacity, policy, granularity):
         check_pool(t)
     s = t.stats()
     assert s["hits"] + s["fetched"] + s["overflow"] == s["needed"] > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("granularity", ["page", "head"])
+def test_write_through_replays_in_a_cuda_graph(granularity):
+    """write_through captured with both layers' placement, fetch and attention: after each replay the
+    resident slots equal the host tier (new rows included) and outputs equal resident decode's."""
+    b = Batch(8, device="cuda", dtype=torch.bfloat16)
+    t = b.tiered(64, attend=sparse_decode, policy="clock", granularity=granularity)
+    g = torch.Generator().manual_seed(2)
+    last = [(n - 1) // P for n in LENS]
+    loc_buf = torch.zeros(2, dtype=torch.int64, device="cuda")
+    k_buf = torch.zeros(L, 2, HKV, D, dtype=torch.bfloat16, device="cuda")
+    v_buf = torch.zeros_like(k_buf)
+    idx_buf = torch.full((L, 2, HKV, W), -1, dtype=torch.int32, device="cuda")
+    cnt_buf = torch.zeros(L, 2, HKV, dtype=torch.int32, device="cuda")
+
+    def new_inputs():  # a decode write per request and layer (host tier first), then the selections
+        r2t = b.req_to_token.cpu()
+        loc = torch.tensor(
+            [int(r2t[r, last[r] * P + int(torch.randint(0, P, (1,), generator=g))]) for r in range(2)]
+        )
+        loc_buf.copy_(loc)
+        for layer in range(L):
+            for buf, host in ((k_buf, b.host.k), (v_buf, b.host.v)):
+                rows = torch.randn(2, HKV, D, generator=g).to(torch.bfloat16)
+                host[layer].view(-1, HKV, D)[loc] = rows
+                buf[layer].copy_(rows)
+            idx, cnt = b.select(g)
+            idx[:, :, 0], cnt = (
+                torch.tensor(last, dtype=torch.int32, device="cuda")[:, None],
+                cnt.clamp(min=1),
+            )
+            idx_buf[layer].copy_(
+                torch.where(torch.arange(W, device="cuda")[None, None] < cnt[..., None], idx, -1)
+            )
+            cnt_buf[layer].copy_(cnt)
+
+    def step():
+        t.begin_step()
+        outs = []
+        for layer in range(L):
+            t.write_through(layer, loc_buf, k_buf[layer], v_buf[layer])
+            outs.append(b.run(t, layer, idx_buf[layer], cnt_buf[layer]))
+        return outs
+
+    new_inputs()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()  # warm-up: compile kernels, allocate workspaces
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = step()
+    for _ in range(4):
+        new_inputs()
+        graph.replay()
+        torch.cuda.synchronize()
+        for layer in range(L):
+            ref, _ = b.resident(layer, idx_buf[layer], cnt_buf[layer], attend=sparse_decode)
+            assert torch.allclose(outs[layer][0].float(), ref.float(), atol=2e-2)
+        check_pool(t)
+        check_contents(t, b.host)

@@ -91,6 +91,27 @@ def test_sparse_selection_matches_resident_backend(streaming):
     assert tier.tiered.attn.pool.stats()["evictions"] > 0
 
 
+@pytest.mark.parametrize("granularity", ["page", "head"])
+def test_write_through_equals_invalidation_and_fetches_less(granularity):
+    """--psa-write-through: decode writes update the resident slots. Same outputs as dropping them
+    (both equal dense at tau 1.0), and the page each step appends to is no longer fetched again."""
+    gb = pool_gb(200) if granularity == "page" else (400 + 1 + 2 * 65) * (SLOT_BYTES // 2) / 2**30
+    outs, fetched = {}, {}
+    for wt in (False, True):
+        b = make_backend(tau=1.0, max_pages=CTX // P, dense_below=0, tiered=True, hot_pool_gb=gb,
+                         hot_granularity=granularity, write_through=wt)  # fmt: skip
+        batch = Batch(b, [40, 100, 7], torch.Generator().manual_seed(0))
+        batch.prefill()
+        outs[wt] = []
+        for _ in range(18):  # crosses page boundaries
+            for o, ref in batch.decode():
+                torch.testing.assert_close(o, ref, rtol=1e-5, atol=1e-5)
+                outs[wt].append(o)
+        fetched[wt] = b.tiered.attn.stats()["fetched"]
+    assert all(torch.equal(a, c) for a, c in zip(outs[False], outs[True]))
+    assert fetched[True] < fetched[False]
+
+
 def test_selection_reuse_through_the_hot_pool():
     """--psa-reuse-steps with --psa-tiered: reused page lists hit the pool; results equal resident reuse."""
     opts = dict(
@@ -108,9 +129,11 @@ def test_selection_reuse_through_the_hot_pool():
     assert s["hits"] > s["needed"] // 2  # kept selections come back from the pool
 
 
-def test_reused_pages_are_never_served_stale():
+@pytest.mark.parametrize("write_through", [False, True])
+def test_reused_pages_are_never_served_stale(write_through):
     """A request finishes, its slots are reused by a new one with other K/V: the pool must drop them."""
-    b = make_backend(tau=1.0, max_pages=CTX // P, dense_below=0, tiered=True, hot_pool_gb=pool_gb(200))
+    b = make_backend(tau=1.0, max_pages=CTX // P, dense_below=0, tiered=True, hot_pool_gb=pool_gb(200),
+                     write_through=write_through)  # fmt: skip
     first = Batch(b, [120, 60], torch.Generator().manual_seed(1))
     first.prefill()
     for _ in range(3):
