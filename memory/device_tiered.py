@@ -167,16 +167,21 @@ class DeviceTieredAttention:
         self.last_union.fill_(-1)
         self.spec_union.fill_(-1)
 
+    def _pool_keys(self, pages: torch.Tensor) -> torch.Tensor:
+        """Pool keys of host pages [any shape] (-1 or out of range -> -1): [n] pages, or with head
+        slots [n, Hkv], every kv head's page h * NP + p."""
+        pages = pages.reshape(-1).to(self.pool.device, torch.int64)
+        ok = (pages >= 0) & (pages < self.host_pages)
+        if not self.head_pages:
+            return torch.where(ok, pages, -1)
+        heads = torch.arange(self.hkv, device=pages.device) * self.host_pages
+        return torch.where(ok[:, None], pages[:, None] + heads, -1)
+
     def invalidate_layer(self, layer: int, pages: torch.Tensor) -> None:
         """Drop pages [any shape] of `layer` from the pool (KV writes; graph-capturable). A pending
         prefetch of this layer is joined first: its placement writes the same slot state."""
         self._join(layer)
-        if self.head_pages:  # every kv head's page of each written page
-            pages = pages.reshape(-1).to(self.pool.device, torch.int64)
-            heads = torch.arange(self.hkv, device=pages.device)[:, None] * self.host_pages
-            ok = (pages >= 0) & (pages < self.host_pages)
-            pages = torch.where(ok[None, :], pages[None, :] + heads, -1)
-        self.pool.invalidate_layer(layer, pages)
+        self.pool.invalidate_layer(layer, self._pool_keys(pages))
 
     def write_through(
         self, layer: int, loc: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor
@@ -190,22 +195,17 @@ class DeviceTieredAttention:
         self._join(layer)
         pool, p = self.pool, self.pool.k.shape[1]
         loc = loc.reshape(-1).to(pool.device, torch.int64)
-        page, off = loc // p, loc % p
-        ok = (loc >= 0) & (page < self.host_pages)
-        page = torch.where(ok, page, -1)
-        if self.head_pages:  # key h * NP + page per kv head: [n, Hkv] slots, rows [n, Hkv, 1, D]
-            heads = torch.arange(self.hkv, device=pool.device) * self.host_pages
-            keys = torch.where(ok[:, None], page[:, None] + heads, -1)
-            slots = pool.lookup(layer, keys.reshape(-1)).view(keys.shape).long()
-            slots = torch.where(slots >= 0, slots, pool.capacity)
+        keys = self._pool_keys(loc // p)  # loc -1 -> page -1 -> key -1
+        slots = pool.lookup(layer, keys.reshape(-1)).view(keys.shape).long()
+        slots = torch.where(slots >= 0, slots, pool.capacity)
+        off = loc % p
+        if self.head_pages:  # slots [n, Hkv], rows [n, Hkv, 1, D] -> [n, Hkv, D]
             off = off[:, None].expand_as(slots)
             pool.k[slots, off, 0] = k_rows.to(pool.k.dtype)
             pool.v[slots, off, 0] = v_rows.to(pool.v.dtype)
-            return
-        slots = pool.lookup(layer, page).long()
-        slots = torch.where(slots >= 0, slots, pool.capacity)
-        pool.k[slots, off] = k_rows.to(pool.k.dtype)
-        pool.v[slots, off] = v_rows.to(pool.v.dtype)
+        else:
+            pool.k[slots, off] = k_rows.to(pool.k.dtype)
+            pool.v[slots, off] = v_rows.to(pool.v.dtype)
 
     # ------------------------------------------------------------------ prefetch
     def prefetch(self, layer: int, pages: torch.Tensor | None = None) -> None:

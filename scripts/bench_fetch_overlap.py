@@ -29,27 +29,22 @@ import argparse
 import datetime
 import json
 import os
-import subprocess
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from sglang_psa.memory.hot_pool import HostTier
-from sglang_psa.memory.uva_fetch import PageFetcher
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_tiered import git_commit  # noqa: E402
+
+from sglang_psa.memory.hot_pool import HostTier  # noqa: E402
+from sglang_psa.memory.uva_fetch import PageFetcher  # noqa: E402
 
 FULL = dict(layers=32, bs=8, hidden=4096, weights_mib=436, gemms=4, hkv=8, d=128, page=32, width=10240,
             misses="160,640", host_gib="1,32", programs="0,264,66,16", reps=20)  # fmt: skip
 SMOKE = dict(layers=3, bs=2, hidden=64, weights_mib=1, gemms=1, hkv=2, d=16, page=4, width=64,
              misses="8", host_gib="0.001", programs="0,2", reps=1)  # fmt: skip
-
-
-def commit() -> str:
-    if os.environ.get("PSA_COMMIT"):
-        return os.environ["PSA_COMMIT"]
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
-    except Exception:
-        return "unknown"
 
 
 class Layers:
@@ -180,7 +175,7 @@ def main(argv=None) -> dict:
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     programs = [int(p) for p in a.programs.split(",")]
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    doc = {"benchmark": "bench_fetch_overlap", "date": stamp, "commit": commit(),
+    doc = {"benchmark": "bench_fetch_overlap", "date": stamp, "commit": git_commit(),
            "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
            "config": {k: getattr(a, k) for k in FULL}, "cases": []}  # fmt: skip
     os.makedirs(a.out, exist_ok=True)
