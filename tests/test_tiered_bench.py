@@ -32,3 +32,14 @@ def test_bench_tiered_smoke_per_head_pools(tmp_path):
     assert sorted(pool["granularity"] for pool in shape["pools"]) == ["head", "page"]
     for pool in shape["pools"]:
         assert pool["sync"]["max_abs_diff_vs_resident_last_step"] < 1e-5
+
+
+def test_bench_fetch_overlap_smoke(tmp_path):
+    """scripts/bench_fetch_overlap.py's tiny eager configuration: every variant timed, JSON written."""
+    bench = load_script("bench_fetch_overlap")
+    doc = bench.main(["--smoke", "--out", str(tmp_path)])
+    (saved,) = [json.loads(p.read_text()) for p in tmp_path.glob("fetch-overlap-*.json")]
+    assert saved["commit"] and saved["device"] == doc["device"]
+    (case,) = saved["cases"]
+    assert case["misses_per_layer"] == 8 and case["mib_fetched_per_step"] > 0
+    assert {"compute", "serial", "fetch-0", "overlap-0", "fetch-2", "overlap-2"} <= set(case["ms_per_step"])
