@@ -43,15 +43,17 @@ step (in a graph capture, the side stream joins there). On the CPU prefetch runs
 KV writes: `invalidate_layer` drops the written pages of a layer (any write: prefill, a page reused
 by the radix cache); `write_through` instead writes the new rows into the slots of resident pages, so
 the page a decode step appends to stays a hit (without it that page misses in every layer and kv
-head at every step, and no prediction can fetch it ahead: its row is written in the same layer).
+head at every step, and no prediction can fetch it ahead: its row is written in the same layer);
+`fill` (prefill writes) also places the pages the write covers whole, from the rows on the device, at
+low priority, so a request's first decode steps do not fetch from host what prefill just computed.
 
 Shapes and dtypes:
     q [bs, Hq, D]; req_to_token [max_reqs, max_context] int32; req_pool_indices, seq_lens [bs] int
     page_idx [bs, Hkv, W] int32 selected logical pages ([:count], -1 after), counts [bs, Hkv] int32
     -> out [bs, Hq, D] q.dtype, lse [bs, Hq] float32
-Counters (`counters` [5] int64 on the device, `stats()` reads them): pages needed (union sizes),
+Counters (`counters` [6] int64 on the device, `stats()` reads them): pages needed (union sizes),
 hits at the exact placement (prefetched pages included), pages fetched synchronously into slots,
-overflow pages (fetched into scratch), pages prefetched.
+overflow pages (fetched into scratch), pages prefetched, pages filled by prefill writes (`fill`).
 """
 
 from __future__ import annotations
@@ -73,7 +75,7 @@ from .fused_place import (
 )
 from .uva_fetch import PageFetcher
 
-COUNTER_NAMES = ("needed", "hits", "fetched", "overflow", "prefetched")
+COUNTER_NAMES = ("needed", "hits", "fetched", "overflow", "prefetched", "filled")
 
 
 class DeviceTieredAttention:
@@ -206,6 +208,33 @@ class DeviceTieredAttention:
         else:
             pool.k[slots, off] = k_rows.to(pool.k.dtype)
             pool.v[slots, off] = v_rows.to(pool.v.dtype)
+
+    def fill(self, layer: int, loc: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor) -> None:
+        """A prefill write of `layer` (token slots loc [n], -1 allowed; rows [n, Hkv, D] as stored in
+        the host tier) placed in the pool too: every page whose P rows are all in loc gets a slot
+        (write-allocate), then `write_through` puts the rows in the slots of all resident pages. New
+        pages go in at low priority (clock: reference bit clear; lru: oldest use), so a prompt's pages
+        that decode never selects are the first victims rather than other requests' working sets; a
+        page that finds no slot is simply not placed. Partly written pages (a prompt's last page, a
+        chunk boundary) are not placed: their other rows are only in the host tier. No host sync."""
+        self._join(layer)
+        pool, p = self.pool, self.pool.k.shape[1]
+        loc = loc.reshape(-1).to(pool.device, torch.int64)
+        page = torch.where(loc >= 0, loc // p, -1)
+        ok = (page >= 0) & (page < self.host_pages)
+        rows = torch.zeros(self.host_pages + 1, dtype=torch.int32, device=pool.device)  # entry NP: padding
+        rows.index_add_(0, torch.where(ok, page, self.host_pages), torch.ones_like(page, dtype=torch.int32))
+        whole = ok & (loc % p == 0) & (rows[page.clamp(0, self.host_pages)] == p)  # one entry per page
+        keys = self._pool_keys(torch.where(whole, page, -1)).reshape(-1)
+        keys = keys.sort(descending=True).values.to(torch.int32)  # valid keys first, -1 padding last
+        pl = pool.place(layer, keys)
+        new = torch.where(pl.fetch, pl.slots.long(), pool.capacity)  # the sink slot takes the rest
+        if pool.policy == "clock":
+            pool.ref.index_fill_(0, new, 0)
+        else:
+            pool.last_use.index_fill_(0, new, 0)
+        self.counters[5] += pl.fetch.sum()
+        self.write_through(layer, loc, k_rows, v_rows)
 
     # ------------------------------------------------------------------ prefetch
     def prefetch(self, layer: int, pages: torch.Tensor | None = None) -> None:

@@ -205,14 +205,16 @@ tiered_equal)
     --psa-prefetch previous-step
   # next-layer prefetch: layer l+1's pages selected with its query estimated from layer l's input
   one tier_t09_head_nl "${T09[@]}" "${TIER[@]}" "${HEAD[@]}" --psa-prefetch next-layer
-  # write-through: decode writes update resident slots instead of dropping them
+  # write-through: decode writes update resident slots instead of dropping them, prefill writes place
+  # the pages they fill whole (a pool that holds everything: tier_t09_wt)
+  one tier_t09_wt "${T09[@]}" "${TIER[@]}" --psa-write-through
   one tier_t1_head_wt "${T1[@]}" "${TIER[@]}" "${HEAD[@]}" --psa-write-through
   one tier_t09_evict_wt "${T09[@]}" "${TIER[@]}" --psa-hot-pool-gb 0.09 --psa-write-through
   one tier_t09_head_nl_wt "${T09[@]}" "${TIER[@]}" "${HEAD[@]}" --psa-prefetch next-layer --psa-write-through
   for pair in "tier_t1 res_t1" "tier_t1_nopool res_t1" "tier_t1_head res_t1" "tier_t09_nopool res_t09" \
               "tier_t09_evict res_t09" "tier_t09_head res_t09" "tier_t09_lru_prefetch res_t09" \
               "tier_t09_head_nl res_t09" "tier_t09_head_reuse res_t09_reuse" "tier_t1_head_wt res_t1" \
-              "tier_t09_evict_wt res_t09" "tier_t09_head_nl_wt res_t09"; do
+              "tier_t09_wt res_t09" "tier_t09_evict_wt res_t09" "tier_t09_head_nl_wt res_t09"; do
     set -- $pair
     [ -f "$OUT/te_$1.json" ] && [ -f "$OUT/te_$2.json" ] || continue
     $CLIENT compare --a "$OUT/te_$1.json" --b "$OUT/te_$2.json" --out "$OUT/te_cmp_$1.json" || rc=1
@@ -242,7 +244,8 @@ capacity)
   # prefetch, _nocopy skips the host copies (wrong tokens; times everything but the transfers),
   # _torchq estimates the next layer's query through torch's native paths instead of next_query.py,
   # _pN gives the side-stream prefetch copy N programs (--psa-prefetch-programs), _wt writes decode
-  # KV through to the hot pool (--psa-write-through)
+  # KV through to the hot pool (--psa-write-through). TIER_EXTRA="--psa-hot-pool-gb 35" on an H200 gives
+  # the pool an H100's size (0.9 x the 39.9 GiB of KV FlashInfer gets there at mem 0.7)
   for B in ${CAP_RUNS:-tiered flashinfer hicache}; do
     SKIP=0; TORCHQ=0
     case $B in

@@ -250,7 +250,7 @@ class PSAAttnBackend(AttentionBackend):
         else:
             o = self.dense.forward_extend(q, k, v, layer, forward_batch, save_kv_cache, **kwargs)
         if save_kv_cache and k is not None:
-            self._update_summaries(layer, forward_batch.out_cache_loc)
+            self._update_summaries(layer, forward_batch.out_cache_loc, k=k, v=v)
         return o
 
     def forward_decode(
@@ -265,7 +265,7 @@ class PSAAttnBackend(AttentionBackend):
     ):
         if k is not None and save_kv_cache:
             self.kv_pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k, v, layer.k_scale, layer.v_scale)
-            self._update_summaries(layer, forward_batch.out_cache_loc, decode=True)
+            self._update_summaries(layer, forward_batch.out_cache_loc, decode=True, k=k, v=v)
         bs = forward_batch.batch_size
         q3 = q.reshape(-1, layer.tp_q_head_num, layer.head_dim)[:bs]
         if q3.stride(2) != 1:
@@ -273,12 +273,13 @@ class PSAAttnBackend(AttentionBackend):
         out = self._psa_decode(q3, layer, forward_batch)
         return out.reshape(-1, layer.tp_q_head_num * layer.v_head_dim)
 
-    def _update_summaries(self, layer: RadixAttention, loc: torch.Tensor, decode: bool = False) -> None:
+    def _update_summaries(self, layer: RadixAttention, loc: torch.Tensor, decode: bool = False,
+                          k: torch.Tensor | None = None, v: torch.Tensor | None = None) -> None:  # fmt: skip
         if layer.layer_id not in self._streaming_layers:  # a streaming layer never reads its bounds
             k_cache = self.kv_pool.get_key_buffer(layer.layer_id)
             self.summaries.update(layer.layer_id, k_cache, loc, self.ops.update_page_summaries)
         if self.tiered is not None:
-            self.tiered.on_write(layer.layer_id, loc, self.kv_pool if decode else None)
+            self.tiered.on_write(layer.layer_id, loc, self.kv_pool, decode=decode, k=k, v=v)
 
     def _bounds(self, q, lid, rpi, seq_lens, scaling, reuse_kw):
         """Page bounds [bs, Hkv, N] and (estimated / progressive) centers of layer lid."""

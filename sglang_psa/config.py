@@ -82,8 +82,9 @@ class PSAConfig:
     # is PCIe-bound; a full grid takes SMs from the layer it overlaps (bench_fetch_overlap.py, H200,
     # 640 head pages a layer: 37% of the fetch hidden with 1056 programs, 79% with 66)
     prefetch_programs: int = 66
-    # tiered: a decode KV write updates the resident slots of the written page instead of dropping
-    # them, so the page a step appends to stays a hit (off until timed on a GPU)
+    # tiered: KV writes update the pool instead of dropping its copies: decode writes the resident
+    # slots of the written page (the page a step appends to stays a hit), prefill also places the
+    # pages it writes whole, at low priority (off until timed on a GPU)
     write_through: bool = False
 
     # ------------------------------------------------------------------ construction

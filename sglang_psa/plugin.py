@@ -90,9 +90,10 @@ _FLAG_HELP = {
     "models).",
     "prefetch_programs": "PSA tiered: Triton programs of the side-stream prefetch copy (0 = the same grid "
     "as the main-stream copy, 8 per SM); fewer leave SMs to the layer the prefetch overlaps.",
-    "write_through": "PSA tiered: a decode step's KV write also updates the hot-pool slots of the written "
-    "page (read back from the host tier) instead of dropping them, so the page a request appends to stays "
-    "resident rather than being fetched again by every layer and kv head at every step.",
+    "write_through": "PSA tiered: KV writes go to the hot pool too instead of dropping its copies: a decode "
+    "write updates the slots of the written page (the page a request appends to stays resident rather than "
+    "being fetched again by every layer and kv head at every step), a prefill write also places the pages "
+    "it fills whole, at low priority (a request's first decode steps find them on the GPU).",
 }
 
 

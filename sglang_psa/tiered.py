@@ -196,18 +196,22 @@ class TieredDecode:
         predict from: only previous-step prefetch starts it here."""
         self.attn.begin_step(prefetch_first=self.cfg.prefetch == "previous-step" and self.copy)
 
-    def on_write(self, layer_id: int, loc: torch.Tensor, kv_pool: Any = None) -> None:
-        """Token slots loc of this layer were just written: drop their pages from the hot pool, or with
-        --psa-write-through and kv_pool (decode) write the new rows into the resident slots. The rows
-        are read back from the host tier (bs rows a layer), so the pool holds what the host holds in
-        any KV dtype; prefill writes (many rows, pages rarely resident) always invalidate."""
+    def on_write(self, layer_id: int, loc: torch.Tensor, kv_pool: Any = None, decode: bool = True,
+                 k: torch.Tensor | None = None, v: torch.Tensor | None = None) -> None:  # fmt: skip
+        """Token slots loc of this layer were just written (kv_pool holds the new rows). By default
+        their pages leave the hot pool. With --psa-write-through the pool is written too: a decode
+        write updates the resident slots, a prefill write also places the pages it covers whole
+        (DeviceTieredAttention.fill). The rows are k / v [n, Hkv, D] when they are exactly what the
+        host tier stored (same dtype, no scale), else read back from the host tier."""
         layer = layer_id - self.start_layer
-        if self.cfg.write_through and kv_pool is not None:
-            k_rows = kv_pool.get_key_buffer(layer_id)[loc]
-            v_rows = kv_pool.get_value_buffer(layer_id)[loc]
-            self.attn.write_through(layer, loc, k_rows, v_rows)
+        if not self.cfg.write_through or kv_pool is None:
+            self.attn.invalidate_layer(layer, loc // self.page_size)
             return
-        self.attn.invalidate_layer(layer, loc // self.page_size)
+        host_dtype = self.attn.pool.k.dtype
+        if k is None or v is None or k.dtype != host_dtype or v.dtype != host_dtype:
+            k, v = kv_pool.get_key_buffer(layer_id)[loc], kv_pool.get_value_buffer(layer_id)[loc]
+        k, v = k.reshape(loc.shape[0], self.attn.hkv, -1), v.reshape(loc.shape[0], self.attn.hkv, -1)
+        (self.attn.write_through if decode else self.attn.fill)(layer, loc, k, v)
 
     def forward(self, layer_id, q, req_to_token, rpi, seq_lens, page_idx, counts, sm_scale) -> torch.Tensor:
         out, _lse = self.attn.forward(
@@ -244,6 +248,7 @@ class TieredDecode:
             "pages_needed_per_step": d["needed"] / every,
             "overflow_pages_per_step": d["overflow"] / every,
             "mib_fetched_per_step": moved / every / 2**20,
+            "pages_filled": d["filled"],  # by prefill writes in the window (--psa-write-through)
         }
         logger.info("PSA tiered: %s", ", ".join(f"{k} {v:.3g}" for k, v in rep.items()))
         self.last_report = rep
@@ -268,6 +273,7 @@ def _emit_prometheus(labels: dict[str, str], delta: dict[str, int], moved_bytes:
             ("fetched", "units copied from host memory into pool slots"),
             ("overflow", "units copied from host memory into scratch slots (no pool slot free)"),
             ("prefetched", "units copied ahead of their layer on the side stream (--psa-prefetch)"),
+            ("filled", "units placed from prefill writes on the GPU (--psa-write-through)"),
         ):
             _PROM[key] = Counter(f"sglang:psa_tiered_{key}_pages", f"PSA tiered: {doc}.", labelnames=names)
         _PROM["bytes"] = Counter(

@@ -270,6 +270,55 @@ def test_write_through_keeps_written_pages_resident_and_exact(policy, granularit
             check_contents(t, b.host)
 
 
+@pytest.mark.parametrize("granularity", ["page", "head"])
+@pytest.mark.parametrize("policy", POLICIES)
+@settings(max_examples=15, deadline=None)
+@given(capacity=st.integers(0, 40), seed=st.integers(0, 2**16), start=st.integers(0, 2 * P),
+       length=st.integers(1, 5 * P))  # fmt: skip
+def test_fill_places_whole_pages_at_low_priority_and_exact(policy, granularity, capacity, seed, start,
+                                                           length):  # fmt: skip
+    """A prefill write of request 0's token positions [start, start + length): the pages all of whose
+    rows it writes become resident (as many as fit) with the host's contents, partly written pages
+    that were resident get the new rows, nothing else changes; new pages carry no reference bit / the
+    oldest use, and later placements stay exact."""
+    b = Batch(seed)
+    t = b.tiered(capacity, policy=policy, granularity=granularity)
+    g = torch.Generator().manual_seed(seed + 5)
+    t.begin_step()
+    idx, cnt = b.select(g)
+    b.run(t, 0, idx, cnt)  # some pages resident before the write
+    end = min(start + length, LENS[0])
+    loc = b.req_to_token[0, start:end].long()
+    k_new, v_new = torch.randn(len(loc), HKV, D, generator=g), torch.randn(len(loc), HKV, D, generator=g)
+    b.host.k[0].view(-1, HKV, D)[loc] = k_new
+    b.host.v[0].view(-1, HKV, D)[loc] = v_new
+    filled_before = t.stats()["filled"]
+    t.begin_step()  # a prefill between decode steps: the last step's pages are evictable again
+    pad = torch.tensor([-1])  # a padded row
+    t.fill(0, torch.cat([loc, pad]), torch.cat([k_new, k_new[:1]]), torch.cat([v_new, v_new[:1]]))
+    check_pool(t)
+    check_contents(t, b.host)
+    whole = [j for j in range(start // P, (end - 1) // P + 1) if j * P >= start and (j + 1) * P <= end]
+    keys = torch.tensor([int(b.req_to_token[0, j * P]) // P for j in whole], dtype=torch.int64)
+    if t.head_pages:
+        keys = (keys[:, None] + torch.arange(HKV) * t.host_pages).reshape(-1)
+    slots = t.pool.lookup(0, keys).long()
+    new = t.stats()["filled"] - filled_before
+    assert int((slots >= 0).sum()) >= new
+    if policy == "lru":  # LRU finds a victim for every page that fits (CLOCK scans a bounded window)
+        assert capacity < keys.numel() or bool((slots >= 0).all())
+        assert int((t.pool.last_use[slots[slots >= 0]] == 0).sum()) >= new  # new ones: the oldest use
+    else:
+        assert int(t.pool.ref[slots[slots >= 0]].sum()) <= keys.numel() - new  # new ones: bit clear
+    t.begin_step()
+    for layer in range(L):
+        idx, cnt = b.select(g)
+        out, _ = b.run(t, layer, idx, cnt)
+        assert torch.equal(out, b.resident(layer, idx, cnt)[0])
+        check_pool(t)
+        check_contents(t, b.host)
+
+
 # ----------------------------------------------------------------------------- staleness
 @pytest.mark.parametrize("policy", POLICIES)
 def test_invalidated_page_is_refetched_never_served_stale(policy):

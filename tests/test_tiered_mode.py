@@ -112,6 +112,25 @@ def test_write_through_equals_invalidation_and_fetches_less(granularity):
     assert fetched[True] < fetched[False]
 
 
+@pytest.mark.parametrize("granularity", ["page", "head"])
+def test_write_through_fills_prefill_pages(granularity):
+    """--psa-write-through at prefill: the pages a prompt fills whole are placed from the rows on the
+    device, so the first decode step (tau 1.0: every page) fetches only each request's partly written
+    last page, in every layer (and kv head), and still equals dense."""
+    gb = pool_gb(200) if granularity == "page" else (400 + 1 + 2 * 65) * (SLOT_BYTES // 2) / 2**30
+    b = make_backend(tau=1.0, max_pages=CTX // P, dense_below=0, tiered=True, hot_pool_gb=gb,
+                     hot_granularity=granularity, write_through=True)  # fmt: skip
+    lens = [40, 96, 7]  # 2, 6 and 0 whole pages
+    batch = Batch(b, lens, torch.Generator().manual_seed(1))
+    batch.prefill()
+    units = 1 if granularity == "page" else 2  # kv heads a page counts for
+    assert b.tiered.attn.stats()["filled"] == sum(n // P for n in lens) * LAYERS * units
+    for o, ref in batch.decode():
+        torch.testing.assert_close(o, ref, rtol=1e-5, atol=1e-5)
+    partial = sum(1 for n in lens)  # 41, 97, 8 tokens: one partly written page each
+    assert b.tiered.attn.stats()["fetched"] == partial * LAYERS * units
+
+
 def test_selection_reuse_through_the_hot_pool():
     """--psa-reuse-steps with --psa-tiered: reused page lists hit the pool; results equal resident reuse."""
     opts = dict(
