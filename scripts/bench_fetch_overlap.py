@@ -36,10 +36,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_tiered import git_commit  # noqa: E402
-
 from sglang_psa.memory.hot_pool import HostTier  # noqa: E402
 from sglang_psa.memory.uva_fetch import PageFetcher  # noqa: E402
+from sglang_psa.provenance import git_commit  # noqa: E402
 
 FULL = dict(layers=32, bs=8, hidden=4096, weights_mib=436, gemms=4, hkv=8, d=128, page=32, width=10240,
             misses="160,640", host_gib="1,32", programs="0,264,66,16", reps=20)  # fmt: skip

@@ -20,7 +20,6 @@ import datetime
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 
@@ -40,6 +39,7 @@ from sglang_psa.kernels import (
 )
 from sglang_psa.kernels._common import page_layout, selection_mask
 from sglang_psa.kernels.flashinfer_decode import FlashInferDenseDecode, FlashInferSparseDecode
+from sglang_psa.provenance import git_commit
 
 HQ, HKV, D = 32, 8, 128
 DTYPE = torch.bfloat16
@@ -334,14 +334,6 @@ def recall_study(ctx: int, bs: int, p: int, num_layers: int, taus: list[float], 
 
 
 # ----------------------------------------------------------------------------- main
-def git_commit() -> str:
-    try:
-        here = os.path.dirname(os.path.abspath(__file__))
-        return subprocess.check_output(["git", "-C", here, "rev-parse", "--short", "HEAD"], text=True).strip()
-    except Exception:
-        return os.environ.get("PSA_COMMIT", "unknown")
-
-
 def _row(ctx: int, bs: int, p: int, r: dict) -> str:
     tm = r["times"]
     return (

@@ -35,7 +35,6 @@ import datetime
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 
@@ -47,22 +46,13 @@ from sglang_psa.memory.device_tiered import DeviceTieredAttention
 from sglang_psa.memory.host_kv import cuda_view
 from sglang_psa.memory.hot_pool import HostTier
 from sglang_psa.memory.uva_fetch import PageFetcher
+from sglang_psa.provenance import git_commit
 
 FULL = dict(hq=32, hkv=8, d=128, page=32, layers=32, budget=160, shapes="1x131072,4x32768", steps=8,
             warmup=3, mults="1,2,4")  # fmt: skip
 SMOKE = dict(hq=4, hkv=2, d=64, page=16, layers=2, budget=6, shapes="2x256", steps=2, warmup=1,
              mults="0.5")  # fmt: skip
 LOCAL, SINK = 4, 1
-
-
-def git_commit() -> str:
-    if os.environ.get("PSA_COMMIT"):
-        return os.environ["PSA_COMMIT"]
-    try:
-        here = os.path.dirname(os.path.abspath(__file__))
-        return subprocess.check_output(["git", "-C", here, "rev-parse", "--short", "HEAD"], text=True).strip()
-    except Exception:
-        return "unknown"
 
 
 class Timer:

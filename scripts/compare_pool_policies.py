@@ -15,7 +15,6 @@ import argparse
 import datetime
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -23,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from sglang_psa.access_log import load_access_log  # noqa: E402
 from sglang_psa.memory import cache_sim as C  # noqa: E402
+from sglang_psa.provenance import git_commit  # noqa: E402
 
 WARMUP = 1
 
@@ -62,10 +62,9 @@ def main(argv: list[str] | None = None) -> dict:
                              "hit_rate": policies(stream, m * budget, intervals)})  # fmt: skip
                 print(json.dumps(rows[-1]), flush=True)
     now = datetime.datetime.now(datetime.timezone.utc)
-    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
     res = {
         "benchmark": "compare_pool_policies", "date": now.isoformat(timespec="seconds"),
-        "commit": git.stdout.strip(), "device": "cpu (offline replay of recorded selections)",
+        "commit": git_commit(), "device": "cpu (offline replay of recorded selections)",
         "config": {"multiples": multiples, "intervals": intervals, "warmup_steps": WARMUP}, "rows": rows,
     }  # fmt: skip
     os.makedirs(a.out, exist_ok=True)

@@ -39,6 +39,7 @@ from sglang_psa.longctx_tasks import (  # noqa: E402
     make_tasks,
     score_answer,
 )
+from sglang_psa.provenance import git_commit  # noqa: E402
 
 PAGE = 16  # Quest's page size; 8k tokens = 512 pages
 SINK, LOCAL = 1, 4  # pages always kept by every PSA / top-k setting (streaming uses its own)
@@ -406,7 +407,7 @@ def result_header(benchmark: str, stamp: str, model: str, lengths: list[int], sa
     return {
         "benchmark": benchmark,
         "date": stamp,
-        "commit": os.environ.get("PSA_COMMIT") or _git_commit(),
+        "commit": git_commit(),
         "device": _device(),
         "model": model,
         "config": {
@@ -419,13 +420,6 @@ def result_header(benchmark: str, stamp: str, model: str, lengths: list[int], sa
             **config,
         },  # fmt: skip
     }
-
-
-def _git_commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
-    except Exception:
-        return "unknown"
 
 
 def _device() -> str:

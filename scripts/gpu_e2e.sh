@@ -205,16 +205,15 @@ tiered_equal)
     --psa-prefetch previous-step
   # next-layer prefetch: layer l+1's pages selected with its query estimated from layer l's input
   one tier_t09_head_nl "${T09[@]}" "${TIER[@]}" "${HEAD[@]}" --psa-prefetch next-layer
-  # write-through: decode writes update resident slots instead of dropping them, prefill writes place
-  # the pages they fill whole (a pool that holds everything: tier_t09_wt)
-  one tier_t09_wt "${T09[@]}" "${TIER[@]}" --psa-write-through
-  one tier_t1_head_wt "${T1[@]}" "${TIER[@]}" "${HEAD[@]}" --psa-write-through
-  one tier_t09_evict_wt "${T09[@]}" "${TIER[@]}" --psa-hot-pool-gb 0.09 --psa-write-through
-  one tier_t09_head_nl_wt "${T09[@]}" "${TIER[@]}" "${HEAD[@]}" --psa-prefetch next-layer --psa-write-through
+  # write-through is the default since b918172 (the runs above use it); _inval drops written pages
+  # instead (--psa-no-write-through), as every run did before
+  one tier_t09 "${T09[@]}" "${TIER[@]}"  # a pool that holds everything: prefill fills it
+  one tier_t09_inval "${T09[@]}" "${TIER[@]}" --psa-no-write-through
+  one tier_t09_evict_inval "${T09[@]}" "${TIER[@]}" --psa-hot-pool-gb 0.09 --psa-no-write-through
   for pair in "tier_t1 res_t1" "tier_t1_nopool res_t1" "tier_t1_head res_t1" "tier_t09_nopool res_t09" \
               "tier_t09_evict res_t09" "tier_t09_head res_t09" "tier_t09_lru_prefetch res_t09" \
-              "tier_t09_head_nl res_t09" "tier_t09_head_reuse res_t09_reuse" "tier_t1_head_wt res_t1" \
-              "tier_t09_wt res_t09" "tier_t09_evict_wt res_t09" "tier_t09_head_nl_wt res_t09"; do
+              "tier_t09_head_nl res_t09" "tier_t09_head_reuse res_t09_reuse" "tier_t09 res_t09" "tier_t09_inval res_t09" \
+              "tier_t09_evict_inval res_t09"; do
     set -- $pair
     [ -f "$OUT/te_$1.json" ] && [ -f "$OUT/te_$2.json" ] || continue
     $CLIENT compare --a "$OUT/te_$1.json" --b "$OUT/te_$2.json" --out "$OUT/te_cmp_$1.json" || rc=1
@@ -243,8 +242,8 @@ capacity)
   # tiered runs: a name with _head uses head slots, _nl next-layer prefetch, _prev previous-step
   # prefetch, _nocopy skips the host copies (wrong tokens; times everything but the transfers),
   # _torchq estimates the next layer's query through torch's native paths instead of next_query.py,
-  # _pN gives the side-stream prefetch copy N programs (--psa-prefetch-programs), _wt writes decode
-  # KV through to the hot pool (--psa-write-through). TIER_EXTRA="--psa-hot-pool-gb 35" on an H200 gives
+  # _pN gives the side-stream prefetch copy N programs (--psa-prefetch-programs), _inval drops the
+  # pool's copies of written pages (--psa-no-write-through; write-through is the default). TIER_EXTRA="--psa-hot-pool-gb 35" on an H200 gives
   # the pool an H100's size (0.9 x the 39.9 GiB of KV FlashInfer gets there at mem 0.7)
   for B in ${CAP_RUNS:-tiered flashinfer hicache}; do
     SKIP=0; TORCHQ=0
@@ -258,7 +257,7 @@ capacity)
              [[ $B == *_prev* ]] && ARGS+=(--psa-prefetch previous-step)
              [[ $B == *_nocopy* ]] && SKIP=1
              [[ $B == *_torchq* ]] && TORCHQ=1
-             [[ $B == *_wt* ]] && ARGS+=(--psa-write-through)
+             [[ $B == *_inval* ]] && ARGS+=(--psa-no-write-through)
              [[ $B =~ _p([0-9]+) ]] && ARGS+=(--psa-prefetch-programs ${BASH_REMATCH[1]}) ;;
     esac
     SGLANG_PSA_LOOKAHEAD_TORCH=$TORCHQ SGLANG_PSA_TIERED_SKIP_COPY=$SKIP start_server cap_$B "${CAP[@]}" "${ARGS[@]}" \

@@ -21,7 +21,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_kernels import DTYPE, HKV, HQ, D, bench_ms, git_commit  # noqa: E402
+from bench_kernels import DTYPE, HKV, HQ, D, bench_ms  # noqa: E402
 
 from sglang_psa.kernels import (  # noqa: E402
     SelectParams,
@@ -33,6 +33,7 @@ from sglang_psa.kernels import (  # noqa: E402
     update_page_summaries,
 )
 from sglang_psa.kernels.flashinfer_decode import FlashInferDenseDecode  # noqa: E402
+from sglang_psa.provenance import git_commit  # noqa: E402
 
 
 def profile_point(
@@ -126,7 +127,7 @@ def main() -> None:
     out = {
         "benchmark": "profile_decode_stages",
         "date": stamp,
-        "commit": os.environ.get("PSA_COMMIT") or git_commit(),
+        "commit": git_commit(),
         "device": prop.name,
         "config": {k: v for k, v in vars(args).items() if k != "out"},
         "note": "times in ms per layer (CUDA graph); N = server_pages bounds columns, as the server runs",

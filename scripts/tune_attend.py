@@ -22,11 +22,12 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_kernels import DTYPE, HKV, HQ, D, bench_ms, git_commit  # noqa: E402
+from bench_kernels import DTYPE, HKV, HQ, D, bench_ms  # noqa: E402
 
 from sglang_psa.kernels import make_skewed_batch, sparse_decode  # noqa: E402
 from sglang_psa.kernels.flashinfer_decode import FlashInferDenseDecode  # noqa: E402
 from sglang_psa.kernels.sparse_decode import default_num_splits  # noqa: E402
+from sglang_psa.provenance import git_commit  # noqa: E402
 
 
 def sweep_point(bs: int, ctx: int, p: int, grid: dict) -> dict:
@@ -84,7 +85,7 @@ def main() -> None:
         sweep_point(*(int(x) for x in size.split("x")), args.page, grid) for size in args.sizes.split(",")
     ]
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    commit = os.environ.get("PSA_COMMIT") or git_commit()
+    commit = git_commit()
     out = {"benchmark": "tune_attend", "date": stamp, "commit": commit,
            "device": torch.cuda.get_device_properties(0).name, "config": vars(args),
            "note": "attend over every page (dense rows), ms per layer, CUDA graphs; flashinfer: dense",

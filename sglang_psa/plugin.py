@@ -93,7 +93,7 @@ _FLAG_HELP = {
     "write_through": "PSA tiered: KV writes go to the hot pool too instead of dropping its copies: a decode "
     "write updates the slots of the written page (the page a request appends to stays resident rather than "
     "being fetched again by every layer and kv head at every step), a prefill write also places the pages "
-    "it fills whole, at low priority (a request's first decode steps find them on the GPU).",
+    "it fills whole, at low priority (a request's first decode steps find them on the GPU). On by default.",
 }
 
 
@@ -109,7 +109,10 @@ def add_psa_cli_args(parser: argparse.ArgumentParser) -> None:
         flag = "--psa-" + name.replace("_", "-")
         default = getattr(defaults, name)
         if isinstance(default, bool):
-            group.add_argument(flag, dest=dest, action="store_true", help=_FLAG_HELP[name])
+            group.add_argument(flag, dest=dest, action="store_true", default=default, help=_FLAG_HELP[name])
+            if default:  # on by default: a --psa-no-* flag turns it off
+                no_flag = "--psa-no-" + name.replace("_", "-")
+                group.add_argument(no_flag, dest=dest, action="store_false", help=f"Turn off {flag}.")
             continue
         kwargs: dict[str, Any] = {"type": type(default), "default": default}
         if name == "mode":

@@ -36,7 +36,6 @@ from sglang_psa.config import PSAConfig, validate_against_server, validate_model
         ({"prefetch": True}, "--psa-prefetch must be one of off, previous-step, next-layer"),
         ({"prefetch": "next-layer"}, "--psa-prefetch next-layer .* add --psa-tiered"),
         ({"prefetch_programs": -1}, "--psa-prefetch-programs must be an integer >= 0"),
-        ({"write_through": True}, "--psa-write-through .* add --psa-tiered"),
         ({"rank_by": "mass"}, "--psa-rank-by must be one of bound, estimate"),
         ({"rank_by": "estimate", "mode": "progressive"}, "--psa-rank-by estimate .* --psa-mode progressive"),
     ],

@@ -70,6 +70,11 @@ def test_psa_flags_parse_through_server_args_parser():
     )  # fmt: skip
     with pytest.raises(SystemExit):
         parser.parse_args(["--model-path", "x", "--psa-mode", "fast"])
+    # a flag on by default (write-through) parses on, stays on when named, turns off with --psa-no-*
+    base = ["--model-path", "x", "--attention-backend", "psa"]
+    assert parser.parse_args(base).psa_write_through is True
+    assert parser.parse_args([*base, "--psa-write-through"]).psa_write_through is True
+    assert parser.parse_args([*base, "--psa-no-write-through"]).psa_write_through is False
 
 
 def test_server_args_carry_config_across_pickle(model_dir):

@@ -165,9 +165,10 @@ def test_reused_pages_are_never_served_stale(write_through):
             torch.testing.assert_close(o, ref, rtol=1e-5, atol=1e-5)
 
 
-def test_report_counts_hits_and_bytes():
+@pytest.mark.parametrize("write_through", [False, True])
+def test_report_counts_hits_and_bytes(write_through):
     b = make_backend(tau=1.0, max_pages=CTX // P, dense_below=0, tiered=True, hot_pool_gb=pool_gb(200),
-                     stats_interval=2)  # fmt: skip
+                     stats_interval=2, write_through=write_through)  # fmt: skip
     batch = Batch(b, [64, 64], torch.Generator().manual_seed(4))
     batch.prefill()
     reps = []
@@ -177,7 +178,12 @@ def test_report_counts_hits_and_bytes():
     assert reps[0] is None and reps[1] is not None and reps[3] is not reps[1]
     first, later = reps[1], reps[3]
     assert first["hit_rate"] < later["hit_rate"] <= 1  # cold pool, then mostly hits
-    assert first["mib_fetched_per_step"] > later["mib_fetched_per_step"] > 0  # the written page
+    assert first["mib_fetched_per_step"] > later["mib_fetched_per_step"]
+    if write_through:  # prefill placed the 4 whole pages of each request in both layers; the page
+        # decode opened (token 65) is fetched once, then written through: nothing moves later
+        assert first["pages_filled"] == 2 * 4 * LAYERS and later["mib_fetched_per_step"] == 0
+    else:  # the page each step writes is dropped and fetched again
+        assert first["pages_filled"] == 0 and later["mib_fetched_per_step"] > 0
 
 
 def test_report_feeds_prometheus():
