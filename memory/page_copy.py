@@ -80,8 +80,6 @@ def _copy_pages_kernel(
             s_off = (
                 (page % head_np) * SRC_PAGE + (page // head_np) * ROW + (offs // ROW) * SRC_TOK + offs % ROW
             )
-        elif SRC_PAGE:  # head-sliced source: ROW contiguous elements per token, tokens SRC_TOK apart
-            s_off = page * SRC_PAGE + (offs // ROW) * SRC_TOK + offs % ROW
         else:
             s_off = page * PAGE + offs
         d_off = slot * PAGE + offs
@@ -115,8 +113,7 @@ def compact(
 
 
 def _check(src_k, src_v, dst_k, dst_v, head_pages: bool = False) -> int:
-    """Elements per page; raises if the page layouts differ or are not contiguous (a source may be a
-    slice of kv heads of a contiguous tier: its (heads x D) row per token must be contiguous).
+    """Elements per page; raises if the page layouts differ or a buffer is not contiguous.
     head_pages: dst pages are one kv head's ([S, P, 1, D]) of a contiguous source [NP, P, Hkv, D]."""
     if head_pages:
         np_, p, _, d = src_k.shape
@@ -136,26 +133,19 @@ def _check(src_k, src_v, dst_k, dst_v, head_pages: bool = False) -> int:
         raise ValueError(f"pages differ: src {tuple(src_k.shape)} dst {tuple(dst_k.shape)}")
     if src_k.dtype != dst_k.dtype or src_v.dtype != dst_v.dtype:
         raise ValueError(f"dtypes differ: {src_k.dtype} -> {dst_k.dtype}")
-    for t in (dst_k, dst_v):
+    for t in (src_k, src_v, dst_k, dst_v):
         if not t.is_contiguous():
-            raise ValueError("destination page buffers must be contiguous")
-    for t in (src_k, src_v):
-        _, _, h, d = t.shape
-        if t.stride(3) != 1 or (h > 1 and t.stride(2) != d) or t.stride() != src_k.stride():
-            raise ValueError("source pages must hold contiguous (heads x D) rows per token")
+            raise ValueError("source and destination page buffers must be contiguous")
     return dst_k[0].numel()
 
 
 def _src_strides(src: torch.Tensor, head_pages: bool = False) -> dict:
-    """Kernel constants of a head-sliced source (all zero for a contiguous one: the fast path) or of
-    head pages (one head's rows of a contiguous source, head_np pages per head)."""
-    if head_pages:
-        np_, p, hkv, d = src.shape
-        return {"SRC_PAGE": p * hkv * d, "SRC_TOK": hkv * d, "ROW": d, "HEAD_PAGES": True}
-    row = src.shape[2] * src.shape[3]
-    if src.stride(1) == row and src.stride(0) == src.shape[1] * row:
+    """Kernel constants of head pages (one head's rows of a contiguous source [NP, P, Hkv, D], head_np
+    pages per head); none for whole pages."""
+    if not head_pages:
         return {}
-    return {"SRC_PAGE": src.stride(0), "SRC_TOK": src.stride(1), "ROW": row}
+    np_, p, hkv, d = src.shape
+    return {"SRC_PAGE": p * hkv * d, "SRC_TOK": hkv * d, "ROW": d, "HEAD_PAGES": True}
 
 
 def copy_pages(
@@ -174,9 +164,8 @@ def copy_pages(
 ) -> None:
     """dst_k/v[slots_c[i]] = src_k/v[pages_c[i]] for i < count[0] (Triton; see the module docstring).
 
-    src_k, src_v [NP, P, Hkv, D] (the host tier's layer, or a slice of its kv heads; pinned CPU on a
-    GPU run); dst_k, dst_v
-    [S, P, Hkv, D] on the device; pages_c, slots_c [M] int32/int64 and count [1] int32 on the device
+    src_k, src_v [NP, P, Hkv, D] contiguous (the host tier's layer; pinned CPU on a GPU run); dst_k,
+    dst_v [S, P, Hkv, D] on the device; pages_c, slots_c [M] int32/int64 and count [1] int32 on the device
     (compact()'s output). Entries past the count are never read as pages nor written. block: elements
     per program (power of 2; a page is ceil(P * Hkv * D / block) programs). host_ptr: "tensor" or
     "int" (how src reaches the kernel). max_programs: programs along the entries, each striding over

@@ -198,11 +198,12 @@ class TieredDecode:
 
     def on_write(self, layer_id: int, loc: torch.Tensor, kv_pool: Any = None, decode: bool = True,
                  k: torch.Tensor | None = None, v: torch.Tensor | None = None) -> None:  # fmt: skip
-        """Token slots loc of this layer were just written (kv_pool holds the new rows). By default
-        their pages leave the hot pool. With --psa-write-through the pool is written too: a decode
-        write updates the resident slots, a prefill write also places the pages it covers whole
-        (DeviceTieredAttention.fill). The rows are k / v [n, Hkv, D] when they are exactly what the
-        host tier stored (same dtype, no scale), else read back from the host tier."""
+        """Token slots loc of this layer were just written (kv_pool holds the new rows). Write-through
+        (the default) writes the pool too: a decode write updates the resident slots, a prefill write
+        also places the pages it covers whole (DeviceTieredAttention.fill). The rows are k / v
+        [n, Hkv, D] when they are exactly what the host tier stored (its dtype: SGLang scales only when
+        it converts), else read back from the host tier. With --psa-no-write-through, or no kv_pool,
+        the written pages leave the hot pool instead."""
         layer = layer_id - self.start_layer
         if not self.cfg.write_through or kv_pool is None:
             self.attn.invalidate_layer(layer, loc // self.page_size)

@@ -164,25 +164,6 @@ def test_triton_copy_replays_in_a_cuda_graph_with_changing_masks(host_ptr):
         assert dk[S - 1].eq(POISON).all()  # the sink is never written
 
 
-@pytest.mark.parametrize("head", range(HKV))
-@pytest.mark.parametrize("host_ptr", ["tensor", "int"])
-def test_triton_copy_of_one_kv_head_reads_the_strided_slice(head, host_ptr):
-    """A kv-head slice of the host tier as the source: one kv head of each host page, in place."""
-    h = host_tier(5 + head)
-    pages, slots, mask = case("mixed", 4 + head)
-    src_k, src_v = h.k[1][:, :, head : head + 1], h.v[1][:, :, head : head + 1]  # [NP, P, 1, D] strided
-    dst_k = torch.full((S, P, 1, D), POISON)
-    dst_v = dst_k.clone()
-    pc, sc, cnt = page_copy.compact(mask, pages, slots)
-    page_copy.copy_pages(src_k, src_v, dst_k, dst_v, pc, sc, cnt, block=256, host_ptr=host_ptr)
-    for p_, s_ in zip(pages[mask].tolist(), slots[mask].tolist()):
-        assert torch.equal(dst_k[s_], h.k[1, p_, :, head : head + 1])
-        assert torch.equal(dst_v[s_], h.v[1, p_, :, head : head + 1])
-    untouched = torch.ones(S, dtype=torch.bool)
-    untouched[slots[mask].long()] = False
-    assert bool((dst_k[untouched] == POISON).all())
-
-
 @pytest.mark.parametrize("host_ptr", ["tensor", "int"])
 def test_triton_copy_of_head_pages_equals_reference(host_ptr):
     """--psa-hot-granularity head: entry h * NP + p copies kv head h of host page p into a one-head slot."""
