@@ -7,7 +7,12 @@ through SGLang's streaming /generate and timestamps every streamed token. From t
   decode_tok_s_at_peak tokens streamed while exactly that many decode, per second of that time
                        (prefill of late requests included if it overlaps: it is what the batch saw);
   token_capacity       the server's max_total_num_tokens (from /get_server_info).
-`merge` folds several runs (one per backend) into one JSON with ratios against --baseline.
+`merge` folds several runs (one per backend) into one JSON with ratios against --baseline, and the
+tiered fetch overlap their labels allow (scripts/gpu_e2e.sh's names): step_ms = 1000 x peak
+concurrency / decode tok/s; a run X with a twin X_nocopy (same server, host copies skipped) exposes
+step(X) - step(X_nocopy) ms of fetch a step; a prefetching run (_nl / _prev in its label) whose label
+without that tag also has its exposed fetch hides 1 - exposed(prefetch) / exposed(no prefetch) of it.
+The runs may come from several device calls (one server start each).
 
     python scripts/bench_capacity.py run --n 8 --len 65536 --label flashinfer --out a.json
     python scripts/bench_capacity.py merge --baseline flashinfer --out res.json a.json b.json
@@ -131,10 +136,41 @@ def cmd_merge(a) -> dict:
         if base and base["peak_concurrency"] and base["decode_tok_s_at_peak"]:
             r["concurrency_vs_baseline"] = r["peak_concurrency"] / base["peak_concurrency"]
             r["throughput_vs_baseline"] = r["decode_tok_s_at_peak"] / base["decode_tok_s_at_peak"]
-    return {"benchmark": "bench_capacity", "baseline": a.baseline, "runs": runs}
+    return {"benchmark": "bench_capacity", "baseline": a.baseline, "runs": runs, "fetch": fetch_overlap(runs)}
 
 
-def main() -> int:
+PREFETCH_TAGS = ("_nl", "_prev")  # gpu_e2e.sh: next-layer / previous-step prefetch
+
+
+def step_ms(run: dict) -> float | None:
+    """Milliseconds per decode step at the run's peak concurrency (None without a measurement)."""
+    tok_s, c = run.get("decode_tok_s_at_peak"), run.get("peak_concurrency")
+    return 1000.0 * c / tok_s if tok_s and c else None
+
+
+def fetch_overlap(runs: list[dict]) -> dict:
+    """Exposed fetch per step of every run with a _nocopy twin at the same concurrency, and the hidden
+    fraction of every prefetching run against its no-prefetch twin (see the module docstring)."""
+    by = {r["label"]: r for r in runs}
+    exposed = {}
+    for label, run in by.items():
+        twin = by.get(label + "_nocopy")
+        if twin is None or twin.get("peak_concurrency") != run.get("peak_concurrency"):
+            continue
+        a, b = step_ms(run), step_ms(twin)
+        if a is not None and b is not None:
+            exposed[label] = round(a - b, 3)
+    hidden = {}
+    for label, ms in exposed.items():
+        for tag in PREFETCH_TAGS:
+            base = label.replace(tag, "", 1)
+            if tag in label and exposed.get(base, 0) > 0:
+                hidden[label] = {"vs": base, "hidden_fraction": round(1 - ms / exposed[base], 3)}
+    steps = {label: round(s, 3) for label, r in by.items() if (s := step_ms(r)) is not None}
+    return {"step_ms": steps, "exposed_fetch_ms": exposed, "hidden": hidden}
+
+
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("cmd", choices=["run", "merge"])
     p.add_argument("--url", default="http://127.0.0.1:30000")
@@ -148,7 +184,7 @@ def main() -> int:
     p.add_argument("--meta", default="{}", help="merge: JSON object added to the result (device, commit...)")
     p.add_argument("--out", required=True)
     p.add_argument("files", nargs="*")
-    a = p.parse_intermixed_args()
+    a = p.parse_intermixed_args(argv)
     res = cmd_run(a) if a.cmd == "run" else cmd_merge(a)
     res.update(json.loads(a.meta))
     with open(a.out, "w") as f:

@@ -1,0 +1,32 @@
+"""scripts/bench_capacity.py merge: ratios against the baseline and the tiered fetch overlap."""
+
+from __future__ import annotations
+
+import json
+
+from script_loader import load_script
+
+cap = load_script("bench_capacity")
+
+
+def run(label: str, tok_s: float, peak: int = 8) -> dict:
+    return {"label": label, "peak_concurrency": peak, "decode_tok_s_at_peak": tok_s}
+
+
+def test_merge_computes_exposed_and_hidden_fetch(tmp_path):
+    runs = [run("flashinfer", 200.0, peak=4), run("tiered_head", 400.0), run("tiered_head_nocopy", 640.0),
+            run("tiered_head_nl", 500.0), run("tiered_head_nl_nocopy", 640.0),
+            run("tiered_head_prev", 300.0, peak=6), run("tiered_head_prev_nocopy", 640.0)]  # fmt: skip
+    files = []
+    for r in runs:
+        files.append(tmp_path / f"{r['label']}.json")
+        files[-1].write_text(json.dumps(r))
+    out = tmp_path / "merged.json"
+    assert cap.main(["merge", "--baseline", "flashinfer", "--out", str(out), *map(str, files)]) == 0
+    res = json.loads(out.read_text())
+    tiered = next(r for r in res["runs"] if r["label"] == "tiered_head")
+    assert tiered["concurrency_vs_baseline"] == 2 and tiered["throughput_vs_baseline"] == 2
+    fetch = res["fetch"]
+    assert fetch["step_ms"]["tiered_head"] == 20.0 and fetch["step_ms"]["tiered_head_nocopy"] == 12.5
+    assert fetch["exposed_fetch_ms"] == {"tiered_head": 7.5, "tiered_head_nl": 3.5}  # prev: peaks differ
+    assert fetch["hidden"] == {"tiered_head_nl": {"vs": "tiered_head", "hidden_fraction": 0.533}}
