@@ -306,6 +306,14 @@ class DevicePagePool:
         self.slot_of.index_fill_(0, torch.where(slots >= 0, keys, self._sink_key), -1)
         self._reset_sink_slot()
 
+    def demote(self, slots: torch.Tensor) -> None:
+        """Make slots [n] (the sink slot C = none) the policy's next victims among unused slots: clock
+        clears their reference bits, lru gives them the oldest use (insertion at low priority)."""
+        if self.policy == "clock":
+            self.ref.index_fill_(0, slots, 0)
+        else:
+            self.last_use.index_fill_(0, slots, 0)
+
     def unpin(self, layer: int, pages: torch.Tensor) -> None:
         """Unpin the resident ones of pages [n] (-1 allowed)."""
         slots = self.lookup(layer, pages).long()

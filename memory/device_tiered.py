@@ -228,11 +228,7 @@ class DeviceTieredAttention:
         keys = self._pool_keys(torch.where(whole, page, -1)).reshape(-1)
         keys = keys.sort(descending=True).values.to(torch.int32)  # valid keys first, -1 padding last
         pl = pool.place(layer, keys)
-        new = torch.where(pl.fetch, pl.slots.long(), pool.capacity)  # the sink slot takes the rest
-        if pool.policy == "clock":
-            pool.ref.index_fill_(0, new, 0)
-        else:
-            pool.last_use.index_fill_(0, new, 0)
+        pool.demote(torch.where(pl.fetch, pl.slots.long(), pool.capacity))  # the sink slot takes the rest
         self.counters[5] += pl.fetch.sum()
         self.write_through(layer, loc, k_rows, v_rows)
 

@@ -119,17 +119,7 @@ def _check(src_k, src_v, dst_k, dst_v, head_pages: bool = False) -> int:
         np_, p, _, d = src_k.shape
         if dst_k.shape[1:] != (p, 1, d) or dst_v.shape != dst_k.shape or src_v.shape != src_k.shape:
             raise ValueError(f"head pages: src {tuple(src_k.shape)} dst {tuple(dst_k.shape)}")
-        if not (
-            src_k.is_contiguous()
-            and src_v.is_contiguous()
-            and dst_k.is_contiguous()
-            and dst_v.is_contiguous()
-        ):
-            raise ValueError("head pages need contiguous source and destination pages")
-        if src_k.dtype != dst_k.dtype or src_v.dtype != dst_v.dtype:
-            raise ValueError(f"dtypes differ: {src_k.dtype} -> {dst_k.dtype}")
-        return dst_k[0].numel()
-    if src_k.shape[1:] != dst_k.shape[1:] or src_v.shape[1:] != dst_v.shape[1:] or src_k.shape != src_v.shape:
+    elif src_k.shape != src_v.shape or not dst_k.shape[1:] == dst_v.shape[1:] == src_k.shape[1:]:
         raise ValueError(f"pages differ: src {tuple(src_k.shape)} dst {tuple(dst_k.shape)}")
     if src_k.dtype != dst_k.dtype or src_v.dtype != dst_v.dtype:
         raise ValueError(f"dtypes differ: {src_k.dtype} -> {dst_k.dtype}")

@@ -14,8 +14,9 @@ their pages inside the kernels (their bounds are skipped), which equals dense at
 the page lists selected for it up to R - 1 steps earlier, skipping bounds and select for that row.
 
 --psa-tiered (sglang_psa/tiered.py): the KV pool is in pinned host memory; the selected pages reach
-the attention kernel through TieredDecode's GPU hot pool, and every KV write invalidates its pages there
-(with --psa-write-through a decode write updates the resident ones instead).
+the attention kernel through TieredDecode's GPU hot pool. KV writes go through to that pool (a decode
+write updates the resident slots, a prefill write also places the pages it fills whole);
+--psa-no-write-through invalidates the written pages there instead.
 
 --psa-streaming-layers: those layers read only their sink pages and local window (no bounds, no
 select, no summary updates), whatever --psa-mode says for the others.

@@ -19,11 +19,12 @@ How it fits SGLang without replacing its allocator, radix tree or scheduler:
     prefix over PCIe once per query tile (tens of times per chunk: ~10 s per 8k chunk of a 64k prompt
     on the H100); instead the prefix K/V is gathered once per layer into device memory and attended by
     a ragged FlashInfer call, merged with SGLang's own ragged pass over the new tokens.
-  - Every KV write invalidates the written pages' slots of that layer (`on_write`), so a page rewritten
-    after the radix cache freed and reused it, or the page a decode step appends to, is refetched,
-    never served stale. With --psa-write-through a decode write updates the resident slots instead
-    (the appended page stays a hit; without it that page is a miss of every layer and kv head at every
-    step: 2,048 of the ~4,900 head-page misses a step of the 8 x 64k capacity runs).
+  - Every KV write reaches the pool (`on_write`), so a page rewritten after the radix cache freed and
+    reused it is never served stale. By default the write goes through: a decode write updates the
+    resident slots (the appended page stays a hit; dropping it made it a miss of every layer and kv
+    head at every step: 2,048 of the ~4,900 head-page misses a step of the 8 x 64k capacity runs), a
+    prefill write also places the pages it fills whole, at low priority. --psa-no-write-through
+    invalidates the written pages' slots instead (refetched on their next use).
 Everything per step is device ops with static shapes: decode stays in CUDA graphs.
 """
 
