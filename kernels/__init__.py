@@ -3,7 +3,7 @@
 from .page_bounds import page_bounds, page_bounds_ref
 from .page_summaries import alloc_summaries, update_page_summaries, update_page_summaries_ref
 from .psa_decode import PSADecodeResult, psa_decode
-from .select_pages import SelectParams, select_pages, select_pages_ref, select_streaming
+from .select_pages import SelectParams, select_margin, select_pages, select_pages_ref, select_streaming
 from .sparse_decode import (
     certified_decode,
     dense_decode_ref,
@@ -24,6 +24,7 @@ __all__ = [
     "page_bounds",
     "page_bounds_ref",
     "psa_decode",
+    "select_margin",
     "select_pages",
     "select_pages_ref",
     "select_streaming",

@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_int, check_keep_rows, next_pow2, page_layout
+from ._common import check_int, check_keep_rows, next_pow2, page_layout, selection_mask
 
 
 @dataclass(frozen=True)
@@ -181,6 +181,45 @@ def select_streaming(
     bs = seq.shape[0]
     return (idx[:, None].expand(bs, num_kv_heads, width).contiguous(),
             count.to(torch.int32)[:, None].expand(bs, num_kv_heads).contiguous())  # fmt: skip
+
+
+def select_margin(
+    order: torch.Tensor,
+    seq_lens: torch.Tensor,
+    page_idx: torch.Tensor,
+    counts: torch.Tensor,
+    page_size: int,
+    margin: int,
+    dense_below: int = 0,
+    keep_rows: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `margin` best pages each (request, kv head) ranked but did not select: the candidates of its
+    next step's selection (--psa-prefetch next-step). A page enters a selection by climbing past the
+    cut, so the pages just below it are where the next step's new pages mostly come from; the tiered
+    pool copies them ahead on its side stream. Torch ops with static shapes: CUDA-graph capturable.
+
+    order [bs, Hkv, N] float32: the ranking select_pages used (bounds or mass estimates); entries past
+    a request's last page, of rows below dense_below and of keep_rows may be unwritten (never read)
+    seq_lens [bs] int; page_idx [bs, Hkv, W] int32 / counts [bs, Hkv] int32: the selection
+    keep_rows optional [bs] flags: rows that reused an older selection (no fresh ranking) get none
+    -> margin_idx [bs, Hkv, M] int32 best first, -1 after; margin_counts [bs, Hkv] int32; M = min(margin, N)
+    """
+    check_int("seq_lens", seq_lens)
+    if order.dim() != 3 or order.dtype != torch.float32:
+        raise ValueError(f"order must be [bs, Hkv, N] float32, got {list(order.shape)} {order.dtype}")
+    if margin < 1:
+        raise ValueError(f"margin must be >= 1, got {margin}")
+    bs, hkv, n = order.shape
+    _, valid, _, _ = page_layout(seq_lens.to(order.device), n, page_size)
+    rows = seq_lens.to(order.device) >= dense_below  # below it every page is selected: nothing to rank
+    if keep_rows is not None:
+        check_keep_rows(keep_rows, bs)
+        rows = rows & (keep_rows == 0)
+    live = (valid & rows[:, None])[:, None, :] & ~selection_mask(page_idx, counts, n)
+    score = torch.where(live, order, float("-inf"))
+    best, idx = score.topk(min(margin, n), dim=-1)  # descending
+    ok = best > float("-inf")
+    return torch.where(ok, idx, -1).to(torch.int32), ok.sum(-1, dtype=torch.int32)
 
 
 @triton.jit

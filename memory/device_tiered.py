@@ -35,7 +35,11 @@ synchronously. Two predictions (forward's `prefetch_next`):
   - "previous-step": the union layer l+1 needed at the previous decode step;
   - "next-layer": the union `speculate(l + 1, ...)` stored this step, from pages selected with a
     query estimated before layer l+1 exists (sglang_psa/lookahead.py: layer l+1's query projection
-    of the residual stream entering layer l, as InfiniGen does).
+    of the residual stream entering layer l, as InfiniGen does);
+  - "next-step": the union `speculate(l + 1, ...)` stored at the previous step, from the pages just
+    below that step's cut (kernels/select_pages.select_margin): a page enters a selection by climbing
+    past the cut, and the pages the previous step did select are still resident. Layer 0's comes
+    from begin_step.
 Prefetch never uses the scratch (a predicted page that finds no slot is skipped), and a wrong
 prediction costs only bandwidth. Every `prefetch(l)` must be followed by `forward(l)` in the same
 step (in a graph capture, the side stream joins there). On the CPU prefetch runs inline.
@@ -150,11 +154,14 @@ class DeviceTieredAttention:
         return max(1, min(bs * hkv * max_selected, num_pages * (hkv if head_pages else 1)))
 
     # ------------------------------------------------------------------ steps / stats
-    def begin_step(self, prefetch_first: bool = False) -> None:
-        """A new decode step; with prefetch_first, start layer 0's prefetch now."""
+    def begin_step(self, prefetch_first: bool | str = False) -> None:
+        """A new decode step; with prefetch_first, start layer 0's prefetch now: "previous-step" (or
+        True) its previous-step union, "next-step" the margin union speculate(0) stored last step."""
         self.pool.new_step()
-        if prefetch_first:
+        if prefetch_first in (True, "previous-step"):
             self.prefetch(0)
+        elif prefetch_first == "next-step":
+            self.prefetch(0, self.spec_union[0])
 
     def stats(self) -> dict[str, int]:
         """Counters since construction or reset (one host read)."""
@@ -337,11 +344,13 @@ class DeviceTieredAttention:
             return
         if prefetch_next in (True, "previous-step"):
             self.prefetch(layer + 1)
-        elif prefetch_next == "next-layer":
+        elif prefetch_next in ("next-layer", "next-step"):
             if layer + 1 < self.pool.num_layers:
                 self.prefetch(layer + 1, self.spec_union[layer + 1])
         else:
-            raise ValueError(f"prefetch_next must be off, previous-step or next-layer, got {prefetch_next!r}")
+            raise ValueError(
+                f"prefetch_next must be off, previous-step, next-layer or next-step, got {prefetch_next!r}"
+            )
 
     def forward(
         self,
@@ -359,7 +368,8 @@ class DeviceTieredAttention:
         """Attention of `layer` over the selected pages, served from the pool (module docstring).
 
         prefetch_next: after placing this layer, prefetch layer + 1 on the side stream: "previous-step"
-        (or True) its previous-step union, "next-layer" the union speculate(layer + 1) stored.
+        (or True) its previous-step union, "next-layer" / "next-step" the union speculate(layer + 1)
+        stored (this step / the previous step).
         copy=False skips the host copies (wrong output; benchmarks use it to time the rest).
         """
         pool, p = self.pool, self.pool.k.shape[1]

@@ -10,8 +10,9 @@ through SGLang's streaming /generate and timestamps every streamed token. From t
 `merge` folds several runs (one per backend) into one JSON with ratios against --baseline, and the
 tiered fetch overlap their labels allow (scripts/gpu_e2e.sh's names): step_ms = 1000 x peak
 concurrency / decode tok/s; a run X with a twin X_nocopy (same server, host copies skipped) exposes
-step(X) - step(X_nocopy) ms of fetch a step; a prefetching run (_nl / _prev in its label) whose label
-without that tag also has its exposed fetch hides 1 - exposed(prefetch) / exposed(no prefetch) of it.
+step(X) - step(X_nocopy) ms of fetch a step; a prefetching run (_nl / _prev / _ns in its label) whose
+label without that tag and its _mN / _pN options also has its exposed fetch hides
+1 - exposed(prefetch) / exposed(no prefetch) of it.
 The runs may come from several device calls (one server start each).
 
     python scripts/bench_capacity.py run --n 8 --len 65536 --label flashinfer --out a.json
@@ -24,6 +25,7 @@ import argparse
 import concurrent.futures as cf
 import json
 import random
+import re
 import sys
 import time
 import urllib.request
@@ -139,7 +141,8 @@ def cmd_merge(a) -> dict:
     return {"benchmark": "bench_capacity", "baseline": a.baseline, "runs": runs, "fetch": fetch_overlap(runs)}
 
 
-PREFETCH_TAGS = ("_nl", "_prev")  # gpu_e2e.sh: next-layer / previous-step prefetch
+PREFETCH_TAGS = ("_nl", "_prev", "_ns")  # gpu_e2e.sh: next-layer / previous-step / next-step prefetch
+PREFETCH_OPTS = re.compile(r"_[mp]\d+")  # gpu_e2e.sh: the prefetch's margin / copy programs
 
 
 def step_ms(run: dict) -> float | None:
@@ -163,7 +166,7 @@ def fetch_overlap(runs: list[dict]) -> dict:
     hidden = {}
     for label, ms in exposed.items():
         for tag in PREFETCH_TAGS:
-            base = label.replace(tag, "", 1)
+            base = PREFETCH_OPTS.sub("", label.replace(tag, "", 1))  # the prefetch's own options go too
             if tag in label and exposed.get(base, 0) > 0:
                 hidden[label] = {"vs": base, "hidden_fraction": round(1 - ms / exposed[base], 3)}
     steps = {label: round(s, 3) for label, r in by.items() if (s := step_ms(r)) is not None}

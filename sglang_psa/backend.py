@@ -297,23 +297,25 @@ class PSAAttnBackend(AttentionBackend):
         )  # fmt: skip
         return res if self._use_centers else (res, None)
 
-    def _select(self, bounds, centers, seq_lens, reuse_kw, select_out):
-        """Estimated / topk selection: page_idx [bs, Hkv, W] int32, counts [bs, Hkv] int32."""
-        order = centers if self.cfg.rank_by == "estimate" else bounds  # --psa-rank-by
+    def _select(self, order, centers, seq_lens, reuse_kw, select_out):
+        """Estimated / topk selection from the ranking `order` (bounds or centers, --psa-rank-by):
+        page_idx [bs, Hkv, W] int32, counts [bs, Hkv] int32."""
         return self.ops.select_pages(
             order, seq_lens, self.page_size, self.params, mass_logits=centers,
             dense_below=self.cfg.dense_below, **select_out, **reuse_kw,
         )  # fmt: skip
 
     def _page_lists(self, q, layer, rpi, seq_lens, reuse_kw, select_out):
-        """One layer's page lists (page_idx [bs, Hkv, W], counts [bs, Hkv]) in estimated / topk mode:
-        bounds -> select, or sinks + local window on a --psa-streaming-layers layer (no bounds)."""
+        """One layer's page lists (page_idx [bs, Hkv, W], counts [bs, Hkv]) in estimated / topk mode,
+        and the ranking [bs, Hkv, N] they were cut from: bounds -> select, or sinks + local window on a
+        --psa-streaming-layers layer (no bounds, ranking None)."""
         if layer.layer_id in self._streaming_layers:
             cfg = self.cfg
-            return select_streaming(seq_lens, layer.tp_k_head_num, self.width, self.page_size, cfg.sink_pages,
-                                    cfg.local_pages, cfg.dense_below)  # fmt: skip
+            return (*select_streaming(seq_lens, layer.tp_k_head_num, self.width, self.page_size,
+                                      cfg.sink_pages, cfg.local_pages, cfg.dense_below), None)  # fmt: skip
         bounds, centers = self._bounds(q, layer.layer_id, rpi, seq_lens, layer.scaling, reuse_kw)
-        return self._select(bounds, centers, seq_lens, reuse_kw, select_out)
+        order = centers if self.cfg.rank_by == "estimate" else bounds  # --psa-rank-by
+        return (*self._select(order, centers, seq_lens, reuse_kw, select_out), order)
 
     def _speculate(self, layer: RadixAttention, q_hat: torch.Tensor, forward_batch: ForwardBatch) -> None:
         """--psa-prefetch next-layer: select layer's pages with its estimated query (lookahead.py);
@@ -323,7 +325,7 @@ class PSAAttnBackend(AttentionBackend):
         q = q_hat.reshape(-1, layer.tp_q_head_num, layer.head_dim)[:bs]
         rpi, seq_lens = forward_batch.req_pool_indices[:bs], forward_batch.seq_lens[:bs]
         with self.tiered.on_side_stream(layer.layer_id, q_hat):
-            page_idx, counts = self._page_lists(q, layer, rpi, seq_lens, {}, {})  # streaming: exact
+            page_idx, counts, _ = self._page_lists(q, layer, rpi, seq_lens, {}, {})  # streaming: exact
             self.tiered.speculate(layer.layer_id, self.req_to_token, rpi, page_idx, counts)
 
     def _psa_decode(self, q, layer, forward_batch) -> torch.Tensor:
@@ -353,8 +355,11 @@ class PSAAttnBackend(AttentionBackend):
                 rest_logits=centers if self.cfg.mode == "progressive" else None, dense_below=dense_below,
             )  # fmt: skip
         else:
-            page_idx, counts = self._page_lists(q, layer, rpi, seq_lens, reuse_kw, select_out)
+            page_idx, counts, order = self._page_lists(q, layer, rpi, seq_lens, reuse_kw, select_out)
             logged = page_idx
+            if self.tiered is not None and self.cfg.prefetch == "next-step" and order is not None:
+                self.tiered.plan_next_step(lid, order, seq_lens, rpi, self.req_to_token, page_idx, counts,
+                                           reuse_kw.get("keep_rows"))  # fmt: skip
             if self.tiered is not None:  # the selected pages come through the hot pool
                 out = self.tiered.forward(
                     lid, q, self.req_to_token, rpi, seq_lens, page_idx, counts, layer.scaling

@@ -85,9 +85,12 @@ _FLAG_HELP = {
     "hot_granularity": "PSA tiered: a hot-pool slot holds one page of all kv heads (page) or of one kv "
     "head (head: a miss moves only what that head reads; each head gets 1/Hkv of the pool).",
     "prefetch": "PSA tiered: while layer l computes, fetch a prediction of layer l+1's pages on a side "
-    "stream: off, previous-step (the pages layer l+1 read at the previous step) or next-layer (pages "
+    "stream: off, previous-step (the pages layer l+1 read at the previous step), next-layer (pages "
     "selected with layer l+1's query estimated from the residual stream entering layer l; Llama-style "
-    "models).",
+    "models) or next-step (the --psa-prefetch-margin pages ranked just below layer l+1's cut at the "
+    "previous step, where the pages a selection gains come from).",
+    "prefetch_margin": "PSA tiered, --psa-prefetch next-step: pages below each request's and kv head's "
+    "selection cut that are fetched ahead for the next step.",
     "prefetch_programs": "PSA tiered: Triton programs of the side-stream prefetch copy (0 = the same grid "
     "as the main-stream copy, 8 per SM); fewer leave SMs to the layer the prefetch overlaps.",
     "write_through": "PSA tiered: KV writes go to the hot pool too instead of dropping its copies: a decode "

@@ -30,6 +30,7 @@ Everything per step is device ops with static shapes: decode stays in CUDA graph
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from typing import Any
@@ -194,8 +195,28 @@ class TieredDecode:
 
     def begin_step(self) -> None:
         """Device ops before layer 0 (recorded in the decode graph). Layer 0 has no layer before it to
-        predict from: only previous-step prefetch starts it here."""
-        self.attn.begin_step(prefetch_first=self.cfg.prefetch == "previous-step" and self.copy)
+        predict from: previous-step and next-step prefetch (predictions made last step) start it here."""
+        first = self.cfg.prefetch in ("previous-step", "next-step") and self.copy
+        self.attn.begin_step(prefetch_first=self.cfg.prefetch if first else False)
+
+    def plan_next_step(self, layer_id: int, order: torch.Tensor, seq_lens: torch.Tensor, rpi: torch.Tensor,
+                       req_to_token: torch.Tensor, page_idx: torch.Tensor, counts: torch.Tensor,
+                       keep_rows: torch.Tensor | None = None) -> None:  # fmt: skip
+        """--psa-prefetch next-step: after layer_id's selection, store the union of the pages just below
+        its cut (select_margin over `order`, the ranking the selection used) as the layer's prediction
+        for the next step, prefetched then while the layer before it computes. Runs on the prefetch
+        stream, joined by the next layer's forward; the last layer's runs inline (nothing after it in
+        the step could join it)."""
+        from sglang_psa.kernels import select_margin
+
+        layer = layer_id - self.start_layer
+        inputs = (order, seq_lens, rpi, page_idx, counts)
+        last = layer + 1 >= self.attn.pool.num_layers
+        ctx = contextlib.nullcontext() if last else self.attn.on_side_stream(layer + 1, *inputs)
+        with ctx:
+            idx, cnt = select_margin(order, seq_lens, page_idx, counts, self.page_size,
+                                     self.cfg.prefetch_margin, self.cfg.dense_below, keep_rows)  # fmt: skip
+            self.attn.speculate(layer, req_to_token, rpi, idx, cnt)
 
     def on_write(self, layer_id: int, loc: torch.Tensor, kv_pool: Any = None, decode: bool = True,
                  k: torch.Tensor | None = None, v: torch.Tensor | None = None) -> None:  # fmt: skip

@@ -206,3 +206,56 @@ def test_streaming_selection_is_topk_of_sinks_and_window(dense_below):
             n = int(cnt[b, 0])
             assert torch.equal(idx[b, :, :n], ref_idx[b, :, :n])
             assert bool((idx[b, :, n:] == -1).all())
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 2**16),
+    n=st.integers(1, 40),
+    margin=st.integers(1, 12),
+    dense_below=st.sampled_from([0, 200]),
+    keep=st.booleans(),
+)
+def test_margin_is_the_best_unselected_pages_of_each_row(seed, n, margin, dense_below, keep):
+    """select_margin (--psa-prefetch next-step): per row, the `margin` best valid pages the selection
+    left out, best first; nothing for rows below dense_below or reusing an old selection, and entries
+    past a request's last page are never read (NaN there)."""
+    from sglang_psa.kernels import select_margin
+
+    g = torch.Generator().manual_seed(seed)
+    bs, hkv = 3, 2
+    seq_lens = torch.randint(1, n * P + 1, (bs,), generator=g, dtype=torch.int32)
+    order = torch.randn(bs, hkv, n, generator=g)
+    params = SelectParams(tau=0.6, sink_pages=1, local_pages=1, max_pages=max(2, n // 3))
+    idx, cnt = select_pages_ref(order, seq_lens, P, params)
+    npages = ((seq_lens + P - 1) // P).clamp(max=n)
+    for b in range(bs):
+        order[b, :, int(npages[b]) :] = float("nan")  # unwritten
+    keep_rows = torch.tensor([0, 1, 0], dtype=torch.int8) if keep else None
+    m_idx, m_cnt = select_margin(order, seq_lens, idx, cnt, P, margin, dense_below, keep_rows)
+    assert m_idx.shape == (bs, hkv, min(margin, n)) and m_idx.dtype == m_cnt.dtype == torch.int32
+    for b in range(bs):
+        for h in range(hkv):
+            chosen = set(idx[b, h, : cnt[b, h]].tolist())
+            rest = [j for j in range(int(npages[b])) if j not in chosen]
+            rest.sort(key=lambda j: -float(order[b, h, j]))
+            live = int(seq_lens[b]) >= dense_below and not (keep and b == 1)
+            want = rest[:margin] if live else []
+            c = int(m_cnt[b, h])
+            assert c == len(want) and bool((m_idx[b, h, c:] == -1).all())
+            got = m_idx[b, h, :c].tolist()
+            assert sorted(got) == sorted(want)  # ties may order differently
+            best_first = sorted((float(order[b, h, j]) for j in want), reverse=True)
+            assert [float(order[b, h, j]) for j in got] == best_first
+
+
+def test_margin_names_bad_arguments():
+    from sglang_psa.kernels import select_margin
+
+    order = torch.zeros(1, 1, 4)
+    idx, cnt = torch.zeros(1, 1, 2, dtype=torch.int32), torch.ones(1, 1, dtype=torch.int32)
+    seq = torch.tensor([64], dtype=torch.int32)
+    with pytest.raises(ValueError, match="margin must be >= 1"):
+        select_margin(order, seq, idx, cnt, P, 0)
+    with pytest.raises(ValueError, match="order must be"):
+        select_margin(order.double(), seq, idx, cnt, P, 2)

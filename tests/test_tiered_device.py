@@ -407,10 +407,36 @@ def test_wrong_speculation_costs_bandwidth_never_correctness(policy, granularity
     assert s["hits"] + s["fetched"] + s["overflow"] == s["needed"]
 
 
+@pytest.mark.parametrize("granularity", ["page", "head"])
+@pytest.mark.parametrize("policy", POLICIES)
+def test_next_step_prefetch_brings_the_stored_prediction_before_its_layer(policy, granularity):
+    """prefetch "next-step": the union speculate(l) stored at one step (in the server: the pages below
+    layer l's cut) is copied at the next step on the side stream, by begin_step for layer 0 and by
+    forward(l - 1) for the others; a step that selects exactly those pages fetches nothing itself."""
+    b = Batch(8)
+    t = b.tiered(200, policy=policy, granularity=granularity)
+    g = torch.Generator().manual_seed(3)
+    sel = [b.select(g) for _ in range(L)]
+    gained = [b.select(g) for _ in range(L)]
+    t.begin_step(prefetch_first="next-step")
+    for layer in range(L):
+        t.speculate(layer, b.req_to_token, b.rpi, *gained[layer])  # layer's prediction for the next step
+        b.run(t, layer, *sel[layer], prefetch_next="next-step")
+    before = t.stats()
+    assert before["prefetched"] == 0  # nothing was predicted for the first step
+    t.begin_step(prefetch_first="next-step")
+    for layer in range(L):
+        out, _ = b.run(t, layer, *gained[layer], prefetch_next="next-step")
+        assert torch.equal(out, b.resident(layer, *gained[layer])[0])
+    s = t.stats()
+    assert s["fetched"] == before["fetched"] and s["overflow"] == before["overflow"] == 0
+    assert s["prefetched"] > 0 and s["needed"] - before["needed"] == s["hits"] - before["hits"]
+
+
 def test_prefetch_next_rejects_an_unknown_prediction():
     b = Batch(1)
     t = b.tiered(8)
-    with pytest.raises(ValueError, match="prefetch_next must be off, previous-step or next-layer"):
+    with pytest.raises(ValueError, match="prefetch_next must be off, previous-step, next-layer or next-step"):
         b.run(t, 0, *b.select(torch.Generator().manual_seed(0)), prefetch_next="sometimes")
 
 
@@ -477,6 +503,70 @@ def test_whole_step_replays_in_a_cuda_graph(capacity, policy, granularity):
         check_pool(t)
     s = t.stats()
     assert s["hits"] + s["fetched"] + s["overflow"] == s["needed"] > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("granularity", ["page", "head"])
+@pytest.mark.parametrize("capacity", [3, 64])
+def test_next_step_prefetch_replays_in_a_cuda_graph(capacity, granularity):
+    """--psa-prefetch next-step as the server records it: after each layer's selection, select_margin
+    over a ranking and speculate(layer) on the side stream (joined by the next layer; the last layer
+    inline), prefetch of the previous step's margins by begin_step and forward(l - 1). Replays with
+    new selections and rankings equal resident decode, and margins of one replay are prefetched in
+    the next."""
+    import contextlib
+
+    from sglang_psa.kernels import select_margin
+
+    b = Batch(9, device="cuda", dtype=torch.bfloat16)
+    t = b.tiered(capacity, attend=sparse_decode, policy="clock", granularity=granularity)
+    g = torch.Generator().manual_seed(4)
+    n = math.ceil(max(LENS) / P)
+    idx_buf = torch.full((L, 2, HKV, W), -1, dtype=torch.int32, device="cuda")
+    cnt_buf = torch.zeros(L, 2, HKV, dtype=torch.int32, device="cuda")
+    order_buf = torch.zeros(L, 2, HKV, n, device="cuda")
+
+    def step():
+        t.begin_step(prefetch_first="next-step")
+        outs = []
+        for layer in range(L):
+            last = layer + 1 == L
+            ctx = contextlib.nullcontext() if last else t.on_side_stream(layer + 1, order_buf[layer])
+            with ctx:
+                sel = (idx_buf[layer], cnt_buf[layer])
+                m_idx, m_cnt = select_margin(order_buf[layer], b.seq_lens, *sel, P, 3)
+                t.speculate(layer, b.req_to_token, b.rpi, m_idx, m_cnt)
+            outs.append(b.run(t, layer, idx_buf[layer], cnt_buf[layer], prefetch_next="next-step"))
+        return outs
+
+    def refill():
+        for layer in range(L):
+            i, c = b.select(g)
+            idx_buf[layer].copy_(i)
+            cnt_buf[layer].copy_(c)
+            order_buf[layer].copy_(torch.randn(order_buf.shape[1:], generator=g))
+
+    refill()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up: compile kernels, allocate workspaces
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = step()
+    t.reset()
+    for _ in range(4):
+        refill()
+        graph.replay()
+        torch.cuda.synchronize()
+        for layer in range(L):
+            ref, _ = b.resident(layer, idx_buf[layer], cnt_buf[layer], attend=sparse_decode)
+            assert torch.allclose(outs[layer][0].float(), ref.float(), atol=2e-2)
+        check_pool(t)
+    s = t.stats()
+    assert s["hits"] + s["fetched"] + s["overflow"] == s["needed"] > 0
+    assert s["prefetched"] > 0 or capacity < 2 * HKV * W  # a tiny pool has no free slot to prefetch into
 
 
 @pytest.mark.gpu

@@ -131,6 +131,32 @@ def test_write_through_fills_prefill_pages(granularity):
     assert b.tiered.attn.stats()["fetched"] == partial * LAYERS * units
 
 
+@pytest.mark.parametrize("granularity", ["page", "head"])
+def test_next_step_prefetch_equals_resident_and_fetches_ahead(granularity):
+    """--psa-prefetch next-step: after each layer's selection the pages just below its cut are stored as
+    its prediction and copied at the next step on the prefetch stream. Outputs equal the resident
+    backend's; with writes dropping pages (nothing placed at prefill) some of what later steps select
+    arrives ahead, so fewer pages are fetched on the critical path than without prefetch."""
+    opts = dict(mode="estimated", tau=0.5, max_pages=6, sink_pages=1, local_pages=1, dense_below=0)
+    head = granularity == "head"
+    gb = (400 + 1 + 2 * 65) * (SLOT_BYTES // 2) / 2**30 if head else pool_gb(200)
+    resident = make_backend(**opts)
+    tiers = {m: make_backend(**opts, tiered=True, hot_pool_gb=gb, hot_granularity=granularity,
+                             write_through=False, prefetch=m, prefetch_margin=4)
+             for m in ("off", "next-step")}  # fmt: skip
+    backends = (resident, *tiers.values())
+    batches = [Batch(x, [150, 90, 200], torch.Generator().manual_seed(5)) for x in backends]
+    for x in batches:
+        x.prefill()
+    for _ in range(8):
+        for (a, _), (c, _), (e, _) in zip(*(x.decode() for x in batches)):
+            torch.testing.assert_close(c, a, rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(e, a, rtol=1e-6, atol=1e-6)
+    off, ns = (tiers[m].tiered.attn.stats() for m in ("off", "next-step"))
+    assert off["prefetched"] == 0 and ns["prefetched"] > 0
+    assert ns["fetched"] + ns["overflow"] < off["fetched"] + off["overflow"]
+
+
 def test_selection_reuse_through_the_hot_pool():
     """--psa-reuse-steps with --psa-tiered: reused page lists hit the pool; results equal resident reuse."""
     opts = dict(
