@@ -267,8 +267,18 @@ capacity)
     esac
     SGLANG_PSA_LOOKAHEAD_TORCH=$TORCHQ SGLANG_PSA_TIERED_SKIP_COPY=$SKIP start_server cap_$B "${CAP[@]}" "${ARGS[@]}" \
       || { grep -iE "error|Traceback" "$OUT/cap_$B.log" | tail -5; continue; }
+    PROF=
+    if [ -n "${CAP_PROFILE:-}" ]; then  # CAP_PROFILE=STEPS: a GPU profile of STEPS decode steps at N running
+      ( timeout 280 bash -c "until grep -q '#running-req: $N,' '$OUT/cap_$B.log'; do sleep 1; done" \
+        && python3 scripts/profile_server_decode.py capture --url $URL --steps $CAP_PROFILE --dir /tmp/prof_$B ) &
+      PROF=$!
+    fi
     timeout ${CAP_TIMEOUT:-300} python3 scripts/bench_capacity.py run --n $N --len $L --out-len ${CAP_OUT:-64} \
       --label $B --out "$OUT/cap_$B.json" && FILES+=("$OUT/cap_$B.json")
+    if [ -n "$PROF" ]; then
+      wait $PROF && python3 scripts/profile_server_decode.py summarize /tmp/prof_$B --steps $CAP_PROFILE \
+        --out "$OUT/prof_$B.json" --meta "{\"label\": \"$B\", \"commit\": \"$COMMIT\", \"device\": \"$DEV\"}" | head -40
+    fi
     grep -E "PSA tiered|#running-req" "$OUT/cap_$B.log" | tail -4
     stop_server
   done
