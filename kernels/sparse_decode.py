@@ -24,6 +24,10 @@ Shapes and dtypes:
                       (tiered mode reads the hot pool's slots this way). [bs, Hkv, N]: one table
                       per kv head (tiered mode with one-head slots; k_cache / v_cache are then
                       the slots' single head expanded to Hkv, head stride 0)
+    host_k, host_v    optional [host_rows, Hkv, D] (tiered mode: the layer's pinned host tier, read
+                      over UVA); a page_table entry e >= host_base is host page e - host_base (token
+                      rows (e - host_base) * P ...) of these instead: tiered decode reads the pages
+                      it misses straight from host memory while their copy into the pool runs beside
     -> out [bs, Hq, D] q.dtype, lse [bs, Hq] float32 (natural log of the softmax normaliser)
 """
 
@@ -63,6 +67,17 @@ def _gather_tokens(req_to_token, rpi, seq_len, pages, page_size, table_row=None)
     return req_to_token[rpi, tok].to(torch.int64)
 
 
+def _rows(cache, host, host_base, slots, h, page_size):
+    """Rows [T, D] of kv head h at token slots [T]; slots from a table entry >= host_base (in pages)
+    are rows of `host` (see the module docstring)."""
+    if host is None:
+        return cache[slots, h].cpu()
+    on_host = slots >= host_base * page_size
+    dev_rows = cache[torch.where(on_host, 0, slots), h].cpu()
+    host_rows = host[torch.where(on_host, slots - host_base * page_size, 0).cpu(), h].cpu()
+    return torch.where(on_host.cpu()[:, None], host_rows, dev_rows)
+
+
 def _attend_ref(q_group, keys, values, sm_scale):
     """q_group [G, D], keys/values [T, D] -> out [G, D], lse [G] in float64."""
     if keys.shape[0] == 0:
@@ -86,6 +101,9 @@ def sparse_decode_ref(
     page_size: int,
     sm_scale: float,
     page_table: torch.Tensor | None = None,
+    host_k: torch.Tensor | None = None,
+    host_v: torch.Tensor | None = None,
+    host_base: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pure-torch (float64) reference of sparse_decode."""
     bs, hq, hkv, d, g = check_kv(q, k_cache, v_cache)
@@ -99,8 +117,8 @@ def sparse_decode_ref(
             slots = _gather_tokens(req_to_token, r, n, pages, page_size, row)
             o, l_ = _attend_ref(
                 q[b, h * g : (h + 1) * g].cpu(),
-                k_cache[slots, h].cpu(),
-                v_cache[slots, h].cpu(),
+                _rows(k_cache, host_k, host_base, slots, h, page_size),
+                _rows(v_cache, host_v, host_base, slots, h, page_size),
                 sm_scale,
             )
             out[b, h * g : (h + 1) * g], lse[b, h * g : (h + 1) * g] = o, l_
@@ -153,6 +171,13 @@ def _attend_pages_kernel(
     PAGE_TABLE,
     stride_tb,
     stride_th,
+    HOST_K,
+    HOST_V,
+    host_base,
+    stride_hkt,
+    stride_hkh,
+    stride_hvt,
+    stride_hvh,
     qk_scale,
     stride_qb,
     stride_qh,
@@ -178,6 +203,7 @@ def _attend_pages_kernel(
     NUM_SPLITS: tl.constexpr,
     HAS_START: tl.constexpr,
     HAS_TABLE: tl.constexpr,
+    HAS_HOST: tl.constexpr,
     IEEE: tl.constexpr,
 ):
     bh = tl.program_id(0)
@@ -215,16 +241,28 @@ def _attend_pages_kernel(
         pvalid = pi < hi
         page = tl.load(row + pi, mask=pvalid, other=0).to(tl.int64)
         if HAS_TABLE:
-            first = (
-                tl.load(PAGE_TABLE + b * stride_tb + h * stride_th + page, mask=pvalid, other=0).to(tl.int64)
-                * PAGE
-            )
+            entry = tl.load(PAGE_TABLE + b * stride_tb + h * stride_th + page, mask=pvalid, other=0)
+            entry = entry.to(tl.int64)
+            if HAS_HOST:  # entries from host_base on: pages of the host tier
+                on_host = entry >= host_base
+                entry = tl.where(on_host, entry - host_base, entry)
+            first = entry * PAGE
         else:
             first = tl.load(REQ_TO_TOKEN + rpi * stride_rt + page * PAGE, mask=pvalid, other=0)
         tvalid = pvalid & (page * PAGE + t_off < seq_len)
         slot = first.to(tl.int64) + t_off
         kv_mask = tvalid[:, None] & dmask[None, :]
-        k = tl.load(K + slot[:, None] * stride_kt + h * stride_kh + d[None, :], mask=kv_mask, other=0.0)
+        k_at = K + slot[:, None] * stride_kt + h * stride_kh + d[None, :]
+        v_at = V + slot[:, None] * stride_vt + h * stride_vh + d[None, :]
+        if HAS_HOST:  # each row from one of the two sources (the other load is masked off)
+            host_mask = kv_mask & on_host[:, None]
+            dev_mask = kv_mask & ~on_host[:, None]
+            hk_at = HOST_K + slot[:, None] * stride_hkt + h * stride_hkh + d[None, :]
+            k = tl.where(
+                host_mask, tl.load(hk_at, mask=host_mask, other=0.0), tl.load(k_at, mask=dev_mask, other=0.0)
+            )
+        else:
+            k = tl.load(k_at, mask=kv_mask, other=0.0)
         if IEEE:
             s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
         else:
@@ -234,7 +272,13 @@ def _attend_pages_kernel(
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(V + slot[:, None] * stride_vt + h * stride_vh + d[None, :], mask=kv_mask, other=0.0)
+        if HAS_HOST:
+            hv_at = HOST_V + slot[:, None] * stride_hvt + h * stride_hvh + d[None, :]
+            v = tl.where(
+                host_mask, tl.load(hv_at, mask=host_mask, other=0.0), tl.load(v_at, mask=dev_mask, other=0.0)
+            )
+        else:
+            v = tl.load(v_at, mask=kv_mask, other=0.0)
         if IEEE:
             acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
         else:
@@ -370,6 +414,7 @@ def _attend(
     page_table=None,
     tuning=None,
     max_items=None,
+    host=None,
 ):
     # tuning: {"pages_per_iter", "num_warps", "num_stages"} overrides (scripts/tune_attend.py)
     items = pages.shape[-1] if max_items is None else max_items  # most pages one row attends
@@ -382,6 +427,7 @@ def _attend(
     bs, hq, d = q.shape
     hkv = k_cache.shape[1]
     g = hq // hkv
+    host_k, host_v, host_base = host if host is not None else (k_cache, v_cache, 0)
     _attend_pages_kernel[(bs * hkv, num_splits)](
         q,
         k_cache,
@@ -397,6 +443,13 @@ def _attend(
         page_table if page_table is not None else end,
         page_table.stride(0) if page_table is not None else 0,
         page_table.stride(1) if page_table is not None and page_table.dim() == 3 else 0,
+        host_k,
+        host_v,
+        host_base,
+        host_k.stride(0),
+        host_k.stride(1),
+        host_v.stride(0),
+        host_v.stride(1),
         sm_scale * _LOG2E,
         q.stride(0),
         q.stride(1),
@@ -422,6 +475,7 @@ def _attend(
         NUM_SPLITS=num_splits,
         HAS_START=start is not None,
         HAS_TABLE=page_table is not None,
+        HAS_HOST=host is not None,
         IEEE=f32_dot(q.dtype),
         num_warps=tune["num_warps"],
         num_stages=tune["num_stages"],
@@ -485,11 +539,15 @@ def sparse_decode(
     out: torch.Tensor | None = None,
     page_table: torch.Tensor | None = None,
     tuning: dict | None = None,
+    host_k: torch.Tensor | None = None,
+    host_v: torch.Tensor | None = None,
+    host_base: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact attention of each (request, kv head) over its selected pages (Triton split-K).
 
     page_table [bs, N] or [bs, Hkv, N] int32 (optional): page locations in k_cache / v_cache; see the
-    module docstring.
+    module docstring. host_k / host_v [host_rows, Hkv, D] (with a page_table): entries >= host_base
+    are pages of these (on a GPU: pinned host memory, read over UVA).
     tuning: launch overrides for the attend kernel (pages_per_iter, num_warps, num_stages); for tuning runs.
     """
     bs, hq, hkv, d, g = _check_common(
@@ -504,6 +562,7 @@ def sparse_decode(
         or page_table.stride(-1) != 1 or (page_table.dim() == 3 and page_table.shape[1] != hkv)
     ):  # fmt: skip
         raise ValueError(f"page_table must be [{bs}, N] or [{bs}, {hkv}, N] int32, contiguous in N")
+    host = _check_host(host_k, host_v, host_base, page_table, k_cache)
     if num_splits is None:
         num_splits = default_num_splits(bs, hkv, page_idx.shape[2], q.device)
     if out is None:
@@ -529,9 +588,25 @@ def sparse_decode(
         part_lse,
         page_table,
         tuning,
+        host=host,
     )
     _merge(part_o, part_lse, num_splits, out, lse)
     return out, lse
+
+
+def _check_host(host_k, host_v, host_base, page_table, k_cache) -> tuple | None:
+    """sparse_decode's host tier arguments -> (host_k, host_v, host_base) or None."""
+    if host_k is None and host_v is None:
+        return None
+    if host_k is None or host_v is None or page_table is None:
+        raise ValueError("host_k and host_v come together, with a page_table that points into them")
+    hkv, d = k_cache.shape[1:]
+    for name, t in (("host_k", host_k), ("host_v", host_v)):
+        if t.dim() != 3 or t.shape[1:] != (hkv, d) or t.dtype != k_cache.dtype or t.stride(2) != 1:
+            raise ValueError(f"{name} must be [rows, {hkv}, {d}] {k_cache.dtype}, contiguous in head_dim")
+    if not 0 <= host_base < 2**31:
+        raise ValueError(f"host_base must be in [0, 2**31), got {host_base}")
+    return host_k, host_v, int(host_base)
 
 
 _NEVER_CERTIFIED = 1e4  # a log-mass no attention state reaches (finite: no inf - inf in logcumsumexp)

@@ -44,6 +44,14 @@ Prefetch never uses the scratch (a predicted page that finds no slot is skipped)
 prediction costs only bandwidth. Every `prefetch(l)` must be followed by `forward(l)` in the same
 step (in a graph capture, the side stream joins there). On the CPU prefetch runs inline.
 
+Miss path (`miss_path`): "pool" copies a layer's misses into their slots (step 4) before attention,
+a main-stream kernel whose time is mostly PCIe latency (~45-70 us a layer on the H200 for 0.5-1.4 MiB,
+profile-decode-*.json), so hiding part of its bytes by prefetch hides almost none of its time. "host"
+builds the page table with the missed pages pointing into the host tier itself (sparse_decode's
+host_k / host_v, read over UVA inside the attention kernel, where their latency overlaps the reads of
+the resident pages) and copies the missed pages that got a slot into the pool on the side stream, for
+the steps after. The two paths attend the same keys, so outputs are equal.
+
 KV writes: `invalidate_layer` drops the written pages of a layer (any write: prefill, a page reused
 by the radix cache); `write_through` instead writes the new rows into the slots of resident pages, so
 the page a decode step appends to stays a hit (without it that page misses in every layer and kv
@@ -80,6 +88,7 @@ from .fused_place import (
 from .uva_fetch import PageFetcher
 
 COUNTER_NAMES = ("needed", "hits", "fetched", "overflow", "prefetched", "filled")
+MISS_PATHS = ("pool", "host")  # attend a miss from its new pool slot after the copy, or from host memory
 
 
 class DeviceTieredAttention:
@@ -91,10 +100,16 @@ class DeviceTieredAttention:
         width: int,
         attend: Callable = sparse_decode,
         prefetch_programs: int | None = None,
+        miss_path: str = "pool",
         **fetch_kw,
     ):
         if width < 1:
             raise ValueError(f"width must be >= 1, got {width}")
+        if miss_path not in MISS_PATHS:
+            raise ValueError(f"miss_path must be one of {', '.join(MISS_PATHS)}, got {miss_path!r}")
+        self.miss_path = miss_path
+        # table entries from here on name host pages (sparse_decode's host_base): past every pool row
+        self._host_base = pool.k.shape[0]
         if pool.scratch_slots < width:
             raise ValueError(f"pool needs scratch_slots >= width ({width}), has {pool.scratch_slots}")
         self.pool, self.width, self.attend = pool, width, attend
@@ -304,12 +319,39 @@ class DeviceTieredAttention:
         sel = (req_to_token, req_pool_indices, page_idx, counts, p)
         self._union_into(union, sel, speculated=False)
         pl = pool.place(layer, union, scratch_base=self._scratch0, acc=self.counters, acc_mode=1)
+        loc = pl.loc
         if copy:
-            self.fetcher.copy(layer, union, pl.loc, pl.copy)
+            loc = self._fetch(layer, union, pl.loc, pl.copy, pl.copy & (pl.loc < self._scratch0))
         self._prefetch_after(layer, prefetch_next)
         if self.head_pages:
-            return head_page_table(*sel, self.host_pages, self._pos_of, pl.loc)
-        return page_table(req_to_token, req_pool_indices, p, pool.num_pages, union, pl.loc)
+            return head_page_table(*sel, self.host_pages, self._pos_of, loc)
+        return page_table(req_to_token, req_pool_indices, p, pool.num_pages, union, loc)
+
+    def _fetch(self, layer: int, union: torch.Tensor, loc: torch.Tensor, missed: torch.Tensor,
+               slotted: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        """The misses of a placement (union [M]; loc [M] slot or scratch slot; missed [M]: not in the
+        pool before; slotted [M]: missed pages that got a pool slot) reach their slots; returns the loc
+        the page table is built from. miss_path "pool": one copy of every miss into its slot or scratch
+        slot, before attention. "host": attention reads the missed pages straight from the host tier
+        (their loc becomes host_base + host page), while the slotted ones are copied into the pool on the
+        side stream for later steps (joined by the next layer's forward, the last layer's own)."""
+        if self.miss_path == "pool":
+            self.fetcher.copy(layer, union, loc, missed)
+            return loc
+        host_page = union.remainder(self.host_pages) if self.head_pages else union
+        table_loc = torch.where(missed, self._host_base + host_page, loc).to(loc.dtype)
+        if not self._cuda:
+            self.fetcher.copy(layer, union, loc, slotted)
+            return table_loc
+        key = min(layer + 1, self.pool.num_layers - 1)
+        self.side.wait_stream(torch.cuda.current_stream(self.pool.device))
+        for t in (union, loc, slotted):
+            t.record_stream(self.side)
+        with torch.cuda.stream(self.side):
+            self.fetcher.copy(layer, union, loc, slotted)
+            self._events[key].record(self.side)
+        self._pending.add(key)
+        return table_loc
 
     def _union_into(self, out: torch.Tensor, sel: tuple, speculated: bool) -> None:
         """The selection's union (Triton) into out [m]: head pages in any order, or pages ascending;
@@ -378,8 +420,16 @@ class DeviceTieredAttention:
         k_rows, v_rows = pool.k.view(-1, *pool.k.shape[2:]), pool.v.view(-1, *pool.v.shape[2:])
         if self.head_pages:  # one head per slot, read by every kv head through its own table
             k_rows, v_rows = (t.expand(-1, self.hkv, -1) for t in (k_rows, v_rows))
-        return self.attend(q, k_rows, v_rows, req_to_token, req_pool_indices, seq_lens, page_idx, counts, p,
-                           sm_scale, page_table=table)  # fmt: skip
+        host = {}
+        if self.miss_path == "host" and copy:  # misses are read where they are: the host tier's rows
+            hk, hv = pool.host.k[layer], pool.host.v[layer]
+            host = {"host_k": hk.view(-1, *hk.shape[2:]), "host_v": hv.view(-1, *hv.shape[2:]),
+                    "host_base": self._host_base}  # fmt: skip
+        out = self.attend(q, k_rows, v_rows, req_to_token, req_pool_indices, seq_lens, page_idx, counts, p,
+                          sm_scale, page_table=table, **host)  # fmt: skip
+        if layer + 1 == pool.num_layers:
+            self._join(layer)  # the last layer's side-stream copy (miss_path "host") ends with the step
+        return out
 
     def _place_torch(self, layer, req_to_token, req_pool_indices, page_idx, counts, prefetch_next, copy):
         """Policy "lru": union, place, copies and page table [bs, N] int32 as torch ops."""
@@ -399,7 +449,7 @@ class DeviceTieredAttention:
         scratch = self._scratch0 + torch.cumsum(over.long(), 0) - 1
         loc = torch.where(over, scratch, pl.slots.long())  # [M] slot or scratch slot, -1 padding
         if copy:
-            self.fetcher.copy(layer, union, loc, pl.fetch | over)
+            loc = self._fetch(layer, union, loc, pl.fetch | over, pl.fetch)
         self.counters[:4] += torch.stack([valid.sum(), pl.hit.sum(), pl.fetch.sum(), over.sum()])
         self._prefetch_after(layer, prefetch_next)
         # page table: logical page -> slot, through a map over physical pages (entry NP: padding)

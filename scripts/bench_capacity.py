@@ -10,7 +10,8 @@ through SGLang's streaming /generate and timestamps every streamed token. From t
 `merge` folds several runs (one per backend) into one JSON with ratios against --baseline, and the
 tiered fetch overlap their labels allow (scripts/gpu_e2e.sh's names): step_ms = 1000 x peak
 concurrency / decode tok/s; a run X with a twin X_nocopy (same server, host copies skipped) exposes
-step(X) - step(X_nocopy) ms of fetch a step; a prefetching run (_nl / _prev / _ns in its label) whose
+step(X) - step(X_nocopy) ms of fetch a step (X_host may use X's twin: without copies there is no
+miss path); an overlapping run (_nl / _prev / _ns prefetch, _host misses read from host memory) whose
 label without that tag and its _mN / _pN options also has its exposed fetch hides
 1 - exposed(prefetch) / exposed(no prefetch) of it.
 The runs may come from several device calls (one server start each).
@@ -141,7 +142,8 @@ def cmd_merge(a) -> dict:
     return {"benchmark": "bench_capacity", "baseline": a.baseline, "runs": runs, "fetch": fetch_overlap(runs)}
 
 
-PREFETCH_TAGS = ("_nl", "_prev", "_ns")  # gpu_e2e.sh: next-layer / previous-step / next-step prefetch
+# gpu_e2e.sh: next-layer / previous-step / next-step prefetch, misses attended from host memory
+OVERLAP_TAGS = ("_nl", "_prev", "_ns", "_host")
 PREFETCH_OPTS = re.compile(r"_[mp]\d+")  # gpu_e2e.sh: the prefetch's margin / copy programs
 
 
@@ -157,7 +159,8 @@ def fetch_overlap(runs: list[dict]) -> dict:
     by = {r["label"]: r for r in runs}
     exposed = {}
     for label, run in by.items():
-        twin = by.get(label + "_nocopy")
+        # _nocopy skips every host read, so where misses would be read (_host) makes no difference to it
+        twin = by.get(label + "_nocopy") or by.get(label.replace("_host", "") + "_nocopy")
         if twin is None or twin.get("peak_concurrency") != run.get("peak_concurrency"):
             continue
         a, b = step_ms(run), step_ms(twin)
@@ -165,7 +168,7 @@ def fetch_overlap(runs: list[dict]) -> dict:
             exposed[label] = round(a - b, 3)
     hidden = {}
     for label, ms in exposed.items():
-        for tag in PREFETCH_TAGS:
+        for tag in OVERLAP_TAGS:
             base = PREFETCH_OPTS.sub("", label.replace(tag, "", 1))  # the prefetch's own options go too
             if tag in label and exposed.get(base, 0) > 0:
                 hidden[label] = {"vs": base, "hidden_fraction": round(1 - ms / exposed[base], 3)}

@@ -25,6 +25,8 @@ MASS_ESTIMATES = {"center": 0.0, "lognormal": 1.0 / 24.0}
 RANK_BY = ("bound", "estimate")  # estimated mode: order pages by Quest bound or by the mass estimate
 # tiered: what layer l+1's side-stream prefetch fetches while layer l computes (memory/device_tiered.py)
 PREFETCH_MODES = ("off", "previous-step", "next-layer", "next-step")
+# tiered: where decode attention reads a page the hot pool missed (memory/device_tiered.py)
+MISS_PATHS = ("pool", "host")
 # Page sizes the kernels are written for (tl.arange needs powers of two; 16 keeps the bound cost
 # at 1/16 of the K+V bytes, 128 is the largest tile the decode kernel keeps in registers).
 MIN_PAGE_SIZE = 16
@@ -79,6 +81,9 @@ class PSAConfig:
     hot_granularity: str = "page"  # page (all kv heads per slot) | head (one kv head per slot)
     prefetch: str = "off"  # tiered: off | previous-step | next-layer | next-step (module docstring)
     prefetch_margin: int = 32  # next-step: pages below each (request, kv head)'s cut fetched ahead
+    # tiered: "pool" copies a layer's misses into the pool before its attention; "host" attends them
+    # straight from pinned host memory and copies them into the pool beside it (side stream)
+    miss_path: str = "pool"
     # tiered: programs of the side-stream prefetch copy (0 = the main copy's grid, 8 per SM). The copy
     # is PCIe-bound; a full grid takes SMs from the layer it overlaps (bench_fetch_overlap.py, H200,
     # 640 head pages a layer: 37% of the fetch hidden with 1056 programs, 79% with 66)
@@ -220,6 +225,8 @@ class PSAConfig:
         if isinstance(self.prefetch_programs, bool) or not isinstance(self.prefetch_programs, int) \
                 or self.prefetch_programs < 0:  # fmt: skip
             raise _bad("prefetch-programs", "an integer >= 0 (0 = the default grid)", self.prefetch_programs)
+        if self.miss_path not in MISS_PATHS:
+            raise _bad("miss-path", f"one of {', '.join(MISS_PATHS)}", self.miss_path)
         if isinstance(self.prefetch_margin, bool) or not isinstance(self.prefetch_margin, int) \
                 or self.prefetch_margin < 1:  # fmt: skip
             raise _bad("prefetch-margin", "an integer >= 1 (pages per request and kv head)",

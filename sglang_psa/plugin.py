@@ -89,6 +89,9 @@ _FLAG_HELP = {
     "selected with layer l+1's query estimated from the residual stream entering layer l; Llama-style "
     "models) or next-step (the --psa-prefetch-margin pages ranked just below layer l+1's cut at the "
     "previous step, where the pages a selection gains come from).",
+    "miss_path": "PSA tiered: where decode attention reads the pages the hot pool misses: pool (copy them "
+    "into their pool slots first, then attend) or host (attend them straight from pinned host memory "
+    "over PCIe, inside the attention kernel, while their copy into the pool runs on a side stream).",
     "prefetch_margin": "PSA tiered, --psa-prefetch next-step: pages below each request's and kv head's "
     "selection cut that are fetched ahead for the next step.",
     "prefetch_programs": "PSA tiered: Triton programs of the side-stream prefetch copy (0 = the same grid "

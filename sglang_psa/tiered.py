@@ -175,7 +175,8 @@ class TieredDecode:
         capacity = max(0, budget // slot_bytes - (1 + union_width))  # less the sink and the scratch slots
         self.attn = DeviceTieredAttention.build(capacity, tier, union_width, device, head_pages=per_head,
                                                 policy=cfg.hot_policy, backend="triton",
-                                                prefetch_programs=cfg.prefetch_programs or None)  # fmt: skip
+                                                prefetch_programs=cfg.prefetch_programs or None,
+                                                miss_path=cfg.miss_path)  # fmt: skip
         self.slot_bytes = slot_bytes
         self.copy = os.environ.get(SKIP_COPY_ENV, "") in ("", "0")
         if not self.copy:
@@ -187,10 +188,10 @@ class TieredDecode:
         self.metric_labels: dict[str, str] | None = None  # set by the backend with --enable-metrics
         logger.info(
             "PSA tiered: hot pool %d slots of one %s + %d scratch (%.2f GiB of GPU memory) over %d "
-            "host pages x %d layers; placement %s, prefetch %s",
+            "host pages x %d layers; placement %s, prefetch %s, misses read from %s",
             capacity, "kv head's page" if per_head else "page (all kv heads)", union_width,
             (capacity + 1 + union_width) * slot_bytes / 2**30, num_pages, nl, cfg.hot_policy,
-            cfg.prefetch,
+            cfg.prefetch, cfg.miss_path,
         )  # fmt: skip
 
     def begin_step(self) -> None:

@@ -209,3 +209,59 @@ def test_long_splits_load_128_tokens_per_iteration():
 
     assert _pages_per_iter(32, 26) == 4 and _pages_per_iter(32, 10) == 2  # 16 x 4k dense vs a capped split
     assert _pages_per_iter(16, 32) == 8 and _pages_per_iter(128, 64) == 1
+
+
+@pytest.mark.parametrize("table_dim", [2, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_host_pages_are_read_in_place(table_dim, dtype, device):
+    """page_table entries >= host_base read pages of host_k / host_v (tiered mode's misses, straight
+    from the pinned host tier): the same result as with those pages copied behind the pool, i.e. the
+    same table over cat(pool, host) with host_base = the pool's page count."""
+    if dtype == torch.bfloat16 and device == "cpu":
+        pytest.skip("bf16 dot products need a GPU")
+    g = torch.Generator().manual_seed(11)
+    p, hkv, grp, d, bs, n, slots, host_pages = 16, 2, 2, 64, 2, 6, 10, 12
+    pool_k, pool_v = (torch.randn(slots * p, hkv, d, generator=g).to(device, dtype) for _ in range(2))
+    pin = device == "cuda"
+    host_k, host_v = (torch.randn(host_pages * p, hkv, d, generator=g).to(dtype) for _ in range(2))
+    if pin:
+        host_k, host_v = host_k.pin_memory(), host_v.pin_memory()
+    shape = (bs, n) if table_dim == 2 else (bs, hkv, n)
+    on_host = torch.rand(shape, generator=g) < 0.5
+    table = torch.where(on_host, slots + torch.randint(0, host_pages, shape, generator=g),
+                        torch.randint(0, slots, shape, generator=g)).to(torch.int32)  # fmt: skip
+    q = torch.randn(bs, hkv * grp, d, generator=g).to(device, dtype)
+    seq_lens = torch.tensor([n * p - 5, 4 * p + 1], dtype=torch.int32)
+    page_idx = torch.tensor([[0, 2, 3, 5], [0, 1, 4, -1]], dtype=torch.int32)[:, None].expand(bs, hkv, 4)
+    counts = torch.tensor([[4, 4], [3, 3]], dtype=torch.int32)
+    args = [
+        torch.zeros(bs, n * p, dtype=torch.int32),
+        torch.arange(bs),
+        seq_lens,
+        page_idx.contiguous(),
+        counts,
+    ]
+    args = [t.to(device) for t in args]
+    table = table.to(device)
+    out, lse = sparse_decode(q, pool_k, pool_v, *args, p, d**-0.5, page_table=table, host_k=host_k,
+                             host_v=host_v, host_base=slots)  # fmt: skip
+    full_k, full_v = torch.cat([pool_k, host_k.to(device)]), torch.cat([pool_v, host_v.to(device)])
+    want, want_lse = sparse_decode_ref(q, full_k, full_v, *args, p, d**-0.5, page_table=table)
+    ref, ref_lse = sparse_decode_ref(q, pool_k, pool_v, *args, p, d**-0.5, page_table=table, host_k=host_k,
+                                     host_v=host_v, host_base=slots)  # fmt: skip
+    assert torch.equal(ref, want) and torch.equal(ref_lse, want_lse)
+    assert rel_err(out, want) < TOL[dtype]
+    assert torch.allclose(lse.cpu(), want_lse.cpu(), atol=1e-3, rtol=1e-4)
+
+
+def test_host_arguments_are_checked():
+    q = torch.zeros(1, 2, 64)
+    k = torch.zeros(32, 2, 64)
+    args = (q, k, k, torch.zeros(1, 32, dtype=torch.int32), torch.zeros(1, dtype=torch.int64),
+            torch.tensor([20], dtype=torch.int32), torch.zeros(1, 2, 1, dtype=torch.int32),
+            torch.ones(1, 2, dtype=torch.int32), 16, 0.1)  # fmt: skip
+    table = torch.zeros(1, 2, dtype=torch.int32)
+    with pytest.raises(ValueError, match="host_k and host_v come together"):
+        sparse_decode(*args, host_k=k, host_v=k)
+    with pytest.raises(ValueError, match=r"host_v must be \[rows, 2, 64\]"):
+        sparse_decode(*args, page_table=table, host_k=k, host_v=torch.zeros(32, 1, 64))

@@ -130,12 +130,14 @@ def test_fetcher_kernel_backend_refuses_a_head_slice():
     seed=st.integers(0, 2**16),
     steps=st.integers(1, 4),
     prefetch=st.booleans(),
+    miss_path=st.sampled_from(["pool", "host"]),
 )
-def test_device_tiered_equals_resident(granularity, policy, capacity, seed, steps, prefetch):
+def test_device_tiered_equals_resident(granularity, policy, capacity, seed, steps, prefetch, miss_path):
     """Slots of a page of all kv heads, or of one kv head's page (P x D; copies read the head's rows of
-    the host tier in place, all heads of a layer in one union, placement, copy and attention)."""
+    the host tier in place, all heads of a layer in one union, placement, copy and attention). Misses
+    attended from their new slots or straight from the host tier (miss_path)."""
     b = Batch(seed)
-    t = b.tiered(capacity, policy=policy, granularity=granularity)
+    t = b.tiered(capacity, policy=policy, granularity=granularity, miss_path=miss_path)
     per_head = granularity == "head"
     if per_head:
         assert t.pool.k.shape[1:] == (P, 1, D) and t.pool.num_pages == HKV * b.num_pages
@@ -433,6 +435,40 @@ def test_next_step_prefetch_brings_the_stored_prediction_before_its_layer(policy
     assert s["prefetched"] > 0 and s["needed"] - before["needed"] == s["hits"] - before["hits"]
 
 
+@pytest.mark.parametrize("granularity", ["page", "head"])
+@pytest.mark.parametrize("policy", POLICIES)
+def test_host_miss_path_attends_misses_from_the_host_and_fills_their_slots(policy, granularity):
+    """miss_path "host": the first step reads its misses from the host tier (pool slots still empty
+    when attention runs on a GPU; here the side copy is inline) and copies them into their slots, so
+    the same selection next step is all hits from the pool, equal to resident decode both times."""
+    b = Batch(12)
+    t = b.tiered(200, attend=sparse_decode, policy=policy, granularity=granularity, miss_path="host")
+    g = torch.Generator().manual_seed(5)
+    sel = [b.select(g) for _ in range(L)]
+    for step in range(2):
+        t.begin_step()
+        for layer in range(L):
+            out, _ = b.run(t, layer, *sel[layer])  # the Triton kernel (interpreted on the CPU)
+            assert torch.allclose(out, b.resident(layer, *sel[layer])[0], atol=1e-5)
+        s = t.stats()
+        if step == 0:
+            assert s["hits"] == 0 and s["fetched"] == s["needed"] > 0
+    assert s["hits"] == s["needed"] - s["fetched"] == s["fetched"]  # step 2: every page from the pool
+    check_pool(t)
+    tab = t.pool.table()
+    for layer, pg in torch.nonzero(tab >= 0).tolist():  # every slot holds its host page
+        slot = int(tab[layer, pg])
+        if granularity == "head":  # key h * NP + p: head h of host page p
+            assert torch.equal(t.pool.k[slot, :, 0], b.host.k[layer, pg % b.num_pages, :, pg // b.num_pages])
+        else:
+            assert torch.equal(t.pool.k[slot], b.host.k[layer, pg])
+
+
+def test_miss_path_is_checked():
+    with pytest.raises(ValueError, match="miss_path must be one of pool, host"):
+        Batch(0).tiered(8, miss_path="disk")
+
+
 def test_prefetch_next_rejects_an_unknown_prediction():
     b = Batch(1)
     t = b.tiered(8)
@@ -462,14 +498,16 @@ def test_uva_transfer_kernel_equals_torch_fallback(pad):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("miss_path", ["pool", "host"])
 @pytest.mark.parametrize("granularity", ["page", "head"])
 @pytest.mark.parametrize("policy", POLICIES)
 @pytest.mark.parametrize("capacity", [3, 64])
-def test_whole_step_replays_in_a_cuda_graph(capacity, policy, granularity):
+def test_whole_step_replays_in_a_cuda_graph(capacity, policy, granularity, miss_path):
     """Both layers (place, UVA fetch, prefetch on the side stream, attention) captured once and
-    replayed with new selections give resident decode's result, also with a pool that overflows."""
+    replayed with new selections give resident decode's result, also with a pool that overflows;
+    with miss_path "host" the misses are attended from pinned host memory and copied beside."""
     b = Batch(7, device="cuda", dtype=torch.bfloat16)
-    t = b.tiered(capacity, attend=sparse_decode, policy=policy, granularity=granularity)
+    t = b.tiered(capacity, attend=sparse_decode, policy=policy, granularity=granularity, miss_path=miss_path)
     g = torch.Generator().manual_seed(1)
     idx_buf = torch.full((L, 2, HKV, W), -1, dtype=torch.int32, device="cuda")
     cnt_buf = torch.zeros(L, 2, HKV, dtype=torch.int32, device="cuda")

@@ -157,6 +157,29 @@ def test_next_step_prefetch_equals_resident_and_fetches_ahead(granularity):
     assert ns["fetched"] + ns["overflow"] < off["fetched"] + off["overflow"]
 
 
+@pytest.mark.parametrize("granularity", ["page", "head"])
+def test_host_miss_path_equals_resident(granularity):
+    """--psa-miss-path host: the pages a layer misses are attended straight from the host tier and copied
+    into the pool for later steps; with an evicting pool the outputs equal the resident backend's and
+    the pool-path run's, and later steps find the copied pages."""
+    opts = dict(mode="estimated", tau=0.5, max_pages=6, sink_pages=1, local_pages=1, dense_below=0)
+    head = granularity == "head"
+    gb = (12 + 1 + 2 * 65) * (SLOT_BYTES // 2) / 2**30 if head else pool_gb(6)
+    resident = make_backend(**opts)
+    tiers = [make_backend(**opts, tiered=True, hot_pool_gb=gb, hot_granularity=granularity, miss_path=m)
+             for m in ("pool", "host")]  # fmt: skip
+    batches = [Batch(x, [150, 90, 200], torch.Generator().manual_seed(6)) for x in (resident, *tiers)]
+    for x in batches:
+        x.prefill()
+    for _ in range(8):
+        for (a, _), (c, _), (e, _) in zip(*(x.decode() for x in batches)):
+            torch.testing.assert_close(c, a, rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(e, a, rtol=1e-6, atol=1e-6)
+    pool_path, host_path = (x.tiered.attn.stats() for x in tiers)
+    assert host_path == pool_path  # same placements, hits and copies; only where misses are read differs
+    assert host_path["hits"] > 0 and tiers[1].tiered.attn.pool.stats()["evictions"] > 0
+
+
 def test_selection_reuse_through_the_hot_pool():
     """--psa-reuse-steps with --psa-tiered: reused page lists hit the pool; results equal resident reuse."""
     opts = dict(
