@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -93,6 +94,36 @@ def check_pool(t) -> None:
     assert slots.unique().numel() == slots.numel(), "a slot is assigned to two pages"
     assert torch.equal(pool.slot_layer[slots], lyr) and torch.equal(pool.slot_page[slots], pg)
     assert int((pool.slot_layer[: pool.capacity] >= 0).sum()) == slots.numel()
+
+
+def capture_step(step):
+    """step() warmed up on a side stream (kernels compile, workspaces are allocated), then captured in
+    a CUDA graph: (graph, the captured call's outputs)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = step()
+    return graph, outs
+
+
+def replays_equal_resident(b, t, graph, outs, idx_buf, cnt_buf, new_inputs, check=None, times=4) -> None:
+    """Replays after new_inputs() give resident decode's out and lse in every layer; the pool's map
+    stays a bijection (and check() holds)."""
+    for _ in range(times):
+        new_inputs()
+        graph.replay()
+        torch.cuda.synchronize()
+        for layer in range(L):
+            ref, ref_lse = b.resident(layer, idx_buf[layer], cnt_buf[layer], attend=sparse_decode)
+            assert torch.allclose(outs[layer][0].float(), ref.float(), atol=2e-2)
+            assert torch.allclose(outs[layer][1], ref_lse, atol=2e-2)
+        check_pool(t)
+        if check is not None:
+            check()
 
 
 # ----------------------------------------------------------------------------- fetcher
@@ -516,29 +547,16 @@ def test_whole_step_replays_in_a_cuda_graph(capacity, policy, granularity, miss_
         t.begin_step(prefetch_first=True)
         return [b.run(t, layer, idx_buf[layer], cnt_buf[layer], prefetch_next=True) for layer in range(L)]
 
-    for layer in range(L):  # warm-up: compile kernels, allocate workspaces
-        idx_buf[layer], cnt_buf[layer] = b.select(g)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outs = step()
-    t.reset()
-    for _ in range(4):
+    def new_inputs():
         for layer in range(L):
             i, c = b.select(g)
             idx_buf[layer].copy_(i)
             cnt_buf[layer].copy_(c)
-        graph.replay()
-        torch.cuda.synchronize()
-        for layer in range(L):
-            ref, ref_lse = b.resident(layer, idx_buf[layer], cnt_buf[layer], attend=sparse_decode)
-            assert torch.allclose(outs[layer][0].float(), ref.float(), atol=2e-2)
-            assert torch.allclose(outs[layer][1], ref_lse, atol=2e-2)
-        check_pool(t)
+
+    new_inputs()
+    graph, outs = capture_step(step)
+    t.reset()
+    replays_equal_resident(b, t, graph, outs, idx_buf, cnt_buf, new_inputs)
     s = t.stats()
     assert s["hits"] + s["fetched"] + s["overflow"] == s["needed"] > 0
 
@@ -585,23 +603,9 @@ def test_next_step_prefetch_replays_in_a_cuda_graph(capacity, granularity):
             order_buf[layer].copy_(torch.randn(order_buf.shape[1:], generator=g))
 
     refill()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up: compile kernels, allocate workspaces
-        step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outs = step()
+    graph, outs = capture_step(step)
     t.reset()
-    for _ in range(4):
-        refill()
-        graph.replay()
-        torch.cuda.synchronize()
-        for layer in range(L):
-            ref, _ = b.resident(layer, idx_buf[layer], cnt_buf[layer], attend=sparse_decode)
-            assert torch.allclose(outs[layer][0].float(), ref.float(), atol=2e-2)
-        check_pool(t)
+    replays_equal_resident(b, t, graph, outs, idx_buf, cnt_buf, refill)
     s = t.stats()
     assert s["hits"] + s["fetched"] + s["overflow"] == s["needed"] > 0
     assert s["prefetched"] > 0 or capacity < 2 * HKV * W  # a tiny pool has no free slot to prefetch into
@@ -652,20 +656,6 @@ def test_write_through_replays_in_a_cuda_graph(granularity):
         return outs
 
     new_inputs()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()  # warm-up: compile kernels, allocate workspaces
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outs = step()
-    for _ in range(4):
-        new_inputs()
-        graph.replay()
-        torch.cuda.synchronize()
-        for layer in range(L):
-            ref, _ = b.resident(layer, idx_buf[layer], cnt_buf[layer], attend=sparse_decode)
-            assert torch.allclose(outs[layer][0].float(), ref.float(), atol=2e-2)
-        check_pool(t)
-        check_contents(t, b.host)
+    graph, outs = capture_step(step)
+    contents = partial(check_contents, t, b.host)
+    replays_equal_resident(b, t, graph, outs, idx_buf, cnt_buf, new_inputs, check=contents)

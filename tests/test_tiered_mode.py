@@ -28,6 +28,18 @@ def pool_gb(slots: int, width: int = 65) -> float:
     return (slots + 1 + width) * SLOT_BYTES / 2**30
 
 
+def decode_alongside(backends, seed: int, steps: int = 8, lens=(150, 90, 200)) -> None:
+    """The same prompts and decode steps through every backend: each one's outputs equal the first's."""
+    batches = [Batch(x, list(lens), torch.Generator().manual_seed(seed)) for x in backends]
+    for x in batches:
+        x.prefill()
+    for _ in range(steps):
+        first, *rest = (x.decode() for x in batches)
+        for outs in zip(first, *rest):
+            for o, _ in outs[1:]:
+                torch.testing.assert_close(o, outs[0][0], rtol=1e-6, atol=1e-6)
+
+
 def test_tiered_backend_builds_on_host_buffers():
     b = make_backend(tau=1.0, max_pages=CTX // P, dense_below=0, tiered=True, hot_pool_gb=pool_gb(6))
     host = b.kv_pool.psa_host_kv
@@ -144,14 +156,7 @@ def test_next_step_prefetch_equals_resident_and_fetches_ahead(granularity):
     tiers = {m: make_backend(**opts, tiered=True, hot_pool_gb=gb, hot_granularity=granularity,
                              write_through=False, prefetch=m, prefetch_margin=4)
              for m in ("off", "next-step")}  # fmt: skip
-    backends = (resident, *tiers.values())
-    batches = [Batch(x, [150, 90, 200], torch.Generator().manual_seed(5)) for x in backends]
-    for x in batches:
-        x.prefill()
-    for _ in range(8):
-        for (a, _), (c, _), (e, _) in zip(*(x.decode() for x in batches)):
-            torch.testing.assert_close(c, a, rtol=1e-6, atol=1e-6)
-            torch.testing.assert_close(e, a, rtol=1e-6, atol=1e-6)
+    decode_alongside((resident, *tiers.values()), seed=5)
     off, ns = (tiers[m].tiered.attn.stats() for m in ("off", "next-step"))
     assert off["prefetched"] == 0 and ns["prefetched"] > 0
     assert ns["fetched"] + ns["overflow"] < off["fetched"] + off["overflow"]
@@ -168,13 +173,7 @@ def test_host_miss_path_equals_resident(granularity):
     resident = make_backend(**opts)
     tiers = [make_backend(**opts, tiered=True, hot_pool_gb=gb, hot_granularity=granularity, miss_path=m)
              for m in ("pool", "host")]  # fmt: skip
-    batches = [Batch(x, [150, 90, 200], torch.Generator().manual_seed(6)) for x in (resident, *tiers)]
-    for x in batches:
-        x.prefill()
-    for _ in range(8):
-        for (a, _), (c, _), (e, _) in zip(*(x.decode() for x in batches)):
-            torch.testing.assert_close(c, a, rtol=1e-6, atol=1e-6)
-            torch.testing.assert_close(e, a, rtol=1e-6, atol=1e-6)
+    decode_alongside((resident, *tiers), seed=6)
     pool_path, host_path = (x.tiered.attn.stats() for x in tiers)
     assert host_path == pool_path  # same placements, hits and copies; only where misses are read differs
     assert host_path["hits"] > 0 and tiers[1].tiered.attn.pool.stats()["evictions"] > 0
