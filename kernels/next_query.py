@@ -56,6 +56,16 @@ def next_query_ref(
 
 
 @triton.jit
+def _stream_block(HID, RES, rows, row_ok, ks, K, stride_h, stride_r, HAS_RES: tl.constexpr):
+    """[BLOCK_M, BLOCK_K] of the rows' stream, hidden (+ residual), in fp32 (both passes read it)."""
+    m = row_ok[:, None] & (ks < K)[None, :]
+    x = tl.load(HID + rows[:, None] * stride_h + ks[None, :], mask=m, other=0.0).to(tl.float32)
+    if HAS_RES:
+        x += tl.load(RES + rows[:, None] * stride_r + ks[None, :], mask=m, other=0.0).to(tl.float32)
+    return x
+
+
+@triton.jit
 def _next_query_kernel(
     HID, RES, NORM_W, W, BIAS, COS_SIN, POS, OUT,
     T, K, eps,
@@ -71,10 +81,7 @@ def _next_query_kernel(
     sumsq = tl.zeros([BLOCK_M], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
-        m = row_ok[:, None] & (ks < K)[None, :]
-        x = tl.load(HID + rows[:, None] * stride_h + ks[None, :], mask=m, other=0.0).to(tl.float32)
-        if HAS_RES:
-            x += tl.load(RES + rows[:, None] * stride_r + ks[None, :], mask=m, other=0.0).to(tl.float32)
+        x = _stream_block(HID, RES, rows, row_ok, ks, K, stride_h, stride_r, HAS_RES)
         sumsq += tl.sum(x * x, axis=1)
     rstd = 1.0 / tl.sqrt(sumsq / K + eps)
     # pass 2: the head's two rotary halves, x normalized block by block
@@ -86,10 +93,7 @@ def _next_query_kernel(
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < K
-        m = row_ok[:, None] & k_ok[None, :]
-        x = tl.load(HID + rows[:, None] * stride_h + ks[None, :], mask=m, other=0.0).to(tl.float32)
-        if HAS_RES:
-            x += tl.load(RES + rows[:, None] * stride_r + ks[None, :], mask=m, other=0.0).to(tl.float32)
+        x = _stream_block(HID, RES, rows, row_ok, ks, K, stride_h, stride_r, HAS_RES)
         nw = tl.load(NORM_W + ks, mask=k_ok, other=0.0).to(tl.float32)
         xn = (x * rstd[:, None] * nw[None, :]).to(W.dtype.element_ty)
         w1 = tl.load(W + n1[None, :] * stride_w + ks[:, None], mask=k_ok[:, None], other=0.0)  # [BK, HALF]
