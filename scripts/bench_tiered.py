@@ -8,15 +8,18 @@ which gives the temporal locality a prefetch from the previous step relies on; t
 step-to-step overlap of selections is in the JSON. Every step is one CUDA graph (32 layers):
   resident   sparse_decode over the full device cache;
   sync       DeviceTieredAttention: place, UVA fetch of misses + overflow, attention from the pool;
-  overlap    the same, plus layer l+1's prefetch (previous step's union) on a side stream during l;
+  host       sync with miss_path "host": misses attended straight from the host tier, their copy into
+             the pool on the side stream (--psa-miss-path host);
+  overlap    the same as sync, plus layer l+1's prefetch (previous step's union) on a side stream during l;
   nofetch    sync with the host copies skipped (wrong output): the step's cost without fetching;
   direct     (once per shape, no pool) sparse_decode reading the selected pages straight from the
              pinned host tier over UVA (memory/host_kv.cuda_view).
 Hot pool sizes are multiples of the per-step budget B (unique pages of all layers in one step, the
 mean over steps), capped at the whole cache. Reported per pool size: ms per step, hit rate, bytes
 fetched per step, fetch time (sync - nofetch) and the fraction of it hidden by the prefetch
-((sync - overlap) / (sync - nofetch)); plus a micro-benchmark of the fetch kernel (GB/s for full
-copies, cost of an all-dummy call) for both pads and several block quotas, and for the Triton compacted
+((sync - overlap) / (sync - nofetch)) and by the host miss path ((sync - host) / (sync - nofetch));
+plus a micro-benchmark of the fetch kernel (GB/s for full copies, cost of an all-dummy call) for both
+pads and several block quotas, and for the Triton compacted
 copy (--fetch-backend triton selects it for the step too) at several blocks. The host tier holds one
 layer's K/V for every layer (stride-0 layer dim): PCIe traffic is the same, 1 GiB of pinned memory
 instead of 32. Writes <out>/tiered-<stamp>.json.
@@ -216,8 +219,9 @@ def bench_tiered(shape, cfg, timer, graph, capacity, fetch_kw, resident_last, gr
         t = DeviceTieredAttention.build(capacity, shape.host, shape.width, shape.q.device, **fetch_kw)
         res = {"capacity_pages": capacity, "granularity": "page",
                "pool_gib": (capacity + 1 + shape.width) * page_bytes / 2**30}  # fmt: skip
-    for mode in ("sync", "overlap", "nofetch"):
+    for mode in ("sync", "host", "overlap", "nofetch"):
         pre, copy = mode == "overlap", mode != "nofetch"
+        t.miss_path = "host" if mode == "host" else "pool"  # read at each call: no rebuild needed
 
         def step(idx, pre=pre, copy=copy):
             t.begin_step(prefetch_first=pre)
@@ -251,9 +255,10 @@ def bench_tiered(shape, cfg, timer, graph, capacity, fetch_kw, resident_last, gr
             diff = max(float((o[0].float() - r.float()).abs().max()) for o, r in zip(outs(), resident_last))
             row["max_abs_diff_vs_resident_last_step"] = diff
         res[mode] = row
-    sync, over, nof = (res[m]["ms_per_step"] for m in ("sync", "overlap", "nofetch"))
+    sync, host, over, nof = (res[m]["ms_per_step"] for m in ("sync", "host", "overlap", "nofetch"))
     res["fetch_ms_per_step"] = sync - nof
     res["hidden_fraction"] = (sync - over) / (sync - nof) if sync - nof > 1e-6 else float("nan")
+    res["host_hidden_fraction"] = (sync - host) / (sync - nof) if sync - nof > 1e-6 else float("nan")
     return res
 
 
@@ -390,9 +395,11 @@ def main(argv=None) -> dict:
                     torch.cuda.empty_cache()  # the pool (and its graphs) are gone: give the memory back
                 print(f"{spec} pool {mult}x ({cap} pages) {placement} {gran}: resident "
                       f"{row['resident_ms_per_step']:.2f} ms, "
-                      f"sync {r['sync']['ms_per_step']:.2f}, overlap {r['overlap']['ms_per_step']:.2f}, "
+                      f"sync {r['sync']['ms_per_step']:.2f}, host {r['host']['ms_per_step']:.2f}, "
+                      f"overlap {r['overlap']['ms_per_step']:.2f}, "
                       f"nofetch {r['nofetch']['ms_per_step']:.2f} ms/step, hit {r['sync']['hit_rate']:.2f}, "
-                      f"hidden {r['hidden_fraction']:.2f}", flush=True)  # fmt: skip
+                      f"hidden {r['hidden_fraction']:.2f} (host path {r['host_hidden_fraction']:.2f})",
+                      flush=True)  # fmt: skip
         pads = ["device", "host"] if dev.type == "cuda" else ["host"]
         quotas = [2, 8, 32] if dev.type == "cuda" else [2]
         doc["shapes"].append(row)

@@ -17,7 +17,7 @@ def test_bench_tiered_smoke(tmp_path):
     assert sorted(pool["placement"] for pool in shape["pools"]) == ["clock", "lru"]
     assert shape["resident_ms_per_step"] > 0 and shape["fetch_kernel"]
     for pool in shape["pools"]:
-        for mode in ("sync", "overlap"):
+        for mode in ("sync", "host", "overlap"):
             assert pool[mode]["max_abs_diff_vs_resident_last_step"] < 1e-5  # exact: same keys, fp32
             pages = pool[mode]["pages_per_step"]
             assert pages["hits"] + pages["fetched"] + pages["overflow"] == pages["needed"] > 0
@@ -32,6 +32,7 @@ def test_bench_tiered_smoke_per_head_pools(tmp_path):
     assert sorted(pool["granularity"] for pool in shape["pools"]) == ["head", "page"]
     for pool in shape["pools"]:
         assert pool["sync"]["max_abs_diff_vs_resident_last_step"] < 1e-5
+        assert pool["host"]["max_abs_diff_vs_resident_last_step"] < 1e-5
 
 
 def test_bench_fetch_overlap_smoke(tmp_path):
