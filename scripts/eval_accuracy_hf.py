@@ -81,12 +81,21 @@ class Setting:
 
 
 def settings_for(
-    taus: list[float], topks: list[int], stream_pages: int, lognormal: tuple = ()
+    taus: list[float], topks: list[int], stream_pages: int, lognormal: tuple = (), progressive: str = ""
 ) -> list[Setting]:
-    """The GPU suite's families; lognormal: (tau, min_pages[, max_pages]) as eval_accuracy.py's."""
+    """The GPU suite's families; lognormal: (tau, min_pages[, max_pages]) as eval_accuracy.py's;
+    progressive: "tau:first_round[:ln],..." extra progressive settings (first round size; ln: the rest
+    estimated with the lognormal mass estimate)."""
     out = [Setting("dense", "dense")]
     for mode in ("estimated", "progressive", "certified"):
         out += [Setting(f"psa-{mode}-{t:g}", mode, tau=t) for t in taus]
+    for item in filter(None, progressive.split(",")):
+        tau, first, *ln = item.split(":")
+        if ln not in ([], ["ln"]):
+            raise ValueError(f"--progressive item {item!r}: tau:first_round or tau:first_round:ln")
+        name = f"psa-progressive-{float(tau):g}-fr{int(first)}{'-ln' if ln else ''}"
+        out.append(Setting(name, "progressive", tau=float(tau), first_round=int(first),
+                           variance_weight=MASS_ESTIMATES["lognormal"] if ln else 0.0))  # fmt: skip
     for tau, lo, *hi in lognormal:
         out.append(Setting(lognormal_name(tau, lo, *hi), "estimated", tau=tau, rank_by="estimate",
                            variance_weight=MASS_ESTIMATES["lognormal"], min_pages=lo,
@@ -307,6 +316,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--topks", default="8,16,32,64,128")
     ap.add_argument("--stream-pages", type=int, default=32)
     ap.add_argument("--lognormal", default="", help="tau:min_pages[:max_pages] settings (eval_accuracy.py's)")
+    ap.add_argument("--progressive", default="", help="tau:first_round[:ln] progressive settings")
     ap.add_argument("--streaming-layers", default="0-2", help="layers the --hybrid copies stream")
     ap.add_argument("--hybrid", default="", help="settings to repeat with those layers streaming")
     ap.add_argument("--threads", type=int, default=0)
@@ -319,7 +329,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     kinds = list(TASK_KINDS) if a.tasks == "all" else a.tasks.split(",")
     lengths = [int(x) for x in a.lengths.split(",")]
     settings = settings_for([float(t) for t in a.taus.split(",")], [int(k) for k in a.topks.split(",")],
-                            a.stream_pages, parse_ints_after_tau(a.lognormal))  # fmt: skip
+                            a.stream_pages, parse_ints_after_tau(a.lognormal), a.progressive)  # fmt: skip
     if a.hybrid:
         by_name = {s.name: s for s in settings}
         layers = PSAConfig(streaming_layers=a.streaming_layers).streaming_layer_ids()

@@ -59,16 +59,26 @@ def test_lognormal_spec_errors_name_the_item():
         ev.parse_ints_after_tau("0.8:16,0.9")
 
 
+def test_progressive_spec_errors_name_the_item():
+    ev = load_script("eval_accuracy_hf")
+    names = [s.name for s in ev.settings_for([], [], 32, (), "0.8:8,0.9:12:ln")]
+    assert names[1:3] == ["psa-progressive-0.8-fr8", "psa-progressive-0.9-fr12-ln"]
+    with pytest.raises(ValueError, match="'0.9:8:log'"):
+        ev.settings_for([], [], 32, (), "0.9:8:log")
+
+
 def test_offline_twin_runs_on_the_trained_model(tmp_path):
     ev = load_script("eval_accuracy_hf")
     only = ("psa-estimated-0.9,topk-8,psa-progressive-0.9,psa-lognormal-0.5-min6-max7,topk-lognormal-6,"
-            "topk-8-stream0-2")  # fmt: skip
+            "topk-8-stream0-2,psa-progressive-0.9-fr8-ln")  # fmt: skip
     res = ev.main(["--model", str(MODEL), "--lengths", "512", "--samples", "1", "--tasks", "passkey",
                    "--only", only, "--lognormal", "0.5:6:7,0.01:6:6", "--hybrid", "topk-8",
-                   "--streaming-layers", "0-2", "--out", str(tmp_path)])  # fmt: skip
+                   "--streaming-layers", "0-2", "--progressive", "0.9:8:ln",
+                   "--out", str(tmp_path)])  # fmt: skip
     names = [r["name"] for r in res["rows"]]
-    assert names == ["dense", "psa-estimated-0.9", "psa-progressive-0.9", "psa-lognormal-0.5-min6-max7",
-                     "topk-lognormal-6", "topk-8", "topk-8-stream0-2"]  # fmt: skip
+    assert names == ["dense", "psa-estimated-0.9", "psa-progressive-0.9", "psa-progressive-0.9-fr8-ln",
+                     "psa-lognormal-0.5-min6-max7", "topk-lognormal-6", "topk-8",
+                     "topk-8-stream0-2"]  # fmt: skip
     by_name = {r["name"]: r for r in res["rows"]}
     # every (step, layer, kv head) reads exactly 6 pages with the fixed budget, 6 or 7 with floor + cap
     fixed = by_name["topk-lognormal-6"]["page_fraction"]
