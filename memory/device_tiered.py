@@ -113,7 +113,8 @@ class DeviceTieredAttention:
         if pool.scratch_slots < width:
             raise ValueError(f"pool needs scratch_slots >= width ({width}), has {pool.scratch_slots}")
         self.pool, self.width, self.attend = pool, width, attend
-        self.prefetch_programs = prefetch_programs  # side-stream copy grid (None: the fetcher's default)
+        # side-stream copy grid (prefetch, the host miss path's pool fill; None: the fetcher's default)
+        self.prefetch_programs = prefetch_programs
         self.head_pages = pool.head_pages
         self.fetcher = PageFetcher(pool.host, pool.k, pool.v, sink_slot=pool.capacity,
                                    head_pages=self.head_pages,
@@ -340,15 +341,16 @@ class DeviceTieredAttention:
             return loc
         host_page = union.remainder(self.host_pages) if self.head_pages else union
         table_loc = torch.where(missed, self._host_base + host_page, loc).to(loc.dtype)
+        programs = self.prefetch_programs  # a side-stream copy: the small grid that leaves SMs to the layer
         if not self._cuda:
-            self.fetcher.copy(layer, union, loc, slotted)
+            self.fetcher.copy(layer, union, loc, slotted, max_programs=programs)
             return table_loc
         key = min(layer + 1, self.pool.num_layers - 1)
         self.side.wait_stream(torch.cuda.current_stream(self.pool.device))
         for t in (union, loc, slotted):
             t.record_stream(self.side)
         with torch.cuda.stream(self.side):
-            self.fetcher.copy(layer, union, loc, slotted)
+            self.fetcher.copy(layer, union, loc, slotted, max_programs=programs)
             self._events[key].record(self.side)
         self._pending.add(key)
         return table_loc

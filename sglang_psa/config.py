@@ -84,7 +84,8 @@ class PSAConfig:
     # tiered: "pool" copies a layer's misses into the pool before its attention; "host" attends them
     # straight from pinned host memory and copies them into the pool beside it (side stream)
     miss_path: str = "pool"
-    # tiered: programs of the side-stream prefetch copy (0 = the main copy's grid, 8 per SM). The copy
+    # tiered: programs of the side-stream copies, prefetch and the host miss path's pool fill (0 = the
+    # main copy's grid, 8 per SM). The copy
     # is PCIe-bound; a full grid takes SMs from the layer it overlaps (bench_fetch_overlap.py, H200,
     # 640 head pages a layer: 37% of the fetch hidden with 1056 programs, 79% with 66)
     prefetch_programs: int = 66

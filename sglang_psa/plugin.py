@@ -94,8 +94,9 @@ _FLAG_HELP = {
     "over PCIe, inside the attention kernel, while their copy into the pool runs on a side stream).",
     "prefetch_margin": "PSA tiered, --psa-prefetch next-step: pages below each request's and kv head's "
     "selection cut that are fetched ahead for the next step.",
-    "prefetch_programs": "PSA tiered: Triton programs of the side-stream prefetch copy (0 = the same grid "
-    "as the main-stream copy, 8 per SM); fewer leave SMs to the layer the prefetch overlaps.",
+    "prefetch_programs": "PSA tiered: Triton programs of the side-stream copies (prefetch; with "
+    "--psa-miss-path host also the misses' copy into the pool); 0 = the same grid as the main-stream "
+    "copy, 8 per SM; fewer leave SMs to the layer the copy overlaps.",
     "write_through": "PSA tiered: KV writes go to the hot pool too instead of dropping its copies: a decode "
     "write updates the slots of the written page (the page a request appends to stays resident rather than "
     "being fetched again by every layer and kv head at every step), a prefill write also places the pages "
