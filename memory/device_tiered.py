@@ -262,15 +262,8 @@ class DeviceTieredAttention:
         if not 0 <= layer < self.pool.num_layers:
             return
         pages = self.last_union[layer] if pages is None else pages
-        if not self._cuda:
+        with self.on_side_stream(layer):  # after the pool state main has written so far
             self._prefetch_body(layer, pages)
-            return
-        main = torch.cuda.current_stream(self.pool.device)
-        self.side.wait_stream(main)  # the pool state written by main so far comes first
-        with torch.cuda.stream(self.side):
-            self._prefetch_body(layer, pages)
-            self._events[layer].record(self.side)
-        self._pending.add(layer)
 
     def speculate(self, layer: int, req_to_token: torch.Tensor, req_pool_indices: torch.Tensor,
                   page_idx: torch.Tensor, counts: torch.Tensor) -> None:  # fmt: skip
@@ -282,10 +275,10 @@ class DeviceTieredAttention:
 
     @contextlib.contextmanager
     def on_side_stream(self, layer: int, *inputs: torch.Tensor) -> Iterator[None]:
-        """Run the block's device ops for `layer` (its speculative selection) on the prefetch stream,
-        after the current stream's work so far, so that they overlap the layer before it; forward(layer)
-        joins them, whether or not a prefetch follows. `inputs` made on the current stream are kept
-        alive until the side stream is done with them. Inline on the CPU."""
+        """Run the block's device ops for `layer` (a prefetch, a speculative selection, a pool fill) on
+        the side stream, after the current stream's work so far, so that they overlap the layer before
+        it; forward(layer) joins them. `inputs` made on the current stream are kept alive until the side
+        stream is done with them. Inline on the CPU."""
         if not self._cuda:
             yield
             return
@@ -341,18 +334,9 @@ class DeviceTieredAttention:
             return loc
         host_page = union.remainder(self.host_pages) if self.head_pages else union
         table_loc = torch.where(missed, self._host_base + host_page, loc).to(loc.dtype)
-        programs = self.prefetch_programs  # a side-stream copy: the small grid that leaves SMs to the layer
-        if not self._cuda:
-            self.fetcher.copy(layer, union, loc, slotted, max_programs=programs)
-            return table_loc
-        key = min(layer + 1, self.pool.num_layers - 1)
-        self.side.wait_stream(torch.cuda.current_stream(self.pool.device))
-        for t in (union, loc, slotted):
-            t.record_stream(self.side)
-        with torch.cuda.stream(self.side):
-            self.fetcher.copy(layer, union, loc, slotted, max_programs=programs)
-            self._events[key].record(self.side)
-        self._pending.add(key)
+        with self.on_side_stream(min(layer + 1, self.pool.num_layers - 1), union, loc, slotted):
+            # the prefetch's small grid, which leaves SMs to the layer it overlaps
+            self.fetcher.copy(layer, union, loc, slotted, max_programs=self.prefetch_programs)
         return table_loc
 
     def _union_into(self, out: torch.Tensor, sel: tuple, speculated: bool) -> None:

@@ -41,6 +41,11 @@ def _bad(flag: str, want: str, got: Any) -> ValueError:
     return ValueError(f"--psa-{flag} must be {want}, got {got!r}")
 
 
+def _int_at_least(x: Any, lo: int) -> bool:
+    """x is an int (a bool is not) and x >= lo."""
+    return isinstance(x, int) and not isinstance(x, bool) and x >= lo
+
+
 def _is_pow2(x: int) -> bool:
     return x > 0 and x & (x - 1) == 0
 
@@ -223,13 +228,11 @@ class PSAConfig:
                 "--psa-tiered or drop --psa-prefetch"
             )
         # write_through (on by default) only concerns --psa-tiered's hot pool; elsewhere it is inert
-        if isinstance(self.prefetch_programs, bool) or not isinstance(self.prefetch_programs, int) \
-                or self.prefetch_programs < 0:  # fmt: skip
+        if not _int_at_least(self.prefetch_programs, 0):
             raise _bad("prefetch-programs", "an integer >= 0 (0 = the default grid)", self.prefetch_programs)
         if self.miss_path not in MISS_PATHS:
             raise _bad("miss-path", f"one of {', '.join(MISS_PATHS)}", self.miss_path)
-        if isinstance(self.prefetch_margin, bool) or not isinstance(self.prefetch_margin, int) \
-                or self.prefetch_margin < 1:  # fmt: skip
+        if not _int_at_least(self.prefetch_margin, 1):
             raise _bad("prefetch-margin", "an integer >= 1 (pages per request and kv head)",
                        self.prefetch_margin)  # fmt: skip
         if self.tiered:

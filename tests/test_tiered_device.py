@@ -55,6 +55,12 @@ class Batch:
                 cnt[b, h] = c
         return idx.to(self.device), cnt.to(self.device)
 
+    def select_into(self, g: torch.Generator, idx_buf, cnt_buf, layer: int) -> None:
+        """select(g) copied into layer's rows of a graph's input buffers [L, 2, HKV, W] / [L, 2, HKV]."""
+        idx, cnt = self.select(g)
+        idx_buf[layer].copy_(idx)
+        cnt_buf[layer].copy_(cnt)
+
     def resident(self, layer: int, idx, cnt, attend=sparse_decode_ref):
         k = self.host.k[layer].reshape(-1, HKV, D).to(self.device)
         v = self.host.v[layer].reshape(-1, HKV, D).to(self.device)
@@ -549,9 +555,7 @@ def test_whole_step_replays_in_a_cuda_graph(capacity, policy, granularity, miss_
 
     def new_inputs():
         for layer in range(L):
-            i, c = b.select(g)
-            idx_buf[layer].copy_(i)
-            cnt_buf[layer].copy_(c)
+            b.select_into(g, idx_buf, cnt_buf, layer)
 
     new_inputs()
     graph, outs = capture_step(step)
@@ -597,9 +601,7 @@ def test_next_step_prefetch_replays_in_a_cuda_graph(capacity, granularity):
 
     def refill():
         for layer in range(L):
-            i, c = b.select(g)
-            idx_buf[layer].copy_(i)
-            cnt_buf[layer].copy_(c)
+            b.select_into(g, idx_buf, cnt_buf, layer)
             order_buf[layer].copy_(torch.randn(order_buf.shape[1:], generator=g))
 
     refill()
