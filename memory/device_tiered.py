@@ -50,7 +50,16 @@ profile-decode-*.json), so hiding part of its bytes by prefetch hides almost non
 builds the page table with the missed pages pointing into the host tier itself (sparse_decode's
 host_k / host_v, read over UVA inside the attention kernel, where their latency overlaps the reads of
 the resident pages) and copies the missed pages that got a slot into the pool on the side stream, for
-the steps after. The two paths attend the same keys, so outputs are equal.
+the steps after. The two paths attend the same keys, so outputs are equal. Reading host pages inside
+the attention kernel turned out latency-bound (bench_tiered on the H200: 16-45% slower than "pool").
+"split" starts the misses' copy before placement: right after the union, a lookup finds the missed
+pages and the side stream copies each into the scratch row of its union position (scratch0 + i, the
+scratch has a row per union entry), while the main stream places the union (CLOCK) and attends the
+resident pages (sparse_decode entry_range: table entries below the scratch); then it joins the side
+stream and attends the scratch rows, merged with the first pass by log-sum-exp (merge_with). The
+copy thus overlaps placement and the resident pages' attention instead of preceding them. After the
+placement the side stream also moves the misses that got a slot from scratch into it (device to
+device), for the next steps. Same keys as "pool"; the output differs only by the merge's rounding.
 
 KV writes: `invalidate_layer` drops the written pages of a layer (any write: prefill, a page reused
 by the radix cache); `write_through` instead writes the new rows into the slots of resident pages, so
@@ -77,6 +86,7 @@ import torch
 
 from sglang_psa.kernels import sparse_decode
 
+from . import page_copy
 from .device_pool import DevicePagePool, union_pages
 from .fused_place import (
     head_page_table,
@@ -88,7 +98,8 @@ from .fused_place import (
 from .uva_fetch import PageFetcher
 
 COUNTER_NAMES = ("needed", "hits", "fetched", "overflow", "prefetched", "filled")
-MISS_PATHS = ("pool", "host")  # attend a miss from its new pool slot after the copy, or from host memory
+# attend a miss from its new pool slot after the copy, from host memory, or from scratch in a second pass
+MISS_PATHS = ("pool", "host", "split")
 
 
 class DeviceTieredAttention:
@@ -140,6 +151,8 @@ class DeviceTieredAttention:
         self._events = [torch.cuda.Event() for _ in range(pool.num_layers)] if self._cuda else []
         self._pending: set[int] = set()
         self._scratch0 = pool.capacity + 1
+        # split miss path: union entry i's miss is copied into scratch row scratch0 + i
+        self._scratch_rows = torch.arange(self._scratch0, self._scratch0 + width, device=dev)
 
     @classmethod
     def build(
@@ -312,10 +325,13 @@ class DeviceTieredAttention:
         union = self._union_row(layer, page_idx)
         sel = (req_to_token, req_pool_indices, page_idx, counts, p)
         self._union_into(union, sel, speculated=False)
+        split = self._split_copy(layer, union) if copy and self.miss_path == "split" else None
         pl = pool.place(layer, union, scratch_base=self._scratch0, acc=self.counters, acc_mode=1)
-        loc = pl.loc
-        if copy:
-            loc = self._fetch(layer, union, pl.loc, pl.copy, pl.copy & (pl.loc < self._scratch0))
+        loc, slotted = pl.loc, pl.copy & (pl.loc < self._scratch0)
+        if split is not None:
+            loc = self._split_fill(layer, loc, slotted, *split)
+        elif copy:
+            loc = self._fetch(layer, union, pl.loc, pl.copy, slotted)
         self._prefetch_after(layer, prefetch_next)
         if self.head_pages:
             return head_page_table(*sel, self.host_pages, self._pos_of, loc)
@@ -338,6 +354,27 @@ class DeviceTieredAttention:
             # the prefetch's small grid, which leaves SMs to the layer it overlaps
             self.fetcher.copy(layer, union, loc, slotted, max_programs=self.prefetch_programs)
         return table_loc
+
+    def _split_copy(self, layer: int, union: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """miss_path "split", before placement: the union's pages not in the pool (missed [m]) are copied
+        into their scratch rows (rows [m]: scratch0 + i) on the side stream, beside the placement."""
+        rows = self._scratch_rows[: union.shape[0]]
+        missed = (union >= 0) & (self.pool.lookup(layer, union) < 0)
+        with self.on_side_stream(layer, union, missed):
+            self.fetcher.copy(layer, union, rows, missed, max_programs=self.prefetch_programs)
+        return missed, rows
+
+    def _split_fill(self, layer: int, loc: torch.Tensor, slotted: torch.Tensor, missed: torch.Tensor,
+                    rows: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        """miss_path "split", after placement: the misses that got a slot (slotted [m]) move scratch row
+        -> slot on the side stream, after their copy; returns the loc the table is built from (misses at
+        their scratch rows, which forward's second pass attends)."""
+        pool = self.pool
+        with self.on_side_stream(layer, loc, slotted):
+            src, dst, count = page_copy.compact(slotted, rows, loc)
+            page_copy.copy_pages(pool.k, pool.v, pool.k, pool.v, src, dst, count,
+                                 max_programs=self.prefetch_programs)  # fmt: skip
+        return torch.where(missed, rows, loc).to(loc.dtype)
 
     def _union_into(self, out: torch.Tensor, sel: tuple, speculated: bool) -> None:
         """The selection's union (Triton) into out [m]: head pages in any order, or pages ascending;
@@ -411,8 +448,15 @@ class DeviceTieredAttention:
             hk, hv = pool.host.k[layer], pool.host.v[layer]
             host = {"host_k": hk.view(-1, *hk.shape[2:]), "host_v": hv.view(-1, *hv.shape[2:]),
                     "host_base": self._host_base}  # fmt: skip
-        out = self.attend(q, k_rows, v_rows, req_to_token, req_pool_indices, seq_lens, page_idx, counts, p,
-                          sm_scale, page_table=table, **host)  # fmt: skip
+        attend_args = (q, k_rows, v_rows, req_to_token, req_pool_indices, seq_lens, page_idx, counts, p,
+                       sm_scale)  # fmt: skip
+        if self.miss_path == "split" and copy:  # resident pages now, the misses once copied (docstring)
+            first = self.attend(*attend_args, page_table=table, entry_range=(0, self._scratch0),
+                                out=torch.empty(q.shape, dtype=torch.float32, device=q.device))  # fmt: skip
+            self._join(layer)
+            return self.attend(*attend_args, page_table=table, entry_range=(self._scratch0, pool.k.shape[0]),
+                               merge_with=first)  # fmt: skip
+        out = self.attend(*attend_args, page_table=table, **host)
         if layer + 1 == pool.num_layers:
             self._join(layer)  # the last layer's side-stream copy (miss_path "host") ends with the step
         return out
@@ -429,12 +473,15 @@ class DeviceTieredAttention:
             phys = phys[:, None, :].clamp(0, self.host_pages - 1) + heads  # [bs, Hkv, N]
         union = self._union_row(layer, page_idx)
         union.copy_(union_pages(sel, counts, pool.num_pages, union.shape[0]))  # [m] int32
+        split = self._split_copy(layer, union) if copy and self.miss_path == "split" else None
         pl = pool.place(layer, union)
         valid = union >= 0
         over = valid & ~pl.hit & ~pl.fetch
         scratch = self._scratch0 + torch.cumsum(over.long(), 0) - 1
         loc = torch.where(over, scratch, pl.slots.long())  # [M] slot or scratch slot, -1 padding
-        if copy:
+        if split is not None:
+            loc = self._split_fill(layer, loc, pl.fetch, *split)
+        elif copy:
             loc = self._fetch(layer, union, loc, pl.fetch | over, pl.fetch)
         self.counters[:4] += torch.stack([valid.sum(), pl.hit.sum(), pl.fetch.sum(), over.sum()])
         self._prefetch_after(layer, prefetch_next)

@@ -142,8 +142,8 @@ def cmd_merge(a) -> dict:
     return {"benchmark": "bench_capacity", "baseline": a.baseline, "runs": runs, "fetch": fetch_overlap(runs)}
 
 
-# gpu_e2e.sh: next-layer / previous-step / next-step prefetch, misses attended from host memory
-OVERLAP_TAGS = ("_nl", "_prev", "_ns", "_host")
+# gpu_e2e.sh: next-layer / previous-step / next-step prefetch, misses attended from host memory / split
+OVERLAP_TAGS = ("_nl", "_prev", "_ns", "_host", "_split")
 PREFETCH_OPTS = re.compile(r"_[mp]\d+")  # gpu_e2e.sh: the prefetch's margin / copy programs
 
 
@@ -159,8 +159,9 @@ def fetch_overlap(runs: list[dict]) -> dict:
     by = {r["label"]: r for r in runs}
     exposed = {}
     for label, run in by.items():
-        # _nocopy skips every host read, so where misses would be read (_host) makes no difference to it
-        twin = by.get(label + "_nocopy") or by.get(label.replace("_host", "") + "_nocopy")
+        # _nocopy skips every host read, so where misses would be read (_host, _split) makes no
+        # difference to it: the pool path's twin (no fetch, one attention pass) is the fair base
+        twin = by.get(label + "_nocopy") or by.get(re.sub("_host|_split", "", label) + "_nocopy")
         if twin is None or twin.get("peak_concurrency") != run.get("peak_concurrency"):
             continue
         a, b = step_ms(run), step_ms(twin)

@@ -10,6 +10,8 @@ step-to-step overlap of selections is in the JSON. Every step is one CUDA graph 
   sync       DeviceTieredAttention: place, UVA fetch of misses + overflow, attention from the pool;
   host       sync with miss_path "host": misses attended straight from the host tier, their copy into
              the pool on the side stream (--psa-miss-path host);
+  split      sync with miss_path "split": misses copied into scratch on the side stream beside the
+             placement and the resident pages' attention, then attended and merged (--psa-miss-path split);
   overlap    the same as sync, plus layer l+1's prefetch (previous step's union) on a side stream during l;
   nofetch    sync with the host copies skipped (wrong output): the step's cost without fetching;
   direct     (once per shape, no pool) sparse_decode reading the selected pages straight from the
@@ -17,7 +19,7 @@ step-to-step overlap of selections is in the JSON. Every step is one CUDA graph 
 Hot pool sizes are multiples of the per-step budget B (unique pages of all layers in one step, the
 mean over steps), capped at the whole cache. Reported per pool size: ms per step, hit rate, bytes
 fetched per step, fetch time (sync - nofetch) and the fraction of it hidden by the prefetch
-((sync - overlap) / (sync - nofetch)) and by the host miss path ((sync - host) / (sync - nofetch));
+((sync - overlap) / (sync - nofetch)) and by the host / split miss paths ((sync - host) / (sync - nofetch));
 plus a micro-benchmark of the fetch kernel (GB/s for full copies, cost of an all-dummy call) for both
 pads and several block quotas, and for the Triton compacted
 copy (--fetch-backend triton selects it for the step too) at several blocks. The host tier holds one
@@ -219,9 +221,9 @@ def bench_tiered(shape, cfg, timer, graph, capacity, fetch_kw, resident_last, gr
         t = DeviceTieredAttention.build(capacity, shape.host, shape.width, shape.q.device, **fetch_kw)
         res = {"capacity_pages": capacity, "granularity": "page",
                "pool_gib": (capacity + 1 + shape.width) * page_bytes / 2**30}  # fmt: skip
-    for mode in ("sync", "host", "overlap", "nofetch"):
+    for mode in ("sync", "host", "split", "overlap", "nofetch"):
         pre, copy = mode == "overlap", mode != "nofetch"
-        t.miss_path = "host" if mode == "host" else "pool"  # read at each call: no rebuild needed
+        t.miss_path = mode if mode in ("host", "split") else "pool"  # read at each call: no rebuild needed
 
         def step(idx, pre=pre, copy=copy):
             t.begin_step(prefetch_first=pre)
@@ -255,10 +257,12 @@ def bench_tiered(shape, cfg, timer, graph, capacity, fetch_kw, resident_last, gr
             diff = max(float((o[0].float() - r.float()).abs().max()) for o, r in zip(outs(), resident_last))
             row["max_abs_diff_vs_resident_last_step"] = diff
         res[mode] = row
-    sync, host, over, nof = (res[m]["ms_per_step"] for m in ("sync", "host", "overlap", "nofetch"))
+    sync, nof = res["sync"]["ms_per_step"], res["nofetch"]["ms_per_step"]
     res["fetch_ms_per_step"] = sync - nof
-    res["hidden_fraction"] = (sync - over) / (sync - nof) if sync - nof > 1e-6 else float("nan")
-    res["host_hidden_fraction"] = (sync - host) / (sync - nof) if sync - nof > 1e-6 else float("nan")
+    hidden_keys = (("overlap", "hidden_fraction"), ("host", "host_hidden_fraction"),
+                   ("split", "split_hidden_fraction"))  # fmt: skip
+    for mode, key in hidden_keys:
+        res[key] = (sync - res[mode]["ms_per_step"]) / (sync - nof) if sync - nof > 1e-6 else float("nan")
     return res
 
 
@@ -396,9 +400,11 @@ def main(argv=None) -> dict:
                 print(f"{spec} pool {mult}x ({cap} pages) {placement} {gran}: resident "
                       f"{row['resident_ms_per_step']:.2f} ms, "
                       f"sync {r['sync']['ms_per_step']:.2f}, host {r['host']['ms_per_step']:.2f}, "
+                      f"split {r['split']['ms_per_step']:.2f}, "
                       f"overlap {r['overlap']['ms_per_step']:.2f}, "
                       f"nofetch {r['nofetch']['ms_per_step']:.2f} ms/step, hit {r['sync']['hit_rate']:.2f}, "
-                      f"hidden {r['hidden_fraction']:.2f} (host path {r['host_hidden_fraction']:.2f})",
+                      f"hidden {r['hidden_fraction']:.2f} (host path {r['host_hidden_fraction']:.2f}, "
+                      f"split {r['split_hidden_fraction']:.2f})",
                       flush=True)  # fmt: skip
         pads = ["device", "host"] if dev.type == "cuda" else ["host"]
         quotas = [2, 8, 32] if dev.type == "cuda" else [2]

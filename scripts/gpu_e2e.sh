@@ -216,11 +216,15 @@ tiered_equal)
   # misses attended straight from host memory, copied into the pool beside (evicting pools)
   one tier_t09_evict_host "${T09[@]}" "${TIER[@]}" --psa-hot-pool-gb 0.09 --psa-miss-path host
   one tier_t09_head_host "${T09[@]}" "${TIER[@]}" "${HEAD[@]}" --psa-miss-path host
+  # misses copied into scratch beside placement and the resident pages' attention, then merged
+  one tier_t09_evict_split "${T09[@]}" "${TIER[@]}" --psa-hot-pool-gb 0.09 --psa-miss-path split
+  one tier_t09_head_split "${T09[@]}" "${TIER[@]}" "${HEAD[@]}" --psa-miss-path split
   for pair in "tier_t1 res_t1" "tier_t1_nopool res_t1" "tier_t1_head res_t1" "tier_t09_nopool res_t09" \
               "tier_t09_evict res_t09" "tier_t09_head res_t09" "tier_t09_lru_prefetch res_t09" \
               "tier_t09_head_nl res_t09" "tier_t09_head_reuse res_t09_reuse" "tier_t09 res_t09" "tier_t09_inval res_t09" \
               "tier_t09_evict_inval res_t09" "tier_t09_evict_ns res_t09" "tier_t09_head_ns res_t09" \
-              "tier_t09_evict_host res_t09" "tier_t09_head_host res_t09"; do
+              "tier_t09_evict_host res_t09" "tier_t09_head_host res_t09" "tier_t09_evict_split res_t09" \
+              "tier_t09_head_split res_t09"; do
     set -- $pair
     [ -f "$OUT/te_$1.json" ] && [ -f "$OUT/te_$2.json" ] || continue
     $CLIENT compare --a "$OUT/te_$1.json" --b "$OUT/te_$2.json" --out "$OUT/te_cmp_$1.json" || rc=1
@@ -248,7 +252,8 @@ capacity)
   FILES=()
   # tiered runs: a name with _head uses head slots, _nl next-layer prefetch, _prev previous-step
   # prefetch, _ns next-step prefetch (_mN: a margin of N pages, --psa-prefetch-margin), _host misses
-  # attended from host memory (--psa-miss-path host), _nocopy skips the host copies (wrong tokens; times everything but the transfers),
+  # attended from host memory (--psa-miss-path host), _split misses copied into scratch beside the
+  # placement and the resident pages' attention, then merged (--psa-miss-path split), _nocopy skips the host copies (wrong tokens; times everything but the transfers),
   # _torchq estimates the next layer's query through torch's native paths instead of next_query.py,
   # _pN gives the side-stream prefetch copy N programs (--psa-prefetch-programs), _inval drops the
   # pool's copies of written pages (--psa-no-write-through; write-through is the default). TIER_EXTRA="--psa-hot-pool-gb 35" on an H200 gives
@@ -266,6 +271,7 @@ capacity)
              [[ $B == *_ns* ]] && ARGS+=(--psa-prefetch next-step)
              [[ $B =~ _m([0-9]+) ]] && ARGS+=(--psa-prefetch-margin ${BASH_REMATCH[1]})
              [[ $B == *_host* ]] && ARGS+=(--psa-miss-path host)
+             [[ $B == *_split* ]] && ARGS+=(--psa-miss-path split)
              [[ $B == *_nocopy* ]] && SKIP=1
              [[ $B == *_torchq* ]] && TORCHQ=1
              [[ $B == *_inval* ]] && ARGS+=(--psa-no-write-through)

@@ -26,7 +26,7 @@ RANK_BY = ("bound", "estimate")  # estimated mode: order pages by Quest bound or
 # tiered: what layer l+1's side-stream prefetch fetches while layer l computes (memory/device_tiered.py)
 PREFETCH_MODES = ("off", "previous-step", "next-layer", "next-step")
 # tiered: where decode attention reads a page the hot pool missed (memory/device_tiered.py)
-MISS_PATHS = ("pool", "host")
+MISS_PATHS = ("pool", "host", "split")
 # Page sizes the kernels are written for (tl.arange needs powers of two; 16 keeps the bound cost
 # at 1/16 of the K+V bytes, 128 is the largest tile the decode kernel keeps in registers).
 MIN_PAGE_SIZE = 16

@@ -90,12 +90,14 @@ _FLAG_HELP = {
     "models) or next-step (the --psa-prefetch-margin pages ranked just below layer l+1's cut at the "
     "previous step, where the pages a selection gains come from).",
     "miss_path": "PSA tiered: where decode attention reads the pages the hot pool misses: pool (copy them "
-    "into their pool slots first, then attend) or host (attend them straight from pinned host memory "
-    "over PCIe, inside the attention kernel, while their copy into the pool runs on a side stream).",
+    "into their pool slots first, then attend), host (attend them straight from pinned host memory "
+    "over PCIe, inside the attention kernel, while their copy into the pool runs on a side stream) or "
+    "split (copy them into scratch rows on a side stream while the placement and the attention over the "
+    "resident pages run, then attend them and merge).",
     "prefetch_margin": "PSA tiered, --psa-prefetch next-step: pages below each request's and kv head's "
     "selection cut that are fetched ahead for the next step.",
     "prefetch_programs": "PSA tiered: Triton programs of the side-stream copies (prefetch; with "
-    "--psa-miss-path host also the misses' copy into the pool); 0 = the same grid as the main-stream "
+    "--psa-miss-path host / split also the misses' copies); 0 = the same grid as the main-stream "
     "copy, 8 per SM; fewer leave SMs to the layer the copy overlaps.",
     "write_through": "PSA tiered: KV writes go to the hot pool too instead of dropping its copies: a decode "
     "write updates the slots of the written page (the page a request appends to stays resident rather than "

@@ -35,7 +35,7 @@ from sglang_psa.config import PSAConfig, validate_against_server, validate_model
         ({"mass_estimate": "mean"}, "--psa-mass-estimate must be one of center, lognormal"),
         ({"prefetch": True}, "--psa-prefetch must be one of off, previous-step, next-layer, next-step"),
         ({"prefetch_margin": 0}, "--psa-prefetch-margin must be an integer >= 1"),
-        ({"miss_path": "disk"}, "--psa-miss-path must be one of pool, host"),
+        ({"miss_path": "disk"}, "--psa-miss-path must be one of pool, host, split"),
         ({"prefetch": "next-layer"}, "--psa-prefetch next-layer .* add --psa-tiered"),
         ({"prefetch_programs": -1}, "--psa-prefetch-programs must be an integer >= 0"),
         ({"rank_by": "mass"}, "--psa-rank-by must be one of bound, estimate"),

@@ -163,20 +163,23 @@ def test_next_step_prefetch_equals_resident_and_fetches_ahead(granularity):
 
 
 @pytest.mark.parametrize("granularity", ["page", "head"])
-def test_host_miss_path_equals_resident(granularity):
-    """--psa-miss-path host: the pages a layer misses are attended straight from the host tier and copied
-    into the pool for later steps; with an evicting pool the outputs equal the resident backend's and
-    the pool-path run's, and later steps find the copied pages."""
+def test_side_miss_paths_equal_resident(granularity):
+    """--psa-miss-path host / split: the pages a layer misses are attended straight from the host tier /
+    from scratch rows copied beside the placement (a second pass, merged), and moved into the pool for
+    later steps; with an evicting pool the outputs equal the resident backend's and the pool-path
+    run's, and later steps find the copied pages."""
     opts = dict(mode="estimated", tau=0.5, max_pages=6, sink_pages=1, local_pages=1, dense_below=0)
     head = granularity == "head"
     gb = (12 + 1 + 2 * 65) * (SLOT_BYTES // 2) / 2**30 if head else pool_gb(6)
     resident = make_backend(**opts)
+    paths = ("pool", "host", "split")
     tiers = [make_backend(**opts, tiered=True, hot_pool_gb=gb, hot_granularity=granularity, miss_path=m)
-             for m in ("pool", "host")]  # fmt: skip
+             for m in paths]  # fmt: skip
     decode_alongside((resident, *tiers), seed=6)
-    pool_path, host_path = (x.tiered.attn.stats() for x in tiers)
-    assert host_path == pool_path  # same placements, hits and copies; only where misses are read differs
-    assert host_path["hits"] > 0 and tiers[1].tiered.attn.pool.stats()["evictions"] > 0
+    pool_path, *others = (x.tiered.attn.stats() for x in tiers)
+    for name, st in zip(paths[1:], others):  # same placements, hits and copies; only where misses are read
+        assert st == pool_path, name
+    assert pool_path["hits"] > 0 and tiers[1].tiered.attn.pool.stats()["evictions"] > 0
 
 
 def test_selection_reuse_through_the_hot_pool():
