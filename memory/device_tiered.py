@@ -58,9 +58,8 @@ scratch has a row per union entry), while the main stream places the union (CLOC
 resident pages (sparse_decode entry_range: table entries below the scratch); then it joins the side
 stream and attends the scratch rows, merged with the first pass by log-sum-exp (merge_with). The
 copy thus overlaps placement and the resident pages' attention instead of preceding them. After the
-second pass the side stream moves the misses that got a slot from scratch into it (device to device,
-joined by the next layer), for the next steps. Same keys as "pool"; the output differs only by the
-merge's rounding.
+placement the side stream also moves the misses that got a slot from scratch into it (device to
+device), for the next steps. Same keys as "pool"; the output differs only by the merge's rounding.
 
 KV writes: `invalidate_layer` drops the written pages of a layer (any write: prefill, a page reused
 by the radix cache); `write_through` instead writes the new rows into the slots of resident pages, so
@@ -358,31 +357,24 @@ class DeviceTieredAttention:
 
     def _split_copy(self, layer: int, union: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """miss_path "split", before placement: the union's pages not in the pool (missed [m]) are copied
-        into their scratch rows (rows [m]: scratch0 + i) on the side stream, beside the placement. The
-        copy takes the full grid: beside it run a single-program placement and the attention."""
+        into their scratch rows (rows [m]: scratch0 + i) on the side stream, beside the placement."""
         rows = self._scratch_rows[: union.shape[0]]
         missed = (union >= 0) & (self.pool.lookup(layer, union) < 0)
         with self.on_side_stream(layer, union, missed):
-            self.fetcher.copy(layer, union, rows, missed)
+            self.fetcher.copy(layer, union, rows, missed, max_programs=self.prefetch_programs)
         return missed, rows
 
     def _split_fill(self, layer: int, loc: torch.Tensor, slotted: torch.Tensor, missed: torch.Tensor,
                     rows: torch.Tensor) -> torch.Tensor:  # fmt: skip
-        """miss_path "split", after placement: returns the loc the table is built from (misses at their
-        scratch rows, which forward's second pass attends); the misses that got a slot (slotted [m]) are
-        moved scratch row -> slot by _split_move once that pass is queued."""
-        self._split_moves = (loc, slotted, rows)
-        return torch.where(missed, rows, loc).to(loc.dtype)
-
-    def _split_move(self, layer: int) -> None:
-        """The slotted misses' scratch rows into their slots (device to device) on the side stream, off
-        the layer's critical path: joined by the next layer's forward (the last layer's by its own)."""
-        loc, slotted, rows = self._split_moves
+        """miss_path "split", after placement: the misses that got a slot (slotted [m]) move scratch row
+        -> slot on the side stream, after their copy; returns the loc the table is built from (misses at
+        their scratch rows, which forward's second pass attends)."""
         pool = self.pool
-        with self.on_side_stream(min(layer + 1, pool.num_layers - 1), loc, slotted):
+        with self.on_side_stream(layer, loc, slotted):
             src, dst, count = page_copy.compact(slotted, rows, loc)
             page_copy.copy_pages(pool.k, pool.v, pool.k, pool.v, src, dst, count,
                                  max_programs=self.prefetch_programs)  # fmt: skip
+        return torch.where(missed, rows, loc).to(loc.dtype)
 
     def _union_into(self, out: torch.Tensor, sel: tuple, speculated: bool) -> None:
         """The selection's union (Triton) into out [m]: head pages in any order, or pages ascending;
@@ -462,15 +454,11 @@ class DeviceTieredAttention:
             first = self.attend(*attend_args, page_table=table, entry_range=(0, self._scratch0),
                                 out=torch.empty(q.shape, dtype=torch.float32, device=q.device))  # fmt: skip
             self._join(layer)
-            # few pages miss: a program per tile or two, so no program walks a long, mostly empty list
-            splits = {"num_splits": min(64, page_idx.shape[2])} if self._cuda else {}
-            out = self.attend(*attend_args, page_table=table, entry_range=(self._scratch0, pool.k.shape[0]),
-                              merge_with=first, **splits)  # fmt: skip
-            self._split_move(layer)
-        else:
-            out = self.attend(*attend_args, page_table=table, **host)
+            return self.attend(*attend_args, page_table=table, entry_range=(self._scratch0, pool.k.shape[0]),
+                               merge_with=first)  # fmt: skip
+        out = self.attend(*attend_args, page_table=table, **host)
         if layer + 1 == pool.num_layers:
-            self._join(layer)  # the last layer's side-stream copy (miss_path host / split) ends with the step
+            self._join(layer)  # the last layer's side-stream copy (miss_path "host") ends with the step
         return out
 
     def _place_torch(self, layer, req_to_token, req_pool_indices, page_idx, counts, prefetch_next, copy):
