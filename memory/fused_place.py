@@ -616,3 +616,59 @@ def head_page_table(
             loc.shape[0], BLOCK=BLOCK, num_warps=4,
         )  # fmt: skip
     return table
+
+
+# ============================================================================ split miss path
+def entries_at_least_ref(page_idx: torch.Tensor, counts: torch.Tensor, table: torch.Tensor, lo: int):
+    """Reference: the selected pages whose table entry is >= lo, in selection order per (b, h):
+    (idx [bs, Hkv, W] int32, -1 padded; counts [bs, Hkv] int32). table [bs, N] or [bs, Hkv, N]."""
+    from sglang_psa.kernels._common import compact_selection
+
+    bs, hkv, w = page_idx.shape
+    tab = table[:, None].expand(bs, hkv, table.shape[-1]) if table.dim() == 2 else table
+    j = page_idx.long().clamp(0, tab.shape[-1] - 1)
+    keep = (torch.arange(w, device=page_idx.device) < counts[..., None]) & (tab.gather(2, j) >= lo)
+    return compact_selection(page_idx, keep)
+
+
+@triton.jit
+def _entries_at_least_kernel(
+    page_idx, counts, table, out_idx, out_cnt, lo, stride_pb, stride_ph, stride_tb, stride_th,
+    HKV: tl.constexpr, W: tl.constexpr, BLOCK_W: tl.constexpr,
+):  # fmt: skip
+    bh = tl.program_id(0)
+    b, h = bh // HKV, bh % HKV
+    w = tl.arange(0, BLOCK_W)
+    keep = w < tl.load(counts + bh)
+    pg = tl.load(page_idx + b * stride_pb + h * stride_ph + w, mask=keep, other=0)
+    entry = tl.load(table + b * stride_tb + h * stride_th + pg, mask=keep, other=0)
+    sel = keep & (entry >= lo)
+    pos = tl.cumsum(sel.to(tl.int32), axis=0) - 1
+    total = tl.sum(sel.to(tl.int32), axis=0)
+    tl.store(out_idx + bh * W + pos, pg.to(tl.int32), mask=sel)  # positions < total
+    tl.store(out_idx + bh * W + w, tl.full([BLOCK_W], -1, tl.int32), mask=(w >= total) & (w < W))
+    tl.store(out_cnt + bh, total)
+
+
+def entries_at_least(
+    page_idx: torch.Tensor, counts: torch.Tensor, table: torch.Tensor, lo: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One launch, a program per (request, kv head): the selected pages whose table entry is >= lo,
+    compacted in selection order -> (idx [bs, Hkv, W] int32, -1 padded; counts [bs, Hkv] int32).
+
+    page_idx [bs, Hkv, W] int32 (valid in [:count], contiguous in W), counts [bs, Hkv] int32
+    contiguous, table [bs, N] or [bs, Hkv, N] int32 (page_table of sparse_decode). The split miss
+    path's second pass attends these lists (the misses at their scratch rows), so no program walks
+    the whole selection for the few pages that missed.
+    """
+    bs, hkv, w = page_idx.shape
+    idx = torch.empty(bs, hkv, w, dtype=torch.int32, device=page_idx.device)
+    cnt = torch.empty(bs, hkv, dtype=torch.int32, device=page_idx.device)
+    if bs * hkv == 0 or w == 0:
+        return idx, cnt.zero_()
+    _entries_at_least_kernel[(bs * hkv,)](
+        page_idx, counts.contiguous(), table, idx, cnt, lo, page_idx.stride(0), page_idx.stride(1),
+        table.stride(0), table.stride(1) if table.dim() == 3 else 0,
+        HKV=hkv, W=w, BLOCK_W=triton.next_power_of_2(w), num_warps=4,
+    )  # fmt: skip
+    return idx, cnt

@@ -288,3 +288,23 @@ def test_compiled_kernels_equal_references_on_the_gpu():
                     pool.unpin(op[1], padded(op[2]).cuda())
             for name in STATE:
                 assert torch.equal(getattr(pools[0], name), getattr(pools[1], name)), name
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**16), bs=st.integers(1, 3), hkv=st.integers(1, 3), w=st.integers(1, 7),
+       per_head=st.booleans(), lo=st.integers(0, 12))  # fmt: skip
+def test_entries_at_least_equals_reference(seed, bs, hkv, w, per_head, lo):
+    """The split miss path's lists: the selected pages whose table entry is >= lo, in selection order."""
+    g = torch.Generator().manual_seed(seed)
+    n = 9
+    idx = torch.stack([torch.randperm(n, generator=g)[:w] for _ in range(bs * hkv)]).view(bs, hkv, w)
+    cnt = torch.randint(0, w + 1, (bs, hkv), generator=g, dtype=torch.int32)
+    idx = torch.where(torch.arange(w) < cnt[..., None], idx, -1).to(torch.int32)
+    table = torch.randint(0, 12, (bs, hkv, n) if per_head else (bs, n), generator=g, dtype=torch.int32)
+    got = fused_place.entries_at_least(idx, cnt, table, lo)
+    want = fused_place.entries_at_least_ref(idx, cnt, table, lo)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    if w > 1:  # a view at an offset (a layer's row of a [L, bs, Hkv, W] buffer) reads the same
+        big = torch.full((2, bs, hkv, w), -1, dtype=torch.int32)
+        big[1] = idx
+        assert torch.equal(fused_place.entries_at_least(big[1], cnt, table, lo)[0], want[0])
