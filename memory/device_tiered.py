@@ -51,12 +51,14 @@ builds the page table with the missed pages pointing into the host tier itself (
 host_k / host_v, read over UVA inside the attention kernel, where their latency overlaps the reads of
 the resident pages) and copies the missed pages that got a slot into the pool on the side stream, for
 the steps after. The two paths attend the same keys, so outputs are equal. Reading host pages inside
-the attention kernel turned out latency-bound (bench_tiered on the H200: 16-45% slower than "pool").
+the attention kernel turned out latency-bound (bench_tiered on the H200: 10-45% slower than "pool").
 "split" starts the misses' copy before placement: right after the union, a lookup finds the missed
 pages and the side stream copies each into the scratch row of its union position (scratch0 + i, the
 scratch has a row per union entry), while the main stream places the union (CLOCK) and attends the
 resident pages (sparse_decode entry_range: table entries below the scratch); then it joins the side
-stream and attends the scratch rows, merged with the first pass by log-sum-exp (merge_with). The
+stream and attends the scratch rows through per (request, kv head) lists of the missed pages
+(fused_place.entries_at_least, made before the join), merged with the first pass by log-sum-exp
+(merge_with). The
 copy thus overlaps placement and the resident pages' attention instead of preceding them. After the
 placement the side stream also moves the misses that got a slot from scratch into it (device to
 device), for the next steps. Same keys as "pool"; the output differs only by the merge's rounding.
