@@ -58,10 +58,10 @@ scratch has a row per union entry), while the main stream places the union (CLOC
 resident pages (sparse_decode entry_range: table entries below the scratch); then it joins the side
 stream and attends the scratch rows through per (request, kv head) lists of the missed pages
 (fused_place.entries_at_least, made before the join), merged with the first pass by log-sum-exp
-(merge_with). The
-copy thus overlaps placement and the resident pages' attention instead of preceding them. After the
-placement the side stream also moves the misses that got a slot from scratch into it (device to
-device), for the next steps. Same keys as "pool"; the output differs only by the merge's rounding.
+(merge_with). The copy thus overlaps placement and the resident pages' attention instead of preceding
+them. After the placement the side stream also moves the misses that got a slot from scratch into it
+(device to device), for the next steps. Same keys as "pool"; the output differs only by the merge's
+rounding.
 
 KV writes: `invalidate_layer` drops the written pages of a layer (any write: prefill, a page reused
 by the radix cache); `write_through` instead writes the new rows into the slots of resident pages, so
@@ -86,6 +86,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from sglang_psa.config import MISS_PATHS
 from sglang_psa.kernels import sparse_decode
 
 from . import page_copy
@@ -101,8 +102,6 @@ from .fused_place import (
 from .uva_fetch import PageFetcher
 
 COUNTER_NAMES = ("needed", "hits", "fetched", "overflow", "prefetched", "filled")
-# attend a miss from its new pool slot after the copy, from host memory, or from scratch in a second pass
-MISS_PATHS = ("pool", "host", "split")
 
 
 class DeviceTieredAttention:
@@ -330,24 +329,25 @@ class DeviceTieredAttention:
         self._union_into(union, sel, speculated=False)
         split = self._split_copy(layer, union) if copy and self.miss_path == "split" else None
         pl = pool.place(layer, union, scratch_base=self._scratch0, acc=self.counters, acc_mode=1)
-        loc, slotted = pl.loc, pl.copy & (pl.loc < self._scratch0)
-        if split is not None:
-            loc = self._split_fill(layer, loc, slotted, *split)
-        elif copy:
-            loc = self._fetch(layer, union, pl.loc, pl.copy, slotted)
+        loc = pl.loc
+        if copy:
+            loc = self._fetch(layer, union, loc, pl.copy, pl.copy & (loc < self._scratch0), split)
         self._prefetch_after(layer, prefetch_next)
         if self.head_pages:
             return head_page_table(*sel, self.host_pages, self._pos_of, loc)
         return page_table(req_to_token, req_pool_indices, p, pool.num_pages, union, loc)
 
     def _fetch(self, layer: int, union: torch.Tensor, loc: torch.Tensor, missed: torch.Tensor,
-               slotted: torch.Tensor) -> torch.Tensor:  # fmt: skip
+               slotted: torch.Tensor, split: tuple | None = None) -> torch.Tensor:  # fmt: skip
         """The misses of a placement (union [M]; loc [M] slot or scratch slot; missed [M]: not in the
         pool before; slotted [M]: missed pages that got a pool slot) reach their slots; returns the loc
         the page table is built from. miss_path "pool": one copy of every miss into its slot or scratch
         slot, before attention. "host": attention reads the missed pages straight from the host tier
         (their loc becomes host_base + host page), while the slotted ones are copied into the pool on the
-        side stream for later steps (joined by the next layer's forward, the last layer's own)."""
+        side stream for later steps (joined by the next layer's forward, the last layer's own). "split":
+        _split_fill, with `split` what _split_copy returned before the placement."""
+        if split is not None:
+            return self._split_fill(layer, loc, slotted, *split)
         if self.miss_path == "pool":
             self.fetcher.copy(layer, union, loc, missed)
             return loc
@@ -485,10 +485,8 @@ class DeviceTieredAttention:
         over = valid & ~pl.hit & ~pl.fetch
         scratch = self._scratch0 + torch.cumsum(over.long(), 0) - 1
         loc = torch.where(over, scratch, pl.slots.long())  # [M] slot or scratch slot, -1 padding
-        if split is not None:
-            loc = self._split_fill(layer, loc, pl.fetch, *split)
-        elif copy:
-            loc = self._fetch(layer, union, loc, pl.fetch | over, pl.fetch)
+        if copy:
+            loc = self._fetch(layer, union, loc, pl.fetch | over, pl.fetch, split)
         self.counters[:4] += torch.stack([valid.sum(), pl.hit.sum(), pl.fetch.sum(), over.sum()])
         self._prefetch_after(layer, prefetch_next)
         # page table: logical page -> slot, through a map over physical pages (entry NP: padding)

@@ -54,6 +54,8 @@ import torch
 import triton
 import triton.language as tl
 
+from sglang_psa.kernels._common import compact_selection
+
 BLOCK = 1024  # elements per loop iteration of the single-program kernels (per program of the clock's)
 
 
@@ -622,8 +624,6 @@ def head_page_table(
 def entries_at_least_ref(page_idx: torch.Tensor, counts: torch.Tensor, table: torch.Tensor, lo: int):
     """Reference: the selected pages whose table entry is >= lo, in selection order per (b, h):
     (idx [bs, Hkv, W] int32, -1 padded; counts [bs, Hkv] int32). table [bs, N] or [bs, Hkv, N]."""
-    from sglang_psa.kernels._common import compact_selection
-
     bs, hkv, w = page_idx.shape
     tab = table[:, None].expand(bs, hkv, table.shape[-1]) if table.dim() == 2 else table
     j = page_idx.long().clamp(0, tab.shape[-1] - 1)

@@ -39,11 +39,16 @@ def capture(url: str, steps: int, out_dir: str, timeout: float = 180.0) -> str:
     urllib.request.urlopen(req, timeout=60).read()
     end = time.time() + timeout
     while time.time() < end:
-        files = glob.glob(os.path.join(out_dir, "**", "*.trace.json*"), recursive=True)
+        files = _trace_files(out_dir)
         if files and all(_settled(f) for f in files):
             return files[0]
         time.sleep(2)
     raise TimeoutError(f"no trace in {out_dir} after {timeout:.0f} s")
+
+
+def _trace_files(folder: str) -> list[str]:
+    """The profiler's trace files anywhere under folder (SGLang nests them by profile id)."""
+    return glob.glob(os.path.join(folder, "**", "*.trace.json*"), recursive=True)
 
 
 def _settled(path: str) -> bool:
@@ -55,7 +60,7 @@ def _settled(path: str) -> bool:
 
 def _load(path: str) -> list[dict]:
     if os.path.isdir(path):
-        files = glob.glob(os.path.join(path, "**", "*.trace.json*"), recursive=True)
+        files = _trace_files(path)
         if not files:
             raise FileNotFoundError(f"no *.trace.json* under {path}")
         path = files[0]

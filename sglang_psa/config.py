@@ -87,7 +87,8 @@ class PSAConfig:
     prefetch: str = "off"  # tiered: off | previous-step | next-layer | next-step (module docstring)
     prefetch_margin: int = 32  # next-step: pages below each (request, kv head)'s cut fetched ahead
     # tiered: "pool" copies a layer's misses into the pool before its attention; "host" attends them
-    # straight from pinned host memory and copies them into the pool beside it (side stream)
+    # straight from pinned host memory and copies them into the pool beside it (side stream); "split"
+    # copies them into scratch beside the placement and resident attention, then a second pass
     miss_path: str = "pool"
     # tiered: programs of the side-stream copies, prefetch and the host miss path's pool fill (0 = the
     # main copy's grid, 8 per SM). The copy

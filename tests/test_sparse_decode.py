@@ -254,12 +254,17 @@ def test_host_pages_are_read_in_place(table_dim, dtype, device):
     assert torch.allclose(lse.cpu(), want_lse.cpu(), atol=1e-3, rtol=1e-4)
 
 
-def test_host_arguments_are_checked():
-    q = torch.zeros(1, 2, 64)
-    k = torch.zeros(32, 2, 64)
-    args = (q, k, k, torch.zeros(1, 32, dtype=torch.int32), torch.zeros(1, dtype=torch.int64),
+def tiny_args() -> tuple:
+    """sparse_decode's positional arguments for one request of 20 tokens, 2 kv heads, one page."""
+    q, k = torch.zeros(1, 2, 64), torch.zeros(32, 2, 64)
+    return (q, k, k, torch.zeros(1, 32, dtype=torch.int32), torch.zeros(1, dtype=torch.int64),
             torch.tensor([20], dtype=torch.int32), torch.zeros(1, 2, 1, dtype=torch.int32),
             torch.ones(1, 2, dtype=torch.int32), 16, 0.1)  # fmt: skip
+
+
+def test_host_arguments_are_checked():
+    args = tiny_args()
+    k = args[1]
     table = torch.zeros(1, 2, dtype=torch.int32)
     with pytest.raises(ValueError, match="host_k and host_v come together"):
         sparse_decode(*args, host_k=k, host_v=k)
@@ -300,10 +305,7 @@ def test_two_entry_ranges_merged_equal_one_pass(table_dim, dtype, device):
 
 
 def test_split_arguments_are_checked():
-    q, k = torch.zeros(1, 2, 64), torch.zeros(32, 2, 64)
-    args = (q, k, k, torch.zeros(1, 32, dtype=torch.int32), torch.zeros(1, dtype=torch.int64),
-            torch.tensor([20], dtype=torch.int32), torch.zeros(1, 2, 1, dtype=torch.int32),
-            torch.ones(1, 2, dtype=torch.int32), 16, 0.1)  # fmt: skip
+    args = tiny_args()
     table = torch.zeros(1, 2, dtype=torch.int32)
     with pytest.raises(ValueError, match="entry_range selects pages by their page_table entry"):
         sparse_decode(*args, entry_range=(0, 1))
