@@ -28,12 +28,10 @@ Shapes and dtypes:
                       over UVA); a page_table entry e >= host_base is host page e - host_base (token
                       rows (e - host_base) * P ...) of these instead: tiered decode reads the pages
                       it misses straight from host memory while their copy into the pool runs beside
-    entry_range       optional (lo, hi) ints with a page_table: only pages whose table entry e has
-                      lo <= e < hi are attended (tiered mode's split miss path attends the resident
-                      pages while the missed ones are still being copied, then the copied ones)
     merge_with        optional (o [bs, Hq, D] contiguous, lse [bs, Hq] float32): a previous attention
-                      state over other keys, merged into the result by log-sum-exp (the split path's
-                      second pass); o float32 keeps the first pass unrounded (out= may be float32 too)
+                      state over other keys, merged into the result by log-sum-exp (tiered mode's
+                      split miss path: the resident pages first, the copied ones after); o float32
+                      keeps the first pass unrounded (out= may be float32 too)
     -> out [bs, Hq, D] q.dtype, lse [bs, Hq] float32 (natural log of the softmax normaliser)
 """
 
@@ -110,7 +108,6 @@ def sparse_decode_ref(
     host_k: torch.Tensor | None = None,
     host_v: torch.Tensor | None = None,
     host_base: int = 0,
-    entry_range: tuple[int, int] | None = None,
     merge_with: tuple[torch.Tensor, torch.Tensor] | None = None,
     out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,9 +120,6 @@ def sparse_decode_ref(
         for h in range(hkv):
             pages = page_idx[b, h, : int(counts[b, h])]
             row = None if page_table is None else page_table[b] if page_table.dim() == 2 else page_table[b, h]
-            if entry_range is not None:
-                e = row[pages.long()].long()
-                pages = pages[(e >= entry_range[0]) & (e < entry_range[1])]
             slots = _gather_tokens(req_to_token, r, n, pages, page_size, row)
             o, l_ = _attend_ref(
                 q[b, h * g : (h + 1) * g].cpu(),
@@ -203,8 +197,6 @@ def _attend_pages_kernel(
     stride_hkh,
     stride_hvt,
     stride_hvh,
-    entry_lo,
-    entry_hi,
     qk_scale,
     stride_qb,
     stride_qh,
@@ -231,7 +223,6 @@ def _attend_pages_kernel(
     HAS_START: tl.constexpr,
     HAS_TABLE: tl.constexpr,
     HAS_HOST: tl.constexpr,
-    HAS_RANGE: tl.constexpr,
     IEEE: tl.constexpr,
 ):
     bh = tl.program_id(0)
@@ -271,8 +262,6 @@ def _attend_pages_kernel(
         if HAS_TABLE:
             entry = tl.load(PAGE_TABLE + b * stride_tb + h * stride_th + page, mask=pvalid, other=0)
             entry = entry.to(tl.int64)
-            if HAS_RANGE:  # only the pages whose entry is in [entry_lo, entry_hi) (split miss path)
-                pvalid = pvalid & (entry >= entry_lo) & (entry < entry_hi)
             if HAS_HOST:  # entries from host_base on: pages of the host tier
                 on_host = entry >= host_base
                 entry = tl.where(on_host, entry - host_base, entry)
@@ -299,7 +288,7 @@ def _attend_pages_kernel(
             s = tl.dot(q, tl.trans(k))
         s = tl.where(tvalid[None, :], s * qk_scale, float("-inf"))  # log2 domain
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        # a tile with nothing valid yet (entry_range can mask whole tiles) must not give -inf - -inf
+        # a tile with nothing valid yet must not give -inf - -inf
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_use)
         p = tl.exp2(s - m_use[:, None])
@@ -447,7 +436,6 @@ def _attend(
     tuning=None,
     max_items=None,
     host=None,
-    entry_range=None,
 ):
     # tuning: {"pages_per_iter", "num_warps", "num_stages"} overrides (scripts/tune_attend.py)
     items = pages.shape[-1] if max_items is None else max_items  # most pages one row attends
@@ -483,8 +471,6 @@ def _attend(
         host_k.stride(1),
         host_v.stride(0),
         host_v.stride(1),
-        entry_range[0] if entry_range is not None else 0,
-        entry_range[1] if entry_range is not None else 0,
         sm_scale * _LOG2E,
         q.stride(0),
         q.stride(1),
@@ -511,7 +497,6 @@ def _attend(
         HAS_START=start is not None,
         HAS_TABLE=page_table is not None,
         HAS_HOST=host is not None,
-        HAS_RANGE=entry_range is not None,
         IEEE=f32_dot(q.dtype),
         num_warps=tune["num_warps"],
         num_stages=tune["num_stages"],
@@ -578,16 +563,14 @@ def sparse_decode(
     host_k: torch.Tensor | None = None,
     host_v: torch.Tensor | None = None,
     host_base: int = 0,
-    entry_range: tuple[int, int] | None = None,
     merge_with: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact attention of each (request, kv head) over its selected pages (Triton split-K).
 
     page_table [bs, N] or [bs, Hkv, N] int32 (optional): page locations in k_cache / v_cache; see the
     module docstring. host_k / host_v [host_rows, Hkv, D] (with a page_table): entries >= host_base
-    are pages of these (on a GPU: pinned host memory, read over UVA). entry_range (lo, hi): attend
-    only the pages whose table entry is in [lo, hi). merge_with (o, lse): merge a previous attention
-    state (other keys) into the result.
+    are pages of these (on a GPU: pinned host memory, read over UVA). merge_with (o, lse): merge a
+    previous attention state (other keys) into the result.
     tuning: launch overrides for the attend kernel (pages_per_iter, num_warps, num_stages); for tuning runs.
     """
     bs, hq, hkv, d, g = _check_common(
@@ -603,7 +586,7 @@ def sparse_decode(
     ):  # fmt: skip
         raise ValueError(f"page_table must be [{bs}, N] or [{bs}, {hkv}, N] int32, contiguous in N")
     host = _check_host(host_k, host_v, host_base, page_table, k_cache)
-    entry_range, prev = _check_split(entry_range, merge_with, page_table, bs, hq, d)
+    prev = _check_merge(merge_with, bs, hq, d)
     if num_splits is None:
         num_splits = default_num_splits(bs, hkv, page_idx.shape[2], q.device)
     if out is None:
@@ -630,27 +613,19 @@ def sparse_decode(
         page_table,
         tuning,
         host=host,
-        entry_range=entry_range,
     )
     _merge(part_o, part_lse, num_splits, out, lse, *prev)
     return out, lse
 
 
-def _check_split(entry_range, merge_with, page_table, bs, hq, d) -> tuple:
-    """sparse_decode's entry_range / merge_with -> (entry_range or None, (prev_o, prev_lse) or ())."""
-    if entry_range is not None:
-        if page_table is None:
-            raise ValueError("entry_range selects pages by their page_table entry: pass a page_table")
-        lo, hi = (int(x) for x in entry_range)
-        if not 0 <= lo <= hi < 2**31:
-            raise ValueError(f"entry_range must be 0 <= lo <= hi < 2**31, got {entry_range}")
-        entry_range = (lo, hi)
+def _check_merge(merge_with, bs, hq, d) -> tuple:
+    """sparse_decode's merge_with -> (prev_o, prev_lse) or ()."""
     if merge_with is None:
-        return entry_range, ()
+        return ()
     o, lse = merge_with
     if o.shape != (bs, hq, d) or not o.is_contiguous() or lse.shape != (bs, hq) or lse.dtype != torch.float32:
         raise ValueError(f"merge_with must be (o [{bs}, {hq}, {d}] contiguous, lse [{bs}, {hq}] float32)")
-    return entry_range, (o, lse.contiguous())
+    return o, lse.contiguous()
 
 
 def _check_host(host_k, host_v, host_base, page_table, k_cache) -> tuple | None:

@@ -62,6 +62,9 @@ class Placement:
 
     loc, copy (clock only): loc = slots with overflow pages at scratch_base + overflow rank when
     place() got a scratch_base, copy = fetch | overflow then (else loc = slots, copy = fetch).
+    copy_keys, copy_loc, ncopy, stamp (clock only): the pages with copy set and their loc, packed in
+    page order ([M] int32, valid below ncopy [1] int32; what the copy kernel reads with no compaction),
+    and the call's stamp [1] int64, which the pool's fill_stamp holds at every copied loc.
     """
 
     slots: torch.Tensor
@@ -69,6 +72,10 @@ class Placement:
     hit: torch.Tensor
     loc: torch.Tensor | None = None
     copy: torch.Tensor | None = None
+    copy_keys: torch.Tensor | None = None
+    copy_loc: torch.Tensor | None = None
+    ncopy: torch.Tensor | None = None
+    stamp: torch.Tensor | None = None
 
 
 def union_pages(page_idx: torch.Tensor, counts: torch.Tensor, num_pages: int, width: int) -> torch.Tensor:
@@ -152,6 +159,9 @@ class DevicePagePool:
         self.step_start = torch.zeros((), dtype=torch.int64, device=dev)
         self.counters = torch.zeros(4, dtype=torch.int64, device=dev)  # hits, misses, evictions, overflow
         self._slot_idx = torch.arange(capacity, device=dev)
+        # fill_stamp[row]: stamp of the last placement that sent a copy to that slot or scratch row
+        # (clock); the split miss path tells this call's fresh rows from resident ones with it
+        self.fill_stamp = torch.full((capacity + 1 + scratch_slots,), -1, dtype=torch.int64, device=dev)
         if policy == "clock":
             self.ref = torch.zeros(capacity + 1, dtype=torch.int8, device=dev)
             self.hand = torch.zeros((), dtype=torch.int64, device=dev)
@@ -248,7 +258,7 @@ class DevicePagePool:
         if self.clock_impl == "torch":
             out = clock_place_ref(self, layer, pages, pin, self.clock_window, scratch_base)
             if acc is not None:
-                slots, fetch, hit, loc, copy = out
+                slots, fetch, hit = out[:3]
                 placed = fetch.sum()
                 if acc_mode == 1:
                     over = (pages >= 0).to(self.device) & ~hit & ~fetch

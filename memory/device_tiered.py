@@ -52,16 +52,16 @@ host_k / host_v, read over UVA inside the attention kernel, where their latency 
 the resident pages) and copies the missed pages that got a slot into the pool on the side stream, for
 the steps after. The two paths attend the same keys, so outputs are equal. Reading host pages inside
 the attention kernel turned out latency-bound (bench_tiered on the H200: 10-45% slower than "pool").
-"split" starts the misses' copy before placement: right after the union, a lookup finds the missed
-pages and the side stream copies each into the scratch row of its union position (scratch0 + i, the
-scratch has a row per union entry), while the main stream places the union (CLOCK) and attends the
-resident pages (sparse_decode entry_range: table entries below the scratch); then it joins the side
-stream and attends the scratch rows through per (request, kv head) lists of the missed pages
-(fused_place.entries_at_least, made before the join), merged with the first pass by log-sum-exp
-(merge_with). The copy thus overlaps placement and the resident pages' attention instead of preceding
-them. After the placement the side stream also moves the misses that got a slot from scratch into it
-(device to device), for the next steps. Same keys as "pool"; the output differs only by the merge's
-rounding.
+"split" takes the misses' copy off the critical path: the placement (fused_place.clock_place) packs
+the pages to copy and their slot or scratch row into a list as it installs them and stamps those rows
+(DevicePagePool.fill_stamp), the side stream copies the list while the main stream builds the table,
+splits each (request, kv head)'s selection into the pages resident before the placement and the pages
+just sent for (fused_place.split_selection: one launch, by the rows' stamps) and attends the first
+list; then it joins the side stream, attends the second list and merges the two states by log-sum-exp
+(sparse_decode merge_with). One copy per miss, straight into its slot, no compaction kernels. Same keys
+as "pool"; the output differs only by the merge's rounding. (Session 12's version copied into scratch
+before the placement and moved the slotted misses scratch -> slot after it: two copies, a lookup and
+two compactions a layer, and a second pass over the whole selection; it hid none of the fetch.)
 
 KV writes: `invalidate_layer` drops the written pages of a layer (any write: prefill, a page reused
 by the radix cache); `write_through` instead writes the new rows into the slots of resident pages, so
@@ -89,13 +89,12 @@ import torch
 from sglang_psa.config import MISS_PATHS
 from sglang_psa.kernels import sparse_decode
 
-from . import page_copy
-from .device_pool import DevicePagePool, union_pages
+from .device_pool import DevicePagePool, Placement, union_pages
 from .fused_place import (
-    entries_at_least,
     head_page_table,
     page_table,
     selected_physical_pages,
+    split_selection,
     union_head_pages,
     union_selected,
 )
@@ -153,8 +152,6 @@ class DeviceTieredAttention:
         self._events = [torch.cuda.Event() for _ in range(pool.num_layers)] if self._cuda else []
         self._pending: set[int] = set()
         self._scratch0 = pool.capacity + 1
-        # split miss path: union entry i's miss is copied into scratch row scratch0 + i
-        self._scratch_rows = torch.arange(self._scratch0, self._scratch0 + width, device=dev)
 
     @classmethod
     def build(
@@ -308,11 +305,20 @@ class DeviceTieredAttention:
     def _prefetch_body(self, layer: int, pages: torch.Tensor) -> None:
         if self.pool.policy == "clock":  # one launch: place + the prefetched counter
             pl = self.pool.place(layer, pages, acc=self.counters, acc_mode=2)
-            self.fetcher.copy(layer, pages, pl.slots, pl.fetch, max_programs=self.prefetch_programs)
-            return
-        pl = self.pool.place(layer, pages)
-        self.fetcher.copy(layer, pages, pl.slots, pl.fetch, max_programs=self.prefetch_programs)
-        self.counters[4] += pl.fetch.sum()
+        else:
+            pl = self.pool.place(layer, pages)
+            self.counters[4] += pl.fetch.sum()
+        self._copy_misses(layer, pages, pl, self.prefetch_programs)
+
+    def _copy_misses(self, layer: int, pages: torch.Tensor, pl: Placement, max_programs: int | None = None):
+        """Copy what placement `pl` of pages [M] sends to the pool: clock's packed copy list as it is,
+        else the copy (or fetch) mask over pages, compacted by the fetcher."""
+        if pl.copy_keys is not None and self.fetcher.takes_lists:
+            self.fetcher.copy_list(layer, pl.copy_keys, pl.copy_loc, pl.ncopy, max_programs=max_programs)
+        elif pl.loc is not None:
+            self.fetcher.copy(layer, pages, pl.loc, pl.copy, max_programs=max_programs)
+        else:
+            self.fetcher.copy(layer, pages, pl.slots, pl.fetch, max_programs=max_programs)
 
     def _join(self, layer: int) -> None:
         if layer in self._pending:
@@ -322,62 +328,41 @@ class DeviceTieredAttention:
     # ------------------------------------------------------------------ forward
     def _place_fused(self, layer, req_to_token, req_pool_indices, page_idx, counts, prefetch_next, copy):
         """Policy "clock": union, place and page table in three Triton launches (fused_place.py);
-        the same union, scratch use, copies, counters and table as _place_torch."""
+        the same union, scratch use, copies, counters and table as _place_torch. -> (table, placement)"""
         pool, p = self.pool, self.pool.k.shape[1]
         union = self._union_row(layer, page_idx)
         sel = (req_to_token, req_pool_indices, page_idx, counts, p)
         self._union_into(union, sel, speculated=False)
-        split = self._split_copy(layer, union) if copy and self.miss_path == "split" else None
         pl = pool.place(layer, union, scratch_base=self._scratch0, acc=self.counters, acc_mode=1)
-        loc = pl.loc
-        if copy:
-            loc = self._fetch(layer, union, loc, pl.copy, pl.copy & (loc < self._scratch0), split)
+        loc = self._fetch(layer, union, pl) if copy else pl.loc
         self._prefetch_after(layer, prefetch_next)
         if self.head_pages:
-            return head_page_table(*sel, self.host_pages, self._pos_of, loc)
-        return page_table(req_to_token, req_pool_indices, p, pool.num_pages, union, loc)
+            return head_page_table(*sel, self.host_pages, self._pos_of, loc), pl
+        return page_table(req_to_token, req_pool_indices, p, pool.num_pages, union, loc), pl
 
-    def _fetch(self, layer: int, union: torch.Tensor, loc: torch.Tensor, missed: torch.Tensor,
-               slotted: torch.Tensor, split: tuple | None = None) -> torch.Tensor:  # fmt: skip
-        """The misses of a placement (union [M]; loc [M] slot or scratch slot; missed [M]: not in the
-        pool before; slotted [M]: missed pages that got a pool slot) reach their slots; returns the loc
-        the page table is built from. miss_path "pool": one copy of every miss into its slot or scratch
-        slot, before attention. "host": attention reads the missed pages straight from the host tier
-        (their loc becomes host_base + host page), while the slotted ones are copied into the pool on the
-        side stream for later steps (joined by the next layer's forward, the last layer's own). "split":
-        _split_fill, with `split` what _split_copy returned before the placement."""
-        if split is not None:
-            return self._split_fill(layer, loc, slotted, *split)
+    def _fetch(self, layer: int, union: torch.Tensor, pl: Placement) -> torch.Tensor:
+        """The pages placement `pl` of union [M] sends to the pool (pl.copy: misses, into their slot or
+        scratch row pl.loc) reach it; returns the loc the page table is built from. miss_path "pool":
+        one copy before attention. "split": the same copy on the side stream, joined by forward before
+        its second pass (the first attends the resident pages beside it). "host": attention reads the
+        missed pages straight from the host tier (their loc becomes host_base + host page), while the
+        ones that got a slot are copied into the pool on the side stream for later steps (joined by the
+        next layer's forward, the last layer's own)."""
         if self.miss_path == "pool":
-            self.fetcher.copy(layer, union, loc, missed)
-            return loc
+            self._copy_misses(layer, union, pl)
+            return pl.loc
+        if self.miss_path == "split":
+            lists = () if pl.copy_keys is None else (pl.copy_keys, pl.copy_loc, pl.ncopy)
+            with self.on_side_stream(layer, union, pl.loc, pl.copy, *lists):
+                self._copy_misses(layer, union, pl, self.prefetch_programs)
+            return pl.loc
+        slotted = pl.copy & (pl.loc < self._scratch0)
         host_page = union.remainder(self.host_pages) if self.head_pages else union
-        table_loc = torch.where(missed, self._host_base + host_page, loc).to(loc.dtype)
-        with self.on_side_stream(min(layer + 1, self.pool.num_layers - 1), union, loc, slotted):
+        table_loc = torch.where(pl.copy, self._host_base + host_page, pl.loc).to(pl.loc.dtype)
+        with self.on_side_stream(min(layer + 1, self.pool.num_layers - 1), union, pl.loc, slotted):
             # the prefetch's small grid, which leaves SMs to the layer it overlaps
-            self.fetcher.copy(layer, union, loc, slotted, max_programs=self.prefetch_programs)
+            self.fetcher.copy(layer, union, pl.loc, slotted, max_programs=self.prefetch_programs)
         return table_loc
-
-    def _split_copy(self, layer: int, union: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """miss_path "split", before placement: the union's pages not in the pool (missed [m]) are copied
-        into their scratch rows (rows [m]: scratch0 + i) on the side stream, beside the placement."""
-        rows = self._scratch_rows[: union.shape[0]]
-        missed = (union >= 0) & (self.pool.lookup(layer, union) < 0)
-        with self.on_side_stream(layer, union, missed):
-            self.fetcher.copy(layer, union, rows, missed, max_programs=self.prefetch_programs)
-        return missed, rows
-
-    def _split_fill(self, layer: int, loc: torch.Tensor, slotted: torch.Tensor, missed: torch.Tensor,
-                    rows: torch.Tensor) -> torch.Tensor:  # fmt: skip
-        """miss_path "split", after placement: the misses that got a slot (slotted [m]) move scratch row
-        -> slot on the side stream, after their copy; returns the loc the table is built from (misses at
-        their scratch rows, which forward's second pass attends)."""
-        pool = self.pool
-        with self.on_side_stream(layer, loc, slotted):
-            src, dst, count = page_copy.compact(slotted, rows, loc)
-            page_copy.copy_pages(pool.k, pool.v, pool.k, pool.v, src, dst, count,
-                                 max_programs=self.prefetch_programs)  # fmt: skip
-        return torch.where(missed, rows, loc).to(loc.dtype)
 
     def _union_into(self, out: torch.Tensor, sel: tuple, speculated: bool) -> None:
         """The selection's union (Triton) into out [m]: head pages in any order, or pages ascending;
@@ -442,7 +427,8 @@ class DeviceTieredAttention:
         """
         pool, p = self.pool, self.pool.k.shape[1]
         args = (req_to_token, req_pool_indices, page_idx, counts, prefetch_next, copy)
-        table = self._place_fused(layer, *args) if pool.policy == "clock" else self._place_torch(layer, *args)
+        place = self._place_fused if pool.policy == "clock" else self._place_torch
+        table, pl = place(layer, *args)
         k_rows, v_rows = pool.k.view(-1, *pool.k.shape[2:]), pool.v.view(-1, *pool.v.shape[2:])
         if self.head_pages:  # one head per slot, read by every kv head through its own table
             k_rows, v_rows = (t.expand(-1, self.hkv, -1) for t in (k_rows, v_rows))
@@ -451,24 +437,22 @@ class DeviceTieredAttention:
             hk, hv = pool.host.k[layer], pool.host.v[layer]
             host = {"host_k": hk.view(-1, *hk.shape[2:]), "host_v": hv.view(-1, *hv.shape[2:]),
                     "host_base": self._host_base}  # fmt: skip
-        attend_args = (q, k_rows, v_rows, req_to_token, req_pool_indices, seq_lens, page_idx, counts, p,
-                       sm_scale)  # fmt: skip
-        if self.miss_path == "split" and copy:  # resident pages now, the misses once copied (docstring)
-            first = self.attend(*attend_args, page_table=table, entry_range=(0, self._scratch0),
+        kv = (q, k_rows, v_rows, req_to_token, req_pool_indices, seq_lens)
+        if self.miss_path == "split" and copy:  # resident pages now, the copied ones after the join
+            rest_idx, rest_cnt, fresh_idx, fresh_cnt = split_selection(
+                page_idx, counts, table, pool.fill_stamp, pl.stamp
+            )
+            first = self.attend(*kv, rest_idx, rest_cnt, p, sm_scale, page_table=table,
                                 out=torch.empty(q.shape, dtype=torch.float32, device=q.device))  # fmt: skip
-            # the second pass gets lists of the missed pages only (a pass over the whole selection with
-            # every load masked cost 32 us a layer on the H200); made before the join, beside the copy
-            miss_idx, miss_cnt = entries_at_least(page_idx, counts, table, self._scratch0)
             self._join(layer)
-            return self.attend(q, k_rows, v_rows, req_to_token, req_pool_indices, seq_lens, miss_idx,
-                               miss_cnt, p, sm_scale, page_table=table, merge_with=first)  # fmt: skip
-        out = self.attend(*attend_args, page_table=table, **host)
+            return self.attend(*kv, fresh_idx, fresh_cnt, p, sm_scale, page_table=table, merge_with=first)
+        out = self.attend(*kv, page_idx, counts, p, sm_scale, page_table=table, **host)
         if layer + 1 == pool.num_layers:
             self._join(layer)  # the last layer's side-stream copy (miss_path "host") ends with the step
         return out
 
     def _place_torch(self, layer, req_to_token, req_pool_indices, page_idx, counts, prefetch_next, copy):
-        """Policy "lru": union, place, copies and page table [bs, N] int32 as torch ops."""
+        """Policy "lru": union, place, copies and page table [bs, N] int32 as torch ops. -> (table, pl)"""
         pool, p = self.pool, self.pool.k.shape[1]
         dev = page_idx.device
         # physical page of each logical page [bs, N] (N static: the table's width) and of each entry
@@ -479,17 +463,21 @@ class DeviceTieredAttention:
             phys = phys[:, None, :].clamp(0, self.host_pages - 1) + heads  # [bs, Hkv, N]
         union = self._union_row(layer, page_idx)
         union.copy_(union_pages(sel, counts, pool.num_pages, union.shape[0]))  # [m] int32
-        split = self._split_copy(layer, union) if copy and self.miss_path == "split" else None
+        stamp = pool.tick.reshape(1).clone()  # before place: every call with a miss advances the tick
         pl = pool.place(layer, union)
         valid = union >= 0
         over = valid & ~pl.hit & ~pl.fetch
         scratch = self._scratch0 + torch.cumsum(over.long(), 0) - 1
-        loc = torch.where(over, scratch, pl.slots.long())  # [M] slot or scratch slot, -1 padding
-        if copy:
-            loc = self._fetch(layer, union, loc, pl.fetch | over, pl.fetch, split)
+        pl.loc = torch.where(over, scratch, pl.slots.long()).to(torch.int32)  # slot or scratch, -1 padding
+        pl.copy = pl.fetch | over
+        # the rows this call fills, as fused_place.clock_place stamps them (the sink slot takes the rest)
+        pl.stamp = stamp
+        rows = torch.where(pl.copy, pl.loc.long(), pool.capacity)
+        pool.fill_stamp.index_put_((rows,), stamp.expand(rows.shape[0]))
+        loc = self._fetch(layer, union, pl) if copy else pl.loc
         self.counters[:4] += torch.stack([valid.sum(), pl.hit.sum(), pl.fetch.sum(), over.sum()])
         self._prefetch_after(layer, prefetch_next)
         # page table: logical page -> slot, through a map over physical pages (entry NP: padding)
         where = torch.zeros(pool.num_pages + 1, dtype=torch.int32, device=dev)
         where[torch.where(valid, union.long(), pool.num_pages)] = loc.clamp(min=0).to(torch.int32)
-        return where[phys.clamp(0, pool.num_pages - 1)].contiguous()
+        return where[phys.clamp(0, pool.num_pages - 1)].contiguous(), pl

@@ -44,7 +44,10 @@ Shapes and dtypes (C = capacity, L layers, NP physical pages, M = width):
     [:count]); counts [bs, Hkv] int  ->  union [M] int32 (ascending unique, -1 padded)
     pool state: slot_of [L * NP + 1] int32, slot_layer / slot_page / last_use [C + 1] int64,
     pinned [C + 1] bool, ref [C + 1] int8, tick / step_start / hand [] int64, counters [4] int64
-    clock_place -> slots [M] int32, fetch [M] bool, hit [M] bool, loc [M] int32, copy [M] bool
+    clock_place -> slots [M] int32, fetch [M] bool, hit [M] bool, loc [M] int32, copy [M] bool,
+        copy_keys / copy_loc [M] int32 (the copy list: pages with copy set and their loc, in page
+        order, valid below ncopy [1] int32), stamp [1] int64 (the call's; fill_stamp [C + 1 + scratch]
+        int64 gets it at every copied loc, so later kernels tell rows filled by this call)
     page_table(union [M] int32, loc [M] int32) -> table [bs, N] int32, N = ceil(T / P)
 """
 
@@ -176,7 +179,10 @@ def clock_place_ref(pool, layer: int, pages: torch.Tensor, pin: torch.Tensor | N
 
     pool: a DevicePagePool (its state tensors are updated in place). pages [M] int (ascending
     unique, -1 = padding), pin [M] bool or None, window: the scan covers min(window * M, C) slots.
-    Returns (slots [M] int32, fetch [M] bool, hit [M] bool, loc [M] int32, copy [M] bool).
+    Returns (slots [M] int32, fetch [M] bool, hit [M] bool, loc [M] int32, copy [M] bool, copy_keys
+    [M] int32, copy_loc [M] int32 (the pages to copy and their loc, in page order, -1 after ncopy),
+    ncopy [1] int32, stamp [1] int64); pool.fill_stamp[loc] = stamp for every page to copy (rows
+    past fill_stamp, i.e. a scratch_base beyond the pool's own scratch rows, are not stamped).
     """
     c, npg, m = pool.capacity, pool.num_pages, pages.shape[0]
     pg = pages.tolist()
@@ -233,8 +239,15 @@ def clock_place_ref(pool, layer: int, pages: torch.Tensor, pin: torch.Tensor | N
     dev = pool.device
     as_t = lambda x, dt: torch.tensor(x, dtype=dt, device=dev)
     copy = [f or (o and scratch_base >= 0) for f, o in zip(fetch, over)]
+    todo = [i for i in range(m) if copy[i]]  # the copy list, in page order
+    for i in todo:
+        if loc[i] < pool.fill_stamp.shape[0]:  # rows past the pool's own scratch are not stamped
+            pool.fill_stamp[loc[i]] = stamp
+    pad = [-1] * (m - len(todo))
     return (as_t(slots, torch.int32), as_t(fetch, torch.bool), as_t(hit, torch.bool),
-            as_t(loc, torch.int32), as_t(copy, torch.bool))  # fmt: skip
+            as_t(loc, torch.int32), as_t(copy, torch.bool), as_t([pg[i] for i in todo] + pad, torch.int32),
+            as_t([loc[i] for i in todo] + pad, torch.int32), as_t([len(todo)], torch.int32),
+            as_t([stamp], torch.int64))  # fmt: skip
 
 
 @triton.jit
@@ -274,11 +287,12 @@ def _clock_touch_kernel(
 def _clock_scan_kernel(
     bvalid_ptr, bmiss_ptr, NB, S, C1,
     slot_layer_ptr, last_use_ptr, pinned_ptr, ref_ptr,
-    tick_ptr, step_start_ptr, hand_ptr, counters_ptr, acc_ptr, victims_ptr, ws_ptr,
+    tick_ptr, step_start_ptr, hand_ptr, counters_ptr, acc_ptr, victims_ptr, ws_ptr, ncopy_ptr, scratch_base,
     ACC_MODE: tl.constexpr, BLOCK: tl.constexpr, NB_PAD: tl.constexpr,
 ):  # fmt: skip
     """Launch 2 of 3, one program: the window scan from the hand (sequential by nature), victims in scan
-    order -> victims[0 ..); the hand, the tick and the counters but evictions; ws = (stamp, ntaken)."""
+    order -> victims[0 ..); the hand, the tick and the counters but evictions; ws = (stamp, ntaken);
+    ncopy = the length of the copy list the install writes (every miss with a scratch, else the placed)."""
     b = tl.arange(0, NB_PAD)
     nvalid = tl.sum(tl.load(bvalid_ptr + b, mask=b < NB, other=0), axis=0)
     nmiss = tl.sum(tl.load(bmiss_ptr + b, mask=b < NB, other=0), axis=0)
@@ -311,6 +325,7 @@ def _clock_scan_kernel(
     stamp = tl.load(tick_ptr)
     tl.store(ws_ptr + 0, stamp)
     tl.store(ws_ptr + 1, ntaken.to(tl.int64))
+    tl.store(ncopy_ptr, tl.where(scratch_base >= 0, nmiss, ntaken))
     tl.store(tick_ptr, stamp + 1)
     tl.store(counters_ptr + 0, tl.load(counters_ptr + 0) + nhit)
     tl.store(counters_ptr + 1, tl.load(counters_ptr + 1) + nmiss)
@@ -329,11 +344,14 @@ def _clock_install_kernel(
     pages_ptr, pin_ptr, M, layer, NP, scratch_base, bmiss_ptr,
     slot_of_ptr, slot_layer_ptr, slot_page_ptr, last_use_ptr, pinned_ptr, ref_ptr,
     counters_ptr, victims_ptr, ws_ptr, slots_ptr, fetch_ptr, hit_ptr, loc_ptr, copy_ptr,
+    copy_keys_ptr, copy_loc_ptr, fill_stamp_ptr, stamp_rows,
     HAS_PIN: tl.constexpr, BLOCK: tl.constexpr, NB_PAD: tl.constexpr,
 ):  # fmt: skip
     """Launch 3 of 3, a program per block: the block's misses, in page order after the misses of the
     blocks before it, take victims[rank] (evict the old key, install) or overflow. Victims are distinct
-    and never hold a page of this call, so programs write disjoint keys and slots."""
+    and never hold a page of this call, so programs write disjoint keys and slots. Every page to copy
+    also goes to the copy list at its miss rank (dense: with a scratch every miss is copied, without
+    one the placed misses are ranks < ntaken) and stamps its row (slot or scratch row)."""
     pid = tl.program_id(0)
     b = tl.arange(0, NB_PAD)
     rank0 = tl.sum(tl.load(bmiss_ptr + b, mask=b < pid, other=0), axis=0)
@@ -365,17 +383,23 @@ def _clock_install_kernel(
     tl.store(slots_ptr + i, slot, mask=miss)
     tl.store(fetch_ptr + i, placed, mask=miss)
     if scratch_base >= 0:
-        tl.store(loc_ptr + i, tl.where(over, scratch_base + rank - ntaken, slot), mask=miss)
-        tl.store(copy_ptr + i, placed | over, mask=miss)
+        lc = tl.where(over, scratch_base + rank - ntaken, slot)
+        cp = miss
     else:
-        tl.store(loc_ptr + i, slot, mask=miss)
-        tl.store(copy_ptr + i, placed, mask=miss)
+        lc = slot
+        cp = placed
+    tl.store(loc_ptr + i, lc, mask=miss)
+    tl.store(copy_ptr + i, cp, mask=miss)
+    tl.store(copy_keys_ptr + rank, pg.to(tl.int32), mask=cp)
+    tl.store(copy_loc_ptr + rank, lc, mask=cp)
+    tl.store(fill_stamp_ptr + lc, tl.zeros([BLOCK], tl.int64) + stamp, mask=cp & (lc < stamp_rows))
     tl.atomic_add(counters_ptr + 2, tl.sum(ev.to(tl.int64), axis=0))
 
 
 def clock_place(pool, layer: int, pages: torch.Tensor, pin: torch.Tensor | None, window: int,
                 scratch_base: int = -1, acc: torch.Tensor | None = None, acc_mode: int = 0):  # fmt: skip
-    """Three launches: clock_place_ref's results and state updates.
+    """Three launches: clock_place_ref's results and state updates (the copy list past ncopy is
+    left undefined: the copy kernel reads only below the count).
 
     Only the window scan is sequential (one program); the lookup / touch before it and the install
     after it run a program per BLOCK pages (one program walking a 10k-entry union in 1024-page
@@ -393,6 +417,8 @@ def clock_place(pool, layer: int, pages: torch.Tensor, pin: torch.Tensor | None,
     nb = max(1, triton.cdiv(m, BLOCK))
     bvalid, bmiss = (torch.empty(nb, dtype=torch.int32, device=dev) for _ in range(2))
     ws = torch.empty(2, dtype=torch.int64, device=dev)  # (stamp, misses that got a victim)
+    copy_keys, copy_loc = torch.empty_like(slots), torch.empty_like(slots)
+    ncopy = torch.empty(1, dtype=torch.int32, device=dev)
     has_pin = pin is not None
     pin_t = pin.to(dev, torch.bool).contiguous() if has_pin else fetch
     nb_pad = triton.next_power_of_2(nb)
@@ -403,15 +429,16 @@ def clock_place(pool, layer: int, pages: torch.Tensor, pin: torch.Tensor | None,
     _clock_scan_kernel[(1,)](
         bvalid, bmiss, nb, min(window * m, pool.capacity), max(pool.capacity, 1),
         pool.slot_layer, pool.last_use, pool.pinned, pool.ref, pool.tick, pool.step_start, pool.hand,
-        pool.counters, acc if acc is not None else pool.counters, victims, ws,
+        pool.counters, acc if acc is not None else pool.counters, victims, ws, ncopy, scratch_base,
         ACC_MODE=acc_mode if acc is not None else 0, BLOCK=BLOCK, NB_PAD=nb_pad, num_warps=4,
     )  # fmt: skip
     _clock_install_kernel[(nb,)](
         pages, pin_t, m, layer, pool.num_pages, scratch_base, bmiss, pool.slot_of, pool.slot_layer,
         pool.slot_page, pool.last_use, pool.pinned, pool.ref, pool.counters, victims, ws,
-        slots, fetch, hit, loc, copy, HAS_PIN=has_pin, BLOCK=BLOCK, NB_PAD=nb_pad, num_warps=4,
+        slots, fetch, hit, loc, copy, copy_keys, copy_loc, pool.fill_stamp, pool.fill_stamp.shape[0],
+        HAS_PIN=has_pin, BLOCK=BLOCK, NB_PAD=nb_pad, num_warps=4,
     )  # fmt: skip
-    return slots, fetch, hit, loc, copy
+    return slots, fetch, hit, loc, copy, copy_keys, copy_loc, ncopy, ws[:1]
 
 
 # ============================================================================ page table
@@ -621,54 +648,73 @@ def head_page_table(
 
 
 # ============================================================================ split miss path
-def entries_at_least_ref(page_idx: torch.Tensor, counts: torch.Tensor, table: torch.Tensor, lo: int):
-    """Reference: the selected pages whose table entry is >= lo, in selection order per (b, h):
-    (idx [bs, Hkv, W] int32, -1 padded; counts [bs, Hkv] int32). table [bs, N] or [bs, Hkv, N]."""
+def split_selection_ref(page_idx: torch.Tensor, counts: torch.Tensor, table: torch.Tensor,
+                        fill_stamp: torch.Tensor, stamp: torch.Tensor) -> tuple:  # fmt: skip
+    """Reference: the selection split by its rows' fill stamps, each part in selection order ->
+    (rest_idx, rest_cnt, fresh_idx, fresh_cnt): fresh = pages whose table row has fill_stamp == stamp
+    (filled by that placement's copy), rest = the others (resident before it). idx [bs, Hkv, W] int32,
+    -1 padded; cnt [bs, Hkv] int32. table [bs, N] or [bs, Hkv, N]."""
     bs, hkv, w = page_idx.shape
     tab = table[:, None].expand(bs, hkv, table.shape[-1]) if table.dim() == 2 else table
     j = page_idx.long().clamp(0, tab.shape[-1] - 1)
-    keep = (torch.arange(w, device=page_idx.device) < counts[..., None]) & (tab.gather(2, j) >= lo)
-    return compact_selection(page_idx, keep)
+    kept = torch.arange(w, device=page_idx.device) < counts[..., None]
+    row = torch.where(kept, tab.gather(2, j).long(), 0)
+    fresh = kept & (fill_stamp[row] == stamp.reshape(()))
+    return (*compact_selection(page_idx, kept & ~fresh), *compact_selection(page_idx, fresh))
 
 
 @triton.jit
-def _entries_at_least_kernel(
-    page_idx, counts, table, out_idx, out_cnt, lo, stride_pb, stride_ph, stride_tb, stride_th,
+def _split_selection_kernel(
+    page_idx, counts, table, fill_stamp, stamp_ptr, rest_idx, rest_cnt, fresh_idx, fresh_cnt,
+    stride_pb, stride_ph, stride_tb, stride_th,
     HKV: tl.constexpr, W: tl.constexpr, BLOCK_W: tl.constexpr,
 ):  # fmt: skip
     bh = tl.program_id(0)
     b, h = bh // HKV, bh % HKV
     w = tl.arange(0, BLOCK_W)
-    keep = w < tl.load(counts + bh)
-    pg = tl.load(page_idx + b * stride_pb + h * stride_ph + w, mask=keep, other=0)
-    entry = tl.load(table + b * stride_tb + h * stride_th + pg, mask=keep, other=0)
-    sel = keep & (entry >= lo)
-    pos = tl.cumsum(sel.to(tl.int32), axis=0) - 1
-    total = tl.sum(sel.to(tl.int32), axis=0)
-    tl.store(out_idx + bh * W + pos, pg.to(tl.int32), mask=sel)  # positions < total
-    tl.store(out_idx + bh * W + w, tl.full([BLOCK_W], -1, tl.int32), mask=(w >= total) & (w < W))
-    tl.store(out_cnt + bh, total)
+    kept = w < tl.load(counts + bh)
+    pg = tl.load(page_idx + b * stride_pb + h * stride_ph + w, mask=kept, other=0)
+    row = tl.load(table + b * stride_tb + h * stride_th + pg, mask=kept, other=0)
+    fresh = kept & (tl.load(fill_stamp + row, mask=kept, other=-1) == tl.load(stamp_ptr))
+    _store_part(kept & ~fresh, pg, rest_idx + bh * W, rest_cnt + bh, w, W, BLOCK_W)
+    _store_part(fresh, pg, fresh_idx + bh * W, fresh_cnt + bh, w, W, BLOCK_W)
 
 
-def entries_at_least(
-    page_idx: torch.Tensor, counts: torch.Tensor, table: torch.Tensor, lo: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One launch, a program per (request, kv head): the selected pages whose table entry is >= lo,
-    compacted in selection order -> (idx [bs, Hkv, W] int32, -1 padded; counts [bs, Hkv] int32).
+@triton.jit
+def _store_part(part, pg, idx_row, cnt_at, w, W: tl.constexpr, BLOCK_W: tl.constexpr):
+    """The entries of pg [BLOCK_W] where part is set, packed in order into idx_row[0 .. W), -1 after."""
+    pos = tl.cumsum(part.to(tl.int32), axis=0) - 1
+    total = tl.sum(part.to(tl.int32), axis=0)
+    tl.store(idx_row + pos, pg.to(tl.int32), mask=part)  # positions < total
+    tl.store(idx_row + w, tl.full([BLOCK_W], -1, tl.int32), mask=(w >= total) & (w < W))
+    tl.store(cnt_at, total)
+
+
+def split_selection(
+    page_idx: torch.Tensor,
+    counts: torch.Tensor,
+    table: torch.Tensor,
+    fill_stamp: torch.Tensor,
+    stamp: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One launch, a program per (request, kv head): the selection split into the pages resident
+    before a placement and the pages it sent copies for -> (rest_idx, rest_cnt, fresh_idx, fresh_cnt)
+    (split_selection_ref). The split miss path attends the first list while the copy runs and the
+    second once it is done.
 
     page_idx [bs, Hkv, W] int32 (valid in [:count], contiguous in W), counts [bs, Hkv] int32
-    contiguous, table [bs, N] or [bs, Hkv, N] int32 (page_table of sparse_decode). The split miss
-    path's second pass attends these lists (the misses at their scratch rows), so no program walks
-    the whole selection for the few pages that missed.
+    contiguous, table [bs, N] or [bs, Hkv, N] int32 (page_table of sparse_decode), fill_stamp [rows]
+    int64 (DevicePagePool.fill_stamp), stamp [1] int64 (the placement's, Placement.stamp).
     """
     bs, hkv, w = page_idx.shape
-    idx = torch.empty(bs, hkv, w, dtype=torch.int32, device=page_idx.device)
-    cnt = torch.empty(bs, hkv, dtype=torch.int32, device=page_idx.device)
+    dev = page_idx.device
+    rest_idx, fresh_idx = (torch.empty(bs, hkv, w, dtype=torch.int32, device=dev) for _ in range(2))
+    rest_cnt, fresh_cnt = (torch.empty(bs, hkv, dtype=torch.int32, device=dev) for _ in range(2))
     if bs * hkv == 0 or w == 0:
-        return idx, cnt.zero_()
-    _entries_at_least_kernel[(bs * hkv,)](
-        page_idx, counts.contiguous(), table, idx, cnt, lo, page_idx.stride(0), page_idx.stride(1),
-        table.stride(0), table.stride(1) if table.dim() == 3 else 0,
+        return rest_idx, rest_cnt.zero_(), fresh_idx, fresh_cnt.zero_()
+    _split_selection_kernel[(bs * hkv,)](
+        page_idx, counts.contiguous(), table, fill_stamp, stamp, rest_idx, rest_cnt, fresh_idx, fresh_cnt,
+        page_idx.stride(0), page_idx.stride(1), table.stride(0), table.stride(1) if table.dim() == 3 else 0,
         HKV=hkv, W=w, BLOCK_W=triton.next_power_of_2(w), num_warps=4,
     )  # fmt: skip
-    return idx, cnt
+    return rest_idx, rest_cnt, fresh_idx, fresh_cnt

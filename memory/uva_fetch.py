@@ -162,6 +162,24 @@ class PageFetcher:
         dst = (slot * p + self._t).reshape(-1)
         return src_k, src_v, dst
 
+    @property
+    def takes_lists(self) -> bool:
+        """copy_list works: the compacted Triton copy and its torch reference (sgl-kernel takes masks)."""
+        return self.backend in ("triton", "torch")
+
+    def copy_list(self, layer: int, pages_c: torch.Tensor, slots_c: torch.Tensor, count: torch.Tensor,
+                  max_programs: int | None = None) -> None:  # fmt: skip
+        """Copy host page pages_c[i] of `layer` into slot slots_c[i] for i < count[0] (lists already
+        packed, e.g. Placement.copy_keys / copy_loc / ncopy): `copy` without its compaction."""
+        if not self.takes_lists:
+            raise ValueError(f"copy_list needs the triton or torch backend, not {self.backend!r}")
+        hk, hv = self.host.k[layer], self.host.v[layer]
+        if self.backend == "torch":
+            page_copy.copy_pages_ref(hk, hv, self.dst_k, self.dst_v, pages_c, slots_c, count, self.head_pages)
+            return
+        page_copy.copy_pages(hk, hv, self.dst_k, self.dst_v, pages_c, slots_c, count, self.block,
+                             self.triton_warps, self.host_ptr, max_programs, self.head_pages)  # fmt: skip
+
     def copy(self, layer: int, pages: torch.Tensor, slots: torch.Tensor, copy: torch.Tensor,
              max_programs: int | None = None) -> None:  # fmt: skip
         """Copy host page pages[i] of `layer` into slot slots[i] where copy[i] (all [M]).

@@ -113,7 +113,7 @@ def random_trace(rng: random.Random, n: int) -> list[tuple]:
 
 
 STATE = ("slot_of", "slot_layer", "slot_page", "last_use", "pinned", "ref", "tick", "step_start", "hand",
-         "counters")  # fmt: skip
+         "counters", "fill_stamp")  # fmt: skip
 
 
 def check_map(pool: DevicePagePool) -> None:
@@ -162,8 +162,13 @@ def test_clock_kernel_equals_reference_and_keeps_invariants(capacity, window, se
                 base = 100 if scratch else -1
                 a = tri.place(layer, ids, pin, scratch_base=base)
                 b = ref.place(layer, ids, pin, scratch_base=base)
-                for f in ("slots", "fetch", "hit", "loc", "copy"):
+                for f in ("slots", "fetch", "hit", "loc", "copy", "ncopy", "stamp"):
                     assert torch.equal(getattr(a, f), getattr(b, f)), f
+                n_copy = int(b.ncopy)  # the copy list: the copy mask's pages and loc, packed in order
+                assert n_copy == int(b.copy.sum())
+                for f, full in (("copy_keys", ids), ("copy_loc", b.loc)):
+                    assert torch.equal(getattr(a, f)[:n_copy], getattr(b, f)[:n_copy]), f
+                    assert torch.equal(getattr(b, f)[:n_copy], full[b.copy]), f
                 d = (ref.counters - before).tolist()
                 assert d[3] == want_over
                 if d[3]:
@@ -271,6 +276,12 @@ def test_compiled_kernels_equal_references_on_the_gpu():
         loc = torch.randint(0, 50, (30,), dtype=torch.int32, device="cuda")
         tab = fused_place.page_table(r2t, rpi, p, 2000, want, loc)
         assert torch.equal(tab, fused_place.page_table_ref(r2t, rpi, p, 2000, want, loc))
+        fill_stamp = torch.randint(-1, 3, (50,), device="cuda")
+        stamp = torch.ones(1, dtype=torch.int64, device="cuda")
+        idx_ok = torch.where(idx >= 0, idx, 0)
+        parts = fused_place.split_selection(idx_ok, cnt, tab, fill_stamp, stamp)
+        for x, y in zip(parts, fused_place.split_selection_ref(idx_ok, cnt, tab, fill_stamp, stamp)):
+            assert torch.equal(x, y)
     for seed in range(20):
         rng = random.Random(seed)
         cap = rng.randint(0, 12)
@@ -292,19 +303,24 @@ def test_compiled_kernels_equal_references_on_the_gpu():
 
 @settings(max_examples=40, deadline=None)
 @given(seed=st.integers(0, 2**16), bs=st.integers(1, 3), hkv=st.integers(1, 3), w=st.integers(1, 7),
-       per_head=st.booleans(), lo=st.integers(0, 12))  # fmt: skip
-def test_entries_at_least_equals_reference(seed, bs, hkv, w, per_head, lo):
-    """The split miss path's lists: the selected pages whose table entry is >= lo, in selection order."""
+       per_head=st.booleans(), stamp=st.integers(0, 3))  # fmt: skip
+def test_split_selection_equals_reference(seed, bs, hkv, w, per_head, stamp):
+    """The split miss path's lists: each row's selected pages split by whether their table row carries
+    the placement's fill stamp, both parts in selection order."""
     g = torch.Generator().manual_seed(seed)
-    n = 9
+    n, rows = 9, 12
     idx = torch.stack([torch.randperm(n, generator=g)[:w] for _ in range(bs * hkv)]).view(bs, hkv, w)
     cnt = torch.randint(0, w + 1, (bs, hkv), generator=g, dtype=torch.int32)
     idx = torch.where(torch.arange(w) < cnt[..., None], idx, -1).to(torch.int32)
-    table = torch.randint(0, 12, (bs, hkv, n) if per_head else (bs, n), generator=g, dtype=torch.int32)
-    got = fused_place.entries_at_least(idx, cnt, table, lo)
-    want = fused_place.entries_at_least_ref(idx, cnt, table, lo)
-    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    table = torch.randint(0, rows, (bs, hkv, n) if per_head else (bs, n), generator=g, dtype=torch.int32)
+    fill_stamp = torch.randint(-1, 4, (rows,), generator=g)
+    st_t = torch.tensor([stamp])
+    got = fused_place.split_selection(idx, cnt, table, fill_stamp, st_t)
+    want = fused_place.split_selection_ref(idx, cnt, table, fill_stamp, st_t)
+    for x, y in zip(got, want):
+        assert torch.equal(x, y)
+    assert torch.equal(got[1] + got[3], cnt)
     if w > 1:  # a view at an offset (a layer's row of a [L, bs, Hkv, W] buffer) reads the same
         big = torch.full((2, bs, hkv, w), -1, dtype=torch.int32)
         big[1] = idx
-        assert torch.equal(fused_place.entries_at_least(big[1], cnt, table, lo)[0], want[0])
+        assert torch.equal(fused_place.split_selection(big[1], cnt, table, fill_stamp, st_t)[2], want[2])

@@ -12,6 +12,7 @@ from sglang_psa.kernels import (
     sparse_decode,
     sparse_decode_ref,
 )
+from sglang_psa.kernels._common import compact_selection
 
 MAXP = 12
 
@@ -274,10 +275,10 @@ def test_host_arguments_are_checked():
 
 @pytest.mark.parametrize("table_dim", [2, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_two_entry_ranges_merged_equal_one_pass(table_dim, dtype, device):
-    """Tiered mode's split miss path: attending the pages whose table entry is below a cut, then those
-    at or above it with merge_with the first state, gives the one-pass result over all pages (also
-    where a row has no page on one side: an empty state merges as nothing)."""
+def test_two_page_lists_merged_equal_one_pass(table_dim, dtype, device):
+    """Tiered mode's split miss path: attending one part of each row's pages (here: table entry below a
+    cut), then the rest with merge_with the first state, gives the one-pass result over all pages
+    (also where a row has no page on one side: an empty state merges as nothing)."""
     if dtype == torch.bfloat16 and device == "cpu":
         pytest.skip("bf16 dot products need a GPU")
     g = torch.Generator().manual_seed(5)
@@ -295,21 +296,21 @@ def test_two_entry_ranges_merged_equal_one_pass(table_dim, dtype, device):
     args = [t.to(device) for t in args] + [p, d**-0.5]
     table = table.to(device)
     want, want_lse = sparse_decode_ref(q, k, v, *args, page_table=table)
+    sel, cnt = args[3], args[4]
+    tab = table[:, None].expand(bs, hkv, n) if table_dim == 2 else table
+    kept = torch.arange(4, device=device) < cnt[..., None]
+    low = kept & (tab.gather(2, sel.long().clamp(min=0)) < cut)
+    parts = [compact_selection(sel, low), compact_selection(sel, kept & ~low)]
     for attend in (sparse_decode, sparse_decode_ref):
-        first = attend(q, k, v, *args, page_table=table, entry_range=(0, cut),
+        first = attend(q, k, v, *args[:3], *parts[0], *args[5:], page_table=table,
                        out=torch.empty(q.shape, dtype=torch.float32, device=device))  # fmt: skip
         assert first[0].dtype == torch.float32
-        out, lse = attend(q, k, v, *args, page_table=table, entry_range=(cut, rows), merge_with=first)
+        out, lse = attend(q, k, v, *args[:3], *parts[1], *args[5:], page_table=table, merge_with=first)
         assert out.dtype == dtype and rel_err(out, want) < TOL[dtype]
         assert torch.allclose(lse.cpu(), want_lse.cpu(), atol=1e-3, rtol=1e-4)
 
 
-def test_split_arguments_are_checked():
+def test_merge_arguments_are_checked():
     args = tiny_args()
-    table = torch.zeros(1, 2, dtype=torch.int32)
-    with pytest.raises(ValueError, match="entry_range selects pages by their page_table entry"):
-        sparse_decode(*args, entry_range=(0, 1))
-    with pytest.raises(ValueError, match="entry_range must be 0 <= lo <= hi"):
-        sparse_decode(*args, page_table=table, entry_range=(2, 1))
     with pytest.raises(ValueError, match=r"merge_with must be \(o \[1, 2, 64\]"):
         sparse_decode(*args, merge_with=(torch.zeros(1, 2, 64), torch.zeros(1, 2, dtype=torch.float64)))
