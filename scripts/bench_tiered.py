@@ -10,8 +10,8 @@ step-to-step overlap of selections is in the JSON. Every step is one CUDA graph 
   sync       DeviceTieredAttention: place, UVA fetch of misses + overflow, attention from the pool;
   host       sync with miss_path "host": misses attended straight from the host tier, their copy into
              the pool on the side stream (--psa-miss-path host);
-  split      sync with miss_path "split": misses copied into scratch on the side stream beside the
-             placement and the resident pages' attention, then attended and merged (--psa-miss-path split);
+  split      sync with miss_path "split": misses copied into their slots on the side stream beside
+             the resident pages' attention, then attended and merged (--psa-miss-path split);
   overlap    the same as sync, plus layer l+1's prefetch (previous step's union) on a side stream during l;
   nofetch    sync with the host copies skipped (wrong output): the step's cost without fetching;
   direct     (once per shape, no pool) sparse_decode reading the selected pages straight from the

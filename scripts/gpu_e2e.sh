@@ -252,8 +252,8 @@ capacity)
   FILES=()
   # tiered runs: a name with _head uses head slots, _nl next-layer prefetch, _prev previous-step
   # prefetch, _ns next-step prefetch (_mN: a margin of N pages, --psa-prefetch-margin), _host misses
-  # attended from host memory (--psa-miss-path host), _split misses copied into scratch beside the
-  # placement and the resident pages' attention, then merged (--psa-miss-path split), _nocopy skips the host copies (wrong tokens; times everything but the transfers),
+  # attended from host memory (--psa-miss-path host), _split misses copied on a side stream beside the
+  # resident pages' attention, then attended and merged (--psa-miss-path split), _nocopy skips the host copies (wrong tokens; times everything but the transfers),
   # _torchq estimates the next layer's query through torch's native paths instead of next_query.py,
   # _pN gives the side-stream prefetch copy N programs (--psa-prefetch-programs), _inval drops the
   # pool's copies of written pages (--psa-no-write-through; write-through is the default). TIER_EXTRA="--psa-hot-pool-gb 35" on an H200 gives

@@ -88,7 +88,7 @@ class PSAConfig:
     prefetch_margin: int = 32  # next-step: pages below each (request, kv head)'s cut fetched ahead
     # tiered: "pool" copies a layer's misses into the pool before its attention; "host" attends them
     # straight from pinned host memory and copies them into the pool beside it (side stream); "split"
-    # copies them into scratch beside the placement and resident attention, then a second pass
+    # copies them into their slots beside the resident pages' attention, then a second pass
     miss_path: str = "pool"
     # tiered: programs of the side-stream copies, prefetch and the host miss path's pool fill (0 = the
     # main copy's grid, 8 per SM). The copy
