@@ -14,7 +14,17 @@ comparison: only discordant prompts carry information). This prints, for n in --
 
 and, with --results (an eval-accuracy or eval-accuracy-hf JSON), the Wilson interval of every cell.
 
+With --equal-accuracy TARGET --curve A,B,... (fixed-budget settings, e.g. Quest top-k at several k)
+it answers the suite's third question, "at equal accuracy, does TARGET read fewer pages than the
+curve?": the curve's page fraction at TARGET's accuracy (linear interpolation between its points, in
+page order, over their running best accuracy), the ratio TARGET pages / curve pages there, and a paired
+bootstrap over prompts (every setting is scored on the same prompts) for its 95% interval. Page
+fractions are held fixed (fixed or capped budgets barely move between prompts). --results may name
+several JSONs of one prompt set (settings split over processes); their dense scores must agree.
+
     python scripts/accuracy_noise.py --results benchmarks/results/eval-accuracy-20261123T143955Z.json
+    python scripts/accuracy_noise.py --results A.json,B.json --equal-accuracy psa-lognormal-0.8-min10-max12 \
+        --curve topk-10,topk-11,topk-12,topk-13
 """
 
 from __future__ import annotations
@@ -79,11 +89,83 @@ def cells(path: Path) -> list[dict[str, Any]]:
     return out
 
 
+def merged_rows(paths: list[Path]) -> list[dict[str, Any]]:
+    """The rows of suite results run on one prompt set (dense scored identically in each), merged."""
+    rows: dict[str, dict[str, Any]] = {}
+    for path in paths:
+        for r in json.loads(path.read_text())["rows"]:
+            if r["name"] in rows and rows[r["name"]]["scores"] != r["scores"]:
+                raise ValueError(f"{r['name']} scored differently in {path}: not one prompt set")
+            rows.setdefault(r["name"], r)
+    return list(rows.values())
+
+
+def curve_pages_at(points: list[tuple[float, float]], acc: float) -> tuple[float, str]:
+    """Page fraction at which a curve of (pages, accuracy) points reaches acc: linear between points in
+    page order over their running best accuracy. -> (pages, "") or, outside the curve, the nearest end
+    with "below" (acc under the curve's first point: pages is an upper bound) / "above" (never reached)."""
+    pts = sorted(points)
+    best = []
+    for _, a in pts:
+        best.append(max(a, best[-1]) if best else a)
+    if acc <= best[0]:
+        return pts[0][0], "below" if acc < best[0] else ""
+    for i in range(1, len(pts)):
+        if best[i] >= acc:
+            (p0, a0), (p1, a1) = (pts[i - 1][0], best[i - 1]), (pts[i][0], best[i])
+            return p0 + (acc - a0) / (a1 - a0) * (p1 - p0), ""
+    return pts[-1][0], "above"
+
+
+def pages_at_equal_accuracy(rows: list[dict[str, Any]], target: str, curve: list[str], reps: int = 2000,
+                            seed: int = 0) -> dict[str, Any]:  # fmt: skip
+    """TARGET's page fraction over the curve's at TARGET's accuracy (module docstring), with a paired
+    bootstrap over prompts: ratio < 1 means TARGET reads fewer pages at equal accuracy."""
+    import random
+
+    by = {r["name"]: r for r in rows}
+    missing = [n for n in [target, *curve] if n not in by]
+    if missing:
+        raise ValueError(f"no result rows for {missing}")
+    scores = {n: [int(x) for x in by[n]["scores"]] for n in [target, *curve]}
+    n = len(scores[target])
+    if any(len(v) != n for v in scores.values()):
+        raise ValueError("settings were scored on different numbers of prompts")
+    pages = {name: by[name]["page_fraction"] for name in scores}
+
+    def ratio(idx: list[int]) -> tuple[float, str]:
+        acc = {name: sum(v[i] for i in idx) / len(idx) for name, v in scores.items()}
+        at, edge = curve_pages_at([(pages[c], acc[c]) for c in curve], acc[target])
+        return pages[target] / at, edge
+
+    point, edge = ratio(list(range(n)))
+    rng = random.Random(seed)
+    draws = [ratio([rng.randrange(n) for _ in range(n)]) for _ in range(reps)]
+    rs = sorted(r for r, _ in draws)
+    pairs = {c: list(zip(scores[target], scores[c])) for c in curve}
+    paired = {c: {"target_won": sum(a > b for a, b in p), "target_lost": sum(a < b for a, b in p)}
+              for c, p in pairs.items()}  # fmt: skip
+    return {
+        "target": target, "curve": curve, "prompts": n, "target_pages": pages[target],
+        "target_accuracy": sum(scores[target]) / n,
+        "curve_points": [{"name": c, "pages": pages[c], "accuracy": sum(scores[c]) / n} for c in curve],
+        "ratio": point, "ratio_edge": edge,
+        "bootstrap": {"reps": reps, "median": rs[reps // 2],
+                      "ci95": [rs[int(0.025 * reps)], rs[int(0.975 * reps)]],
+                      "p_ratio_below_1": sum(r < 1 for r in rs) / reps,
+                      "edges": {e: sum(d == e for _, d in draws) for e in ("below", "above")}},
+        "paired": paired,
+    }  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ns", default="10,20,50,100,150,200")
     ap.add_argument("--loss", type=float, default=0.02, help="true fraction of prompts lost (f)")
-    ap.add_argument("--results", default="", help="suite result JSON: Wilson interval of every cell")
+    ap.add_argument("--results", default="", help="suite result JSON(s), comma-separated: Wilson intervals")
+    ap.add_argument("--equal-accuracy", default="", help="target setting: its pages vs the --curve's")
+    ap.add_argument("--curve", default="", help="comma-separated fixed-budget settings (e.g. topk-10,...)")
+    ap.add_argument("--reps", type=int, default=2000, help="bootstrap resamples")
     a = ap.parse_args(argv)
     out = noise_table([int(x) for x in a.ns.split(",")], a.loss)
     print(json.dumps({k: v for k, v in out.items() if k != "by_n"}))
@@ -91,11 +173,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for r in out["by_n"]:
         print(f"{r['n']:5d} {str(r['wilson_at_1.0']):>16s} {str(r['wilson_at_0.9']):>16s} "
               f"{r['significant_gap'] or float('nan'):9.3f} {r['p_see_a_flip_if_loss_f']:12.3f}")  # fmt: skip
-    if a.results:
-        out["cells"] = cells(Path(a.results))
+    paths = [Path(x) for x in a.results.split(",") if x]
+    if len(paths) == 1:
+        out["cells"] = cells(paths[0])
         for c in out["cells"]:
             if c["task"] in ("passkey", "kv_retrieval"):
                 print(f"{c['setting']:22s} {c['task']:14s} {c['length']:>5s} {c['acc']:.2f} {c['wilson95']}")
+    if a.equal_accuracy:
+        eq = pages_at_equal_accuracy(merged_rows(paths), a.equal_accuracy, a.curve.split(","), a.reps)
+        out["equal_accuracy"] = eq
+        print(json.dumps(eq))
     return out
 
 

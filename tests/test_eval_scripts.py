@@ -151,3 +151,34 @@ def test_find_streaming_layers_runs_and_keeps_its_promise(tmp_path):
     assert res["streaming_layers"] == ",".join(str(x) for x in sorted(g["added"] for g in kept))
     assert all(g["lost"] <= 1 for g in kept)
     assert list(tmp_path.glob("streaming-layers-*.json"))
+
+
+def test_pages_at_equal_accuracy_interpolates_and_bootstraps(tmp_path):
+    """accuracy_noise --equal-accuracy: the curve's pages at the target's accuracy by linear
+    interpolation over its running best, the ratio, a paired bootstrap, and the merge of two result
+    files of one prompt set (dense must agree)."""
+    an = load_script("accuracy_noise")
+    pts = [(0.02, 0.6), (0.03, 0.8), (0.04, 0.7), (0.05, 1.0)]  # 0.04 is no better than 0.03
+    assert an.curve_pages_at(pts, 0.7) == (pytest.approx(0.025), "")
+    assert an.curve_pages_at(pts, 0.9) == (pytest.approx(0.045), "")  # from (0.04, best 0.8)
+    assert an.curve_pages_at(pts, 0.5) == (0.02, "below")
+    assert an.curve_pages_at([(0.02, 0.6)], 0.7) == (0.02, "above")
+
+    def row(name, pages, scores):
+        return {"name": name, "page_fraction": pages, "scores": scores}
+
+    dense = row("dense", 1.0, [1] * 8)
+    a = {"rows": [dense, row("topk-1", 0.02, [1, 1, 1, 1, 0, 0, 0, 0]), row("topk-2", 0.04, [1] * 8)]}
+    b = {"rows": [dense, row("psa", 0.025, [1, 1, 1, 1, 1, 1, 0, 0])]}
+    paths = [tmp_path / "a.json", tmp_path / "b.json"]
+    for p, d in zip(paths, (a, b)):
+        p.write_text(json.dumps(d))
+    eq = an.pages_at_equal_accuracy(an.merged_rows(paths), "psa", ["topk-1", "topk-2"], reps=200)
+    assert eq["ratio"] == pytest.approx(0.025 / 0.03)  # accuracy 0.75 sits half way: 0.03 pages
+    lo, hi = eq["bootstrap"]["ci95"]
+    assert lo <= eq["ratio"] <= hi and 0 <= eq["bootstrap"]["p_ratio_below_1"] <= 1
+    assert eq["paired"]["topk-1"] == {"target_won": 2, "target_lost": 0}
+    b["rows"][0] = row("dense", 1.0, [0] * 8)
+    paths[1].write_text(json.dumps(b))
+    with pytest.raises(ValueError, match="dense scored differently"):
+        an.merged_rows(paths)
