@@ -164,7 +164,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--loss", type=float, default=0.02, help="true fraction of prompts lost (f)")
     ap.add_argument("--results", default="", help="suite result JSON(s), comma-separated: Wilson intervals")
     ap.add_argument("--equal-accuracy", default="", help="target setting: its pages vs the --curve's")
-    ap.add_argument("--curve", default="", help="comma-separated fixed-budget settings (e.g. topk-10,...)")
+    ap.add_argument(
+        "--curve",
+        action="append",
+        default=[],
+        help="comma-separated fixed-budget settings (e.g. topk-10,...); repeat for more curves",
+    )
+    ap.add_argument("--write", default="", help="with --equal-accuracy: the merged rows, the analysis and "
+                    "their accuracy-vs-pages plot (.png beside it) as one result JSON")  # fmt: skip
     ap.add_argument("--reps", type=int, default=2000, help="bootstrap resamples")
     a = ap.parse_args(argv)
     out = noise_table([int(x) for x in a.ns.split(",")], a.loss)
@@ -180,10 +187,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if c["task"] in ("passkey", "kv_retrieval"):
                 print(f"{c['setting']:22s} {c['task']:14s} {c['length']:>5s} {c['acc']:.2f} {c['wilson95']}")
     if a.equal_accuracy:
-        eq = pages_at_equal_accuracy(merged_rows(paths), a.equal_accuracy, a.curve.split(","), a.reps)
-        out["equal_accuracy"] = eq
-        print(json.dumps(eq))
+        rows = merged_rows(paths)
+        out["equal_accuracy"] = [pages_at_equal_accuracy(rows, a.equal_accuracy, c.split(","), a.reps)
+                                 for c in a.curve]  # fmt: skip
+        for eq in out["equal_accuracy"]:
+            print(json.dumps({k: eq[k] for k in ("target", "curve", "ratio", "bootstrap")}))
+        if a.write:
+            write_merged(paths, rows, out["equal_accuracy"], Path(a.write))
     return out
+
+
+def write_merged(paths: list[Path], rows: list[dict], equal: list[dict], dst: Path) -> None:
+    """One result JSON (the first file's header) of merged rows and the equal-accuracy analysis, and
+    eval_accuracy's plot of it at the longest length."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from eval_accuracy import plot
+
+    res = json.loads(paths[0].read_text())
+    res.update(merged_from=[p.name for p in paths], rows=rows, equal_accuracy=equal)
+    dst.write_text(json.dumps(res, separators=(",", ":")))
+    plot(rows, dst.with_suffix(".png"), str(max(int(x) for x in res["config"]["lengths"])), zoom=True)
+    print("wrote", dst)
 
 
 if __name__ == "__main__":

@@ -285,8 +285,9 @@ def _pages_at(row: dict, length: str) -> float:
     return row.get("page_fraction_by_length", {}).get(length, row["page_fraction"])
 
 
-def plot(rows: list[dict], path: Path, length: str, dpi: int = 90) -> None:
-    """Mean accuracy at `length` vs fraction of pages read, one curve per family of settings."""
+def plot(rows: list[dict], path: Path, length: str, dpi: int = 90, zoom: bool = False) -> None:
+    """Mean accuracy at `length` vs fraction of pages read, one curve per family of settings; zoom: a
+    linear page axis over the sparse settings' range (settings a few tenths of a percent apart)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -315,12 +316,17 @@ def plot(rows: list[dict], path: Path, length: str, dpi: int = 90) -> None:
     if dense:
         acc = sum(v[length] for v in dense[0]["accuracy"].values()) / len(dense[0]["accuracy"])
         ax.axhline(acc, color="k", ls="--", label="dense")
-    ax.set_xscale("log")
     from matplotlib.ticker import NullFormatter, PercentFormatter
 
-    ax.set_xticks([0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0])
-    ax.xaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
-    ax.xaxis.set_minor_formatter(NullFormatter())  # log-axis minor labels overlap the major ones
+    if zoom:
+        xs = [_pages_at(r, length) for r in rows if r["name"] != "dense" and r.get("page_fraction")]
+        ax.set_xlim(0.95 * min(xs), 1.05 * max(xs))
+        ax.xaxis.set_major_formatter(PercentFormatter(1.0, decimals=2))
+    else:
+        ax.set_xscale("log")
+        ax.set_xticks([0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0])
+        ax.xaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
+        ax.xaxis.set_minor_formatter(NullFormatter())  # log-axis minor labels overlap the major ones
     ax.set_xlabel("fraction of KV pages read per decode step")
     ax.set_ylabel(f"mean exact-match accuracy ({length} tokens)")
     ax.legend()

@@ -178,6 +178,8 @@ def test_pages_at_equal_accuracy_interpolates_and_bootstraps(tmp_path):
     lo, hi = eq["bootstrap"]["ci95"]
     assert lo <= eq["ratio"] <= hi and 0 <= eq["bootstrap"]["p_ratio_below_1"] <= 1
     assert eq["paired"]["topk-1"] == {"target_won": 2, "target_lost": 0}
+    an.main(["--results", ",".join(map(str, paths)), "--equal-accuracy", "psa", "--curve", "topk-1,topk-2",
+             "--curve", "topk-2", "--reps", "50"])  # fmt: skip
     b["rows"][0] = row("dense", 1.0, [0] * 8)
     paths[1].write_text(json.dumps(b))
     with pytest.raises(ValueError, match="dense scored differently"):
