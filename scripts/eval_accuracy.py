@@ -303,6 +303,7 @@ def plot(rows: list[dict], path: Path, length: str, dpi: int = 90, zoom: bool = 
         "PSA certified": "psa-certified", "top-k (Quest)": r"topk-\d+$", "streaming": "streaming-",
         "streaming layers + top-k (Quest)": r"topk-\d+-stream", "streaming layers + PSA": r"psa-.*-stream",
         "streaming layers + top-k, log-normal order": r"topk-lognormal-\d+-stream",
+        "output-error rule (twin, exploratory)": r"psa-error-[\d.]+-min6-max16$",
     }  # fmt: skip
     for label, pattern in groups.items():
         pts = sorted(

@@ -57,8 +57,8 @@ from sglang_psa.longctx_tasks import TASK_KINDS, score_answer  # noqa: E402
 @dataclass
 class Setting:
     name: str
-    mode: str  # dense | estimated | progressive | certified | topk
-    tau: float = 1.0
+    mode: str  # dense | estimated | progressive | certified | topk | error (exploratory, twin only)
+    tau: float = 1.0  # error mode: the output-error threshold eps
     topk: int = 0
     sink: int = SINK
     local: int = LOCAL
@@ -81,11 +81,17 @@ class Setting:
 
 
 def settings_for(
-    taus: list[float], topks: list[int], stream_pages: int, lognormal: tuple = (), progressive: str = ""
+    taus: list[float],
+    topks: list[int],
+    stream_pages: int,
+    lognormal: tuple = (),
+    progressive: str = "",
+    error_rule: tuple = (),
 ) -> list[Setting]:
     """The GPU suite's families; lognormal: (tau, min_pages[, max_pages]) as eval_accuracy.py's;
     progressive: "tau:first_round[:ln],..." extra progressive settings (first round size; ln: the rest
-    estimated with the lognormal mass estimate)."""
+    estimated with the lognormal mass estimate); error_rule: (eps, min_pages, max_pages) settings of
+    the exploratory output-error stopping rule (error_pages)."""
     out = [Setting("dense", "dense")]
     for mode in ("estimated", "progressive", "certified"):
         out += [Setting(f"psa-{mode}-{t:g}", mode, tau=t) for t in taus]
@@ -100,6 +106,13 @@ def settings_for(
         out.append(Setting(lognormal_name(tau, lo, *hi), "estimated", tau=tau, rank_by="estimate",
                            variance_weight=MASS_ESTIMATES["lognormal"], min_pages=lo,
                            max_pages=hi[0] if hi else None))  # fmt: skip
+    for item in error_rule:
+        if len(item) != 3:
+            raise ValueError(f"--error-rule items are eps:min_pages:max_pages, got {item}")
+        eps, lo, hi = item
+        out.append(Setting(f"psa-error-{eps:g}-min{lo}-max{hi}", "error", tau=eps, rank_by="estimate",
+                           variance_weight=MASS_ESTIMATES["lognormal"], min_pages=lo,
+                           max_pages=hi))  # fmt: skip
     out += [Setting(f"topk-{k}", "topk", topk=k) for k in topks]
     sink = max(1, stream_pages // 8)
     out.append(
@@ -155,6 +168,45 @@ def certified_pages(
     return mask, counts
 
 
+def error_pages(s: Setting, centers: torch.Tensor, v: torch.Tensor, length: int, n_pages: int):
+    """Exploratory stopping rule (twin only): pages in the estimate's order (sinks and the local window
+    first); keep the fewest n in [floor, cap] whose estimated output error
+        err(n) = (1 - M_S / M) * |vbar_rest - o_S| / |o|
+    is <= eps (s.tau), where a page's estimated mass is n_tokens * exp(center), o_S / vbar_rest are the
+    mass-weighted means of the pages' mean values inside / outside the first n, and o the mean over
+    all. Unlike a mass threshold, a head whose mass is spread over pages with similar values stops
+    early (the unread pages would not move its output), and a head with a few heavy, distinct pages
+    reads until their values are in. centers [Hkv, N], v [Hkv, L, D] -> mask [Hkv, N], counts [Hkv]."""
+    hkv, _, d = v.shape
+    _, valid, forced, ntok = page_layout(torch.tensor([length]), n_pages, PAGE, s.sink, s.local)
+    valid, forced, ntok = valid[0], forced[0], ntok[0].float()
+    prio = centers.masked_fill(forced, float("inf")).masked_fill(~valid, float("-inf"))
+    order = torch.sort(prio, dim=-1, descending=True, stable=True).indices  # [Hkv, N]
+    logm = (centers + ntok.clamp(min=1).log()).masked_fill(~valid, float("-inf"))
+    m = torch.exp(logm - logm.max(-1, keepdim=True).values)  # [Hkv, N], 0 past the last page
+    pad = torch.nn.functional.pad(v, (0, 0, 0, n_pages * PAGE - length))
+    vbar = pad.view(hkv, n_pages, PAGE, d).sum(2) / ntok.clamp(min=1)[None, :, None]
+    ms = torch.gather(m, 1, order)
+    cm = torch.cumsum(ms, 1)
+    cmv = torch.cumsum(ms[..., None] * torch.gather(vbar, 1, order[..., None].expand(-1, -1, d)), 1)
+    tm, tmv = cm[:, -1:], cmv[:, -1:]
+    tiny = 1e-30
+    o_s = cmv / cm.clamp(min=tiny)[..., None]
+    rest = (tm - cm).clamp(min=0)
+    v_r = (tmv - cmv) / rest.clamp(min=tiny)[..., None]
+    scale = (tmv[:, 0] / tm.clamp(min=tiny)).norm(dim=-1, keepdim=True).clamp(min=tiny)
+    err = rest / tm.clamp(min=tiny) * (v_r - o_s).norm(dim=-1) / scale  # [Hkv, N]: after n = i + 1 pages
+    npg = int(valid.sum())
+    lo = max(min(s.min_pages, npg), int(forced.sum()), 1)
+    hi = max(min(s.max_pages or npg, npg), lo)
+    pos = torch.arange(n_pages)
+    ok = (err <= s.tau) & (pos >= lo - 1) & (pos < hi)
+    counts = torch.where(ok.any(1), ok.float().argmax(1) + 1, torch.full((hkv,), hi))
+    mask = torch.zeros(hkv, n_pages, dtype=torch.bool)
+    mask.scatter_(1, order, pos[None] < counts[:, None])
+    return mask & valid[None], counts
+
+
 class Sparsifier:
     """The attention function HF calls at every layer; applies the active Setting to decode steps."""
 
@@ -184,7 +236,7 @@ class Sparsifier:
                 )
                 counts, mask_pg = cnt[0], selection_mask(idx[0], cnt[0], n_pages)
             else:
-                mask_pg, counts = self._sparse_pages(s, q, k, logits, length, n_pages, scaling)
+                mask_pg, counts = self._sparse_pages(s, q, k, v, logits, length, n_pages, scaling)
             mask_tok = mask_pg.repeat_interleave(PAGE, dim=1)[:, :length]
             if self.access_log is not None:
                 self._log(module.layer_idx, mask_pg, length)
@@ -198,9 +250,9 @@ class Sparsifier:
         return out.transpose(1, 2).contiguous(), None
 
     @staticmethod
-    def _sparse_pages(s: Setting, q, k, logits, length: int, n_pages: int, scaling: float):
+    def _sparse_pages(s: Setting, q, k, v, logits, length: int, n_pages: int, scaling: float):
         """The setting's selection from the cache's own page summaries: mask [Hkv, N], counts [Hkv].
-        q [Hkv, G, D], k [Hkv, L, D], logits [Hkv, G, L]."""
+        q [Hkv, G, D], k / v [Hkv, L, D], logits [Hkv, G, L]."""
         hkv, g, d = q.shape
         # the cache's own pages: token t of the request sits in slot t, page j in block j
         kmin, kmax = (t.transpose(0, 1).contiguous() for t in page_summaries(k, n_pages))
@@ -211,6 +263,8 @@ class Sparsifier:
                                        scaling, n_pages, with_centers=True,
                                        variance_weight=s.variance_weight)  # fmt: skip
         bnd, centers = bnd[0], centers[0]
+        if s.mode == "error":
+            return error_pages(s, centers, v, length, n_pages)
         if s.mode in ("certified", "progressive"):
             rest = centers if s.mode == "progressive" else None
             return certified_pages(s, logits, bnd, length, n_pages, rest)
@@ -317,6 +371,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--stream-pages", type=int, default=32)
     ap.add_argument("--lognormal", default="", help="tau:min_pages[:max_pages] settings (eval_accuracy.py's)")
     ap.add_argument("--progressive", default="", help="tau:first_round[:ln] progressive settings")
+    ap.add_argument("--error-rule", default="", help="eps:min_pages:max_pages settings of error_pages")
     ap.add_argument("--streaming-layers", default="0-2", help="layers the --hybrid copies stream")
     ap.add_argument("--hybrid", default="", help="settings to repeat with those layers streaming")
     ap.add_argument("--threads", type=int, default=0)
@@ -329,7 +384,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     kinds = list(TASK_KINDS) if a.tasks == "all" else a.tasks.split(",")
     lengths = [int(x) for x in a.lengths.split(",")]
     settings = settings_for([float(t) for t in a.taus.split(",")], [int(k) for k in a.topks.split(",")],
-                            a.stream_pages, parse_ints_after_tau(a.lognormal), a.progressive)  # fmt: skip
+                            a.stream_pages, parse_ints_after_tau(a.lognormal), a.progressive,
+                            parse_ints_after_tau(a.error_rule))  # fmt: skip
     if a.hybrid:
         by_name = {s.name: s for s in settings}
         layers = PSAConfig(streaming_layers=a.streaming_layers).streaming_layer_ids()

@@ -184,3 +184,26 @@ def test_pages_at_equal_accuracy_interpolates_and_bootstraps(tmp_path):
     paths[1].write_text(json.dumps(b))
     with pytest.raises(ValueError, match="dense scored differently"):
         an.merged_rows(paths)
+
+
+def test_error_rule_stops_early_where_unread_pages_would_not_move_the_output():
+    """eval_accuracy_hf.error_pages: a head whose pages all hold the same values stops at the floor,
+    whatever their masses; a head with one heavy page of distinct values reads until that page is in,
+    and a page cap still caps it."""
+    import torch
+
+    hf = load_script("eval_accuracy_hf")
+    page, n = hf.PAGE, 12
+    length = n * page
+    s = hf.Setting("e", "error", tau=0.05, rank_by="estimate", min_pages=6, max_pages=12)
+    centers = torch.zeros(2, n)
+    centers[1, 3] = 4.0  # head 1: page 3 holds most of the mass...
+    v = torch.ones(2, length, 4)
+    v[1, 3 * page : 4 * page] = -5.0  # ...and values unlike the rest
+    centers[1, 2] = 3.9  # ranked just below page 3, same values as the others
+    mask, counts = hf.error_pages(s, centers, v, length, n)
+    assert counts.tolist()[0] == 6  # sink + local window (5 forced) + 1 to reach the floor
+    assert bool(mask[1, 3]) and bool(mask[1, 2]) and counts[1] > 7  # the heavy pages, then some
+    s.max_pages = 6
+    mask, counts = hf.error_pages(s, centers, v, length, n)
+    assert counts.tolist() == [6, 6] and bool(mask[1, 3])  # page 3 ranks first among the unforced
