@@ -327,6 +327,9 @@ def main(argv=None) -> dict:
         choices=["auto", "tensor", "int"],
         help="triton: how the pinned host tier reaches the kernel",
     )
+    ap.add_argument("--prefetch-programs", type=int, default=66,
+                    help="grid of the side-stream copies (prefetch, host / split miss paths); the server's "
+                    "--psa-prefetch-programs default; 0: the main copy's grid (8 per SM)")  # fmt: skip
     ap.add_argument("--no-graph", action="store_true")
     ap.add_argument(
         "--placement",
@@ -354,6 +357,7 @@ def main(argv=None) -> dict:
     fetch_kw = {"pad": args.pad, "block_quota": args.block_quota}
     if args.fetch_backend == "triton":
         fetch_kw = {"backend": "triton", "block": args.fetch_block, "host_ptr": args.host_ptr}
+    fetch_kw["prefetch_programs"] = args.prefetch_programs or None
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     doc = {
         "benchmark": "bench_tiered", "date": stamp, "commit": git_commit(),
