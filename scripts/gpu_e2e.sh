@@ -247,7 +247,7 @@ capacity)
   # Issue 6: concurrent 64k requests and decode throughput at each backend's own maximum, one run.
   model $M8 llama3-8b 140000
   N=${CAP_N:-8}; L=${CAP_LEN:-65536}
-  CAP=(--model-path $M8 --page-size 32 --context-length 70000 --max-running-requests 16 --cuda-graph-max-bs 8
+  CAP=(--model-path $M8 --page-size 32 --context-length ${CAP_CTX:-$((L + 4464))} --max-running-requests 16 --cuda-graph-max-bs 8
        --disable-prefill-cuda-graph)
   FILES=()
   # tiered runs: a name with _head uses head slots, _nl next-layer prefetch, _prev previous-step
