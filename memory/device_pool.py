@@ -159,8 +159,10 @@ class DevicePagePool:
         self.step_start = torch.zeros((), dtype=torch.int64, device=dev)
         self.counters = torch.zeros(4, dtype=torch.int64, device=dev)  # hits, misses, evictions, overflow
         self._slot_idx = torch.arange(capacity, device=dev)
-        # fill_stamp[row]: stamp of the last placement that sent a copy to that slot or scratch row
-        # (clock); the split miss path tells this call's fresh rows from resident ones with it
+        # fill_stamp[row]: stamp of the last placement that sent a copy to that slot or scratch row (the
+        # clock kernels; the tiered lru path writes it itself). The split miss path tells a call's fresh
+        # rows by it: those always carry the call's stamp; a resident row with a stale equal stamp only
+        # moves to the second pass, which still attends it exactly
         self.fill_stamp = torch.full((capacity + 1 + scratch_slots,), -1, dtype=torch.int64, device=dev)
         if policy == "clock":
             self.ref = torch.zeros(capacity + 1, dtype=torch.int8, device=dev)

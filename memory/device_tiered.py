@@ -201,6 +201,7 @@ class DeviceTieredAttention:
         pool.invalidate(torch.arange(pool.num_pages, device=pool.device))
         for t in (pool.tick, pool.step_start, pool.last_use, pool.counters, self.counters):
             t.zero_()
+        pool.fill_stamp.fill_(-1)  # the tick restarts: no row keeps a stamp a new call will reuse
         self.last_union.fill_(-1)
         self.spec_union.fill_(-1)
 
