@@ -3,7 +3,7 @@
 # each well under 9 minutes. Run from the repo root on the device machine (carry .devbundle):
 #   bash scripts/gpu_e2e.sh STAGE
 # Stages: smoke | equal | serve | serve_fi | robust | bench | bench_triton | bench_log | serving | eval
-#         eval_hybrid (issue 7) | tiered_equal | capacity (issue 6)
+#         eval_hybrid (issue 7) | tiered_kernels | tiered_equal | capacity (issue 6)
 # Results: $OUT/*.json (+ server logs) and benchmarks/results/*.json.
 set -uo pipefail
 STAGE=${1:?stage}
@@ -216,7 +216,7 @@ tiered_equal)
   # misses attended straight from host memory, copied into the pool beside (evicting pools)
   one tier_t09_evict_host "${T09[@]}" "${TIER[@]}" --psa-hot-pool-gb 0.09 --psa-miss-path host
   one tier_t09_head_host "${T09[@]}" "${TIER[@]}" "${HEAD[@]}" --psa-miss-path host
-  # misses copied into scratch beside placement and the resident pages' attention, then merged
+  # misses copied into their slots beside the resident pages' attention, then attended and merged
   one tier_t09_evict_split "${T09[@]}" "${TIER[@]}" --psa-hot-pool-gb 0.09 --psa-miss-path split
   one tier_t09_head_split "${T09[@]}" "${TIER[@]}" "${HEAD[@]}" --psa-miss-path split
   for pair in "tier_t1 res_t1" "tier_t1_nopool res_t1" "tier_t1_head res_t1" "tier_t09_nopool res_t09" \
@@ -243,6 +243,17 @@ json.dump(out, open(f"benchmarks/results/e2e_tiered_equal-{sys.argv[2]}.json", "
 print(json.dumps({k: v["all_equal"] for k, v in out["compare"].items()}))
 PY
   exit $rc ;;
+tiered_kernels)
+  # Issue 6, first call after kernel changes: the GPU tests of the tiered kernels (compiled, CUDA-graph
+  # replays) against their references, then the kernel-level step of every miss path (bench_tiered:
+  # sync / host / split / overlap / nofetch, clock placement, head slots, pool 2x the step's pages).
+  python3 -m pytest -q -x -m gpu -p no:cacheprovider tests/test_fused_place.py tests/test_tiered_device.py \
+    tests/test_sparse_decode.py tests/test_page_copy.py > "$OUT/pytest_tiered_gpu.log" 2>&1; rc=$?
+  tail -3 "$OUT/pytest_tiered_gpu.log"
+  [ $rc -eq 0 ] || exit $rc
+  python3 scripts/bench_tiered.py --fetch-backend triton --placement clock --granularity head --mults 2 \
+    --out benchmarks/results 2>&1 | tail -4
+  ;;
 capacity)
   # Issue 6: concurrent 64k requests and decode throughput at each backend's own maximum, one run.
   model $M8 llama3-8b 140000
