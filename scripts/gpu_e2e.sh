@@ -3,7 +3,7 @@
 # each well under 9 minutes. Run from the repo root on the device machine (carry .devbundle):
 #   bash scripts/gpu_e2e.sh STAGE
 # Stages: smoke | equal | serve | serve_fi | robust | bench | bench_triton | bench_log | serving | eval
-#         eval_hybrid (issue 7) | tiered_kernels | tiered_equal | capacity (issue 6)
+#         eval_hybrid | eval_equal (issue 7) | tiered_kernels | tiered_equal | capacity (issue 6)
 # Results: $OUT/*.json (+ server logs) and benchmarks/results/*.json.
 set -uo pipefail
 STAGE=${1:?stage}
@@ -170,6 +170,19 @@ eval_hybrid)
     --lognormal 0.95:16,0.8:10:12,0.01:12:12 --streaming-layers 0-2 \
     --hybrid topk-12,topk-16,topk-lognormal-12,psa-lognormal-0.8-min10-max12 --only $ONLY \
     --log-dir "$OUT/evallogs" 2>&1 | tee "$OUT/eval_hybrid.log"
+  ;;
+eval_equal)
+  # Issue 7's third bar through the servers: pages at equal accuracy, PSA vs Quest top-k and top-k in
+  # PSA's log-normal order, on 500 kv-retrieval prompts (the offline twin's comparison,
+  # eval-accuracy-hf-equal-20261204.json; passkey is 1.00 for every setting).
+  PSA_COMMIT=$COMMIT timeout ${EVAL_TIMEOUT:-540} python3 scripts/eval_accuracy.py --parallel ${EVAL_PARALLEL:-8} --model models/psa-llama-2m \
+    --lengths 4096,8192 --samples ${EVAL_SAMPLES:-250} --tasks kv_retrieval --topks 10,11,12,13 \
+    --lognormal 0.8:10:12,0.01:10:10,0.01:11:11 \
+    --only dense,topk-10,topk-11,topk-12,topk-13,psa-lognormal-0.8-min10-max12,topk-lognormal-10,topk-lognormal-11 \
+    --log-dir "$OUT/evallogs" 2>&1 | tee "$OUT/eval_equal.log"
+  R=$(ls -t benchmarks/results/eval-accuracy-2*.json | head -1)
+  python3 scripts/accuracy_noise.py --results "$R" --equal-accuracy psa-lognormal-0.8-min10-max12 \
+    --curve topk-10,topk-11,topk-12,topk-13 --curve topk-lognormal-10,topk-lognormal-11 | tail -2
   ;;
 tiered_equal)
   # Issue 6: tiered mode (KV pool in pinned host memory, decode through the GPU hot pool) must return
