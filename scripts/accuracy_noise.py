@@ -32,6 +32,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import random
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -121,8 +123,6 @@ def pages_at_equal_accuracy(rows: list[dict[str, Any]], target: str, curve: list
                             seed: int = 0) -> dict[str, Any]:  # fmt: skip
     """TARGET's page fraction over the curve's at TARGET's accuracy (module docstring), with a paired
     bootstrap over prompts: ratio < 1 means TARGET reads fewer pages at equal accuracy."""
-    import random
-
     by = {r["name"]: r for r in rows}
     missing = [n for n in [target, *curve] if n not in by]
     if missing:
@@ -200,8 +200,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 def write_merged(paths: list[Path], rows: list[dict], equal: list[dict], dst: Path) -> None:
     """One result JSON (the first file's header) of merged rows and the equal-accuracy analysis, and
     eval_accuracy's plot of it at the longest length."""
-    import sys
-
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from eval_accuracy import plot
 
