@@ -7,6 +7,7 @@ from .select_pages import SelectParams, select_margin, select_pages, select_page
 from .sparse_decode import (
     certified_decode,
     dense_decode_ref,
+    merge_states,
     sparse_decode,
     sparse_decode_ref,
 )
@@ -21,6 +22,7 @@ __all__ = [
     "dense_decode_ref",
     "layer_skews",
     "make_skewed_batch",
+    "merge_states",
     "page_bounds",
     "page_bounds_ref",
     "psa_decode",

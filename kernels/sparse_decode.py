@@ -129,19 +129,26 @@ def sparse_decode_ref(
             )
             res[b, h * g : (h + 1) * g], lse[b, h * g : (h + 1) * g] = o, l_
     if merge_with is not None:
-        res, lse = _merge_ref(res, lse, *(t.double().cpu() for t in merge_with))
+        res, lse = merge_states(res, lse, *(t.double().cpu() for t in merge_with))
     if out is not None:
         out.copy_(res)
         return out, lse.float().to(q.device)
     return res.to(q.dtype).to(q.device), lse.float().to(q.device)
 
 
-def _merge_ref(o1, lse1, o2, lse2):
-    """Two attention states over disjoint keys (o [..., D], lse [...]) -> the state over both."""
-    lse = torch.logaddexp(lse1, lse2)
-    safe = torch.where(torch.isinf(lse), 0.0, lse)
-    w1, w2 = torch.exp(lse1 - safe), torch.exp(lse2 - safe)
-    return w1[..., None] * o1 + w2[..., None] * o2, lse
+def merge_states(
+    out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention over the union of two disjoint key sets from each one's (out [..., D], lse [...]), in
+    torch (at least float32; float64 inputs stay float64). An empty set (lse -inf) merges as nothing."""
+    ct = torch.promote_types(out_a.dtype, torch.float32)
+    m = torch.maximum(lse_a, lse_b)
+    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+    wa, wb = torch.exp(lse_a - m), torch.exp(lse_b - m)
+    den = wa + wb
+    out = (wa[..., None] * out_a.to(ct) + wb[..., None] * out_b.to(ct)) / den.clamp(min=1e-30)[..., None]
+    lse = torch.where(den > 0, m + torch.log(den.clamp(min=1e-30)), torch.full_like(m, float("-inf")))
+    return out.to(out_a.dtype), lse
 
 
 def dense_decode_ref(

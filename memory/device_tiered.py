@@ -125,7 +125,7 @@ class DeviceTieredAttention:
         if pool.scratch_slots < width:
             raise ValueError(f"pool needs scratch_slots >= width ({width}), has {pool.scratch_slots}")
         self.pool, self.width, self.attend = pool, width, attend
-        # side-stream copy grid (prefetch, the host miss path's pool fill; None: the fetcher's default)
+        # side-stream copy grid (prefetch, the host / split miss paths' copies; None: the fetcher's default)
         self.prefetch_programs = prefetch_programs
         self.head_pages = pool.head_pages
         self.fetcher = PageFetcher(pool.host, pool.k, pool.v, sink_slot=pool.capacity,
@@ -357,7 +357,7 @@ class DeviceTieredAttention:
             with self.on_side_stream(layer, union, pl.loc, pl.copy, *lists):
                 self._copy_misses(layer, union, pl, self.prefetch_programs)
             return pl.loc
-        slotted = pl.copy & (pl.loc < self._scratch0)
+        slotted = pl.fetch  # the misses that got a pool slot (the rest overflowed to scratch)
         host_page = union.remainder(self.host_pages) if self.head_pages else union
         table_loc = torch.where(pl.copy, self._host_base + host_page, pl.loc).to(pl.loc.dtype)
         with self.on_side_stream(min(layer + 1, self.pool.num_layers - 1), union, pl.loc, slotted):
@@ -471,10 +471,10 @@ class DeviceTieredAttention:
         scratch = self._scratch0 + torch.cumsum(over.long(), 0) - 1
         pl.loc = torch.where(over, scratch, pl.slots.long()).to(torch.int32)  # slot or scratch, -1 padding
         pl.copy = pl.fetch | over
-        # the rows this call fills, as fused_place.clock_place stamps them (the sink slot takes the rest)
-        pl.stamp = stamp
-        rows = torch.where(pl.copy, pl.loc.long(), pool.capacity)
-        pool.fill_stamp.index_put_((rows,), stamp.expand(rows.shape[0]))
+        if copy and self.miss_path == "split":  # the stamps split_selection reads, as clock_place's
+            pl.stamp = stamp
+            rows = torch.where(pl.copy, pl.loc.long(), pool.capacity)  # the sink slot takes the rest
+            pool.fill_stamp.index_put_((rows,), stamp.expand(rows.shape[0]))
         loc = self._fetch(layer, union, pl) if copy else pl.loc
         self.counters[:4] += torch.stack([valid.sum(), pl.hit.sum(), pl.fetch.sum(), over.sum()])
         self._prefetch_after(layer, prefetch_next)

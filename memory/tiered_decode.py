@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sglang_psa.kernels import sparse_decode
+from sglang_psa.kernels import merge_states, sparse_decode
 from sglang_psa.kernels._common import compact_selection, page_layout
 
 from .hot_pool import HotPagePool
@@ -44,19 +44,6 @@ class LayerFetch:
     fetched: int
     overflow: int
     passes: int
-
-
-def merge_states(
-    out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention over the union of two disjoint key sets from each one's (out [bs, Hq, D], lse [bs, Hq])."""
-    m = torch.maximum(lse_a, lse_b)
-    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
-    wa, wb = torch.exp(lse_a - m), torch.exp(lse_b - m)
-    den = wa + wb
-    out = (wa[..., None] * out_a.float() + wb[..., None] * out_b.float()) / den.clamp(min=1e-30)[..., None]
-    lse = torch.where(den > 0, m + torch.log(den.clamp(min=1e-30)), torch.full_like(m, float("-inf")))
-    return out.to(out_a.dtype), lse
 
 
 class TieredAttention:

@@ -90,10 +90,10 @@ class PSAConfig:
     # straight from pinned host memory and copies them into the pool beside it (side stream); "split"
     # copies them into their slots beside the resident pages' attention, then a second pass
     miss_path: str = "pool"
-    # tiered: programs of the side-stream copies, prefetch and the host miss path's pool fill (0 = the
-    # main copy's grid, 8 per SM). The copy
-    # is PCIe-bound; a full grid takes SMs from the layer it overlaps (bench_fetch_overlap.py, H200,
-    # 640 head pages a layer: 37% of the fetch hidden with 1056 programs, 79% with 66)
+    # tiered: programs of the side-stream copies, prefetch and the host / split miss paths' copies (0 =
+    # the main copy's grid, 8 per SM). The copy is PCIe-bound; a full grid takes SMs from the layer it
+    # overlaps (bench_fetch_overlap.py, H200, 640 head pages a layer: 37% of the fetch hidden with 1056
+    # programs, 79% with 66)
     prefetch_programs: int = 66
     # tiered: KV writes update the pool instead of dropping its copies: decode writes the resident
     # slots of the written page (the page a step appends to stays a hit), prefill also places the

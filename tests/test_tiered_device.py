@@ -172,8 +172,9 @@ def test_fetcher_kernel_backend_refuses_a_head_slice():
 def test_device_tiered_equals_resident(granularity, policy, capacity, seed, steps, prefetch, miss_path):
     """Slots of a page of all kv heads, or of one kv head's page (P x D; copies read the head's rows of
     the host tier in place, all heads of a layer in one union, placement, copy and attention). Misses
-    attended from their new slots, straight from the host tier, or from scratch in a second pass merged
-    with the resident pages' (miss_path; split differs only by the merge's rounding)."""
+    attended from their new slots, straight from the host tier, or (split) in a second pass after their
+    side-stream copy, merged with the resident pages' (miss_path; split differs only by the merge's
+    rounding)."""
     b = Batch(seed)
     t = b.tiered(capacity, policy=policy, granularity=granularity, miss_path=miss_path)
     per_head = granularity == "head"
@@ -479,10 +480,10 @@ def test_next_step_prefetch_brings_the_stored_prediction_before_its_layer(policy
 @pytest.mark.parametrize("granularity", ["page", "head"])
 @pytest.mark.parametrize("policy", POLICIES)
 def test_side_miss_paths_attend_misses_beside_the_pool_and_fill_their_slots(policy, granularity, miss_path):
-    """miss_path "host" / "split": the first step reads its misses from the host tier / from scratch
-    rows copied beside the placement (pool slots still empty when attention runs on a GPU; here the side
-    copies are inline) and moves them into their slots, so the same selection next step is all hits
-    from the pool, equal to resident decode both times."""
+    """miss_path "host" / "split": the first step reads its misses from the host tier / from their slots
+    in a second pass after the side-stream copy (on a GPU the copy runs beside the resident pages'
+    attention; here the side copies are inline), and the copies fill their slots, so the same selection
+    next step is all hits from the pool, equal to resident decode both times."""
     b = Batch(12)
     t = b.tiered(200, attend=sparse_decode, policy=policy, granularity=granularity, miss_path=miss_path)
     g = torch.Generator().manual_seed(5)

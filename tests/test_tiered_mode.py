@@ -165,7 +165,7 @@ def test_next_step_prefetch_equals_resident_and_fetches_ahead(granularity):
 @pytest.mark.parametrize("granularity", ["page", "head"])
 def test_side_miss_paths_equal_resident(granularity):
     """--psa-miss-path host / split: the pages a layer misses are attended straight from the host tier /
-    from scratch rows copied beside the placement (a second pass, merged), and moved into the pool for
+    in a second pass after their side-stream copy into the pool (merged), and stay in the pool for
     later steps; with an evicting pool the outputs equal the resident backend's and the pool-path
     run's, and later steps find the copied pages."""
     opts = dict(mode="estimated", tau=0.5, max_pages=6, sink_pages=1, local_pages=1, dense_below=0)
