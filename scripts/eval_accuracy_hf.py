@@ -73,6 +73,8 @@ class Setting:
     # layers: [selected pages, all pages, recall sum, recall count]
     length: str = ""
     by_length: dict[str, list[float]] = field(default_factory=dict)
+    # the same sums per layer: where the rule spends its pages and what mass they hold
+    by_layer: dict[int, list[float]] = field(default_factory=dict)
 
     def total(self, i: int) -> float:
         return sum(v[i] for v in self.by_length.values())
@@ -242,9 +244,13 @@ class Sparsifier:
                 self._log(module.layer_idx, mask_pg, length)
         if s is not None:
             recall = float((torch.softmax(logits, -1) * mask_tok[:, None]).sum())
-            acc = s.by_length.setdefault(s.length, [0.0, 0.0, 0.0, 0.0])
-            for i, x in enumerate((float(counts.sum()), n_pages * hkv, recall, hq)):
-                acc[i] += x
+            sums = (float(counts.sum()), n_pages * hkv, recall, hq)
+            for acc in (
+                s.by_length.setdefault(s.length, [0.0] * 4),
+                s.by_layer.setdefault(module.layer_idx, [0.0] * 4),
+            ):
+                for i, x in enumerate(sums):
+                    acc[i] += x
         prob = torch.softmax(logits.masked_fill(~mask_tok[:, None], float("-inf")), -1)
         out = torch.einsum("hgl,hld->hgd", prob, v).reshape(1, hq, 1, d).to(query.dtype)
         return out.transpose(1, 2).contiguous(), None
@@ -356,6 +362,8 @@ def summarize(settings: list[Setting]) -> list[dict]:
             "recall": s.total(2) / s.total(3) if s.total(3) else None,
             "page_fraction_by_length": {n: v[0] / v[1] for n, v in s.by_length.items()},
             "recall_by_length": {n: v[2] / v[3] for n, v in s.by_length.items()},
+            "page_fraction_by_layer": {str(n): v[0] / v[1] for n, v in sorted(s.by_layer.items())},
+            "recall_by_layer": {str(n): v[2] / v[3] for n, v in sorted(s.by_layer.items())},
         })  # fmt: skip
     return rows
 
@@ -392,7 +400,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         check_hybrid(a.hybrid.split(","), by_name)
         for name in a.hybrid.split(","):
             copy_ = dataclasses.replace(by_name[name], name=streaming_name(name, a.streaming_layers),
-                                        streaming_layers=layers, by_length={}, scores={})  # fmt: skip
+                                        streaming_layers=layers, by_length={}, by_layer={},
+                                        scores={})  # fmt: skip
             settings.append(copy_)
     if a.only:
         keep = set(a.only.split(",")) | {"dense"}
