@@ -36,7 +36,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     n_launches, n_compiled = sum(gpu_compile.launches.values()), len(gpu_compile.cubins)
     rep.write_line(f"{n_launches} launches, {n_compiled} specializations")
     for name, row in sorted(usage.items()):
-        spill = f", SPILLS {row['max_local_bytes']} B" if row["max_local_bytes"] else ""
+        spill = f", stack / spills <= {row['max_stack_bytes']} B" if row["max_stack_bytes"] else ""
         regs = row["max_registers"]
         rep.write_line(f"  {name}: {row['specializations']} compiled, <= {regs} registers{spill}")
 

@@ -158,18 +158,26 @@ def install(capability: int = 90) -> None:
 @contextlib.contextmanager
 def compile_only():
     """Launches inside compile for the target and do not run (their outputs stay as allocated): for
-    what the interpreter cannot execute, e.g. bf16 dot products, at the shapes the server uses."""
+    what the interpreter cannot execute, e.g. bf16 dot products, at the shapes the server uses.
+    TRITON_INTERPRET is 0 inside, so the wrappers pick their GPU variants (kernels._common.f32_dot
+    upcasts bf16 dot products only for the interpreter)."""
     global _compile_only
+    env = os.environ.get("TRITON_INTERPRET")
     _compile_only = True
+    os.environ["TRITON_INTERPRET"] = "0"
     try:
         yield
     finally:
         _compile_only = False
+        if env is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = env
 
 
 def resource_usage() -> dict[str, dict[str, int]]:
-    """Per kernel over its compiled specializations: count, max registers, max local (spill) bytes,
-    from the bundled cuobjdump."""
+    """Per kernel over its compiled specializations: count, max registers, max per-thread stack +
+    local bytes (spills live there), from the bundled cuobjdump."""
     import triton
 
     cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
@@ -182,8 +190,8 @@ def resource_usage() -> dict[str, dict[str, int]]:
                                   capture_output=True, text=True, check=True).stdout  # fmt: skip
             line = next(x for x in text.splitlines() if "REG:" in x)  # REG:80 STACK:0 SHARED:1024 LOCAL:0 ...
             use = {k: int(v) for k, v in (f.split(":", 1) for f in line.split()) if v.isdigit()}
-            row = out.setdefault(name, {"specializations": 0, "max_registers": 0, "max_local_bytes": 0})
+            row = out.setdefault(name, {"specializations": 0, "max_registers": 0, "max_stack_bytes": 0})
             row["specializations"] += 1
             row["max_registers"] = max(row["max_registers"], use["REG"])
-            row["max_local_bytes"] = max(row["max_local_bytes"], use.get("LOCAL", 0))
+            row["max_stack_bytes"] = max(row["max_stack_bytes"], use.get("STACK", 0) + use.get("LOCAL", 0))
     return out

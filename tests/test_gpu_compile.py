@@ -55,11 +55,15 @@ def test_package_kernels_are_compiled_functions():
 
 
 def test_bf16_kernels_compile_at_the_servers_shapes():
-    """What the interpreter cannot run (bf16 dot products) still compiles: sparse_decode at
-    Llama-3.1-8B's head shape (8 kv heads of 128, group 4, page 16) over a page table, head slots
-    (one kv head per slot, read through a stride-0 expand), host pages and the split path's merge;
-    the page copy of a copy list; the next-layer query estimate."""
-    from sglang_psa.kernels import sparse_decode
+    """What the interpreter cannot run (bf16 dot products) still compiles, in the variants the GPU
+    takes: page_bounds (with the log-normal centers) and sparse_decode at Llama-3.1-8B's head shape
+    (8 kv heads of 128, group 4, page 16), the latter over a page table, head slots (one kv head per
+    slot, read through a stride-0 expand), host pages and the split path's merge; the page copy of a
+    copy list; the next-layer query estimate."""
+    from kernel_cases import build
+    from test_page_bounds import _args as bounds_args
+
+    from sglang_psa.kernels import page_bounds, sparse_decode
     from sglang_psa.kernels.next_query import next_query
     from sglang_psa.memory.hot_pool import HostTier
     from sglang_psa.memory.uva_fetch import PageFetcher
@@ -72,7 +76,10 @@ def test_bf16_kernels_compile_at_the_servers_shapes():
     counts = torch.full((bs, hkv), w, dtype=torch.int32)
     base = (torch.zeros(bs, n * p, dtype=torch.int32), torch.arange(bs), torch.full((bs,), n * p - 3))
     before = Counter(gpu_compile.launches)
+    sb, kmin, kmax = build(p, grp, d, bf16, "cpu", hkv=hkv)
     with gpu_compile.compile_only():
+        page_bounds(*bounds_args(sb, kmin, kmax, p, 12))
+        page_bounds(*bounds_args(sb, kmin, kmax, p, 12), with_centers=True, variance_weight=0.5)
         for kv, table in ((slots, torch.zeros(bs, n, dtype=torch.int32)),
                           (one_head, torch.zeros(bs, hkv, n, dtype=torch.int32))):  # fmt: skip
             args = (q, kv, kv, *base, page_idx, counts, p, d**-0.5)
@@ -90,5 +97,6 @@ def test_bf16_kernels_compile_at_the_servers_shapes():
                    bias=None, q_size=4096, cos_sin_cache=rope, positions=torch.tensor([7]),
                    head_dim=d)  # fmt: skip
     compiled = Counter(gpu_compile.launches) - before
-    assert compiled["_attend_pages_kernel"] >= 6 and compiled["_copy_pages_kernel"] == 1
+    assert compiled["_page_bounds_kernel"] == 2 and compiled["_attend_pages_kernel"] >= 6
+    assert compiled["_copy_pages_kernel"] == 1
     assert compiled["_next_query_kernel"] == 1
