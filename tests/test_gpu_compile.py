@@ -54,10 +54,11 @@ def test_package_kernels_are_compiled_functions():
     assert triton.next_power_of_2(5) == 8
 
 
-def test_bf16_kernels_compile_at_the_servers_shapes():
+@pytest.mark.parametrize("p", [16, 32])  # the accuracy suite's page size, the capacity runs'
+def test_bf16_kernels_compile_at_the_servers_shapes(p):
     """What the interpreter cannot run (bf16 dot products) still compiles, in the variants the GPU
     takes: page_bounds (with the log-normal centers) and sparse_decode at Llama-3.1-8B's head shape
-    (8 kv heads of 128, group 4, page 16), the latter over a page table, head slots (one kv head per
+    (8 kv heads of 128, group 4), the latter over a page table, head slots (one kv head per
     slot, read through a stride-0 expand), host pages and the split path's merge; the page copy of a
     copy list; the next-layer query estimate."""
     from kernel_cases import build
@@ -68,7 +69,7 @@ def test_bf16_kernels_compile_at_the_servers_shapes():
     from sglang_psa.memory.hot_pool import HostTier
     from sglang_psa.memory.uva_fetch import PageFetcher
 
-    bf16, p, hkv, grp, d, bs, n, w = torch.bfloat16, 16, 8, 4, 128, 2, 64, 12
+    bf16, hkv, grp, d, bs, n, w = torch.bfloat16, 8, 4, 128, 2, 64, 12
     q = torch.randn(bs, hkv * grp, d).to(bf16)
     slots = torch.randn(40 * p, hkv, d).to(bf16)
     one_head = torch.randn(40 * p, 1, d).to(bf16).expand(-1, hkv, -1)  # head slots
