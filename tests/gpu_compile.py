@@ -1,13 +1,14 @@
 """Compile every Triton launch of the CPU tests for an NVIDIA GPU as well (no GPU needed).
 
-Under TRITON_INTERPRET=1 a kernel runs in Triton's CPU interpreter, which executes Python semantics
-and accepts code the GPU compiler rejects (a non-constexpr `tl.arange` bound, a type that does not
-unify across a loop, a missing `tl.constexpr`). A kernel checked only that way can still fail to
-compile on the first GPU call of a session. With `install(90)` each launch is first compiled for
+Under TRITON_INTERPRET=1 a kernel runs in Triton's CPU interpreter, which executes it with numpy
+semantics and accepts code the GPU compiler rejects (tests/test_gpu_compile.py: a loop-carried value
+whose type changes from int to float), and bf16 dot products only through the fp32 upcast of
+kernels._common.f32_dot. A kernel checked only that way can still fail to compile on the first GPU
+call of a session. With `install(90)` each launch is first compiled for
 sm_90 (Triton's whole pipeline, ptxas included, down to a cubin: the wheel ships ptxas), then run
 in the interpreter exactly as before, so a kernel that would not compile fails the CPU test that
-launches it, and the resource use of every compiled kernel (registers, local-memory spills) can be
-reported.
+launches it, and the resource use of every compiled kernel (registers, stack / spill bytes) is
+reported at the end of the run (conftest.py).
 
 How: the kernel modules are imported with TRITON_INTERPRET=0, so `@triton.jit` gives JITFunctions
 (Triton's own `tl.cumsum` / `tl.sum` helpers too). A launch compiles through JITFunction.run with a
