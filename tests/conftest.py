@@ -16,6 +16,12 @@ if COMPILE_TARGET is not None:
     gpu_compile.install(int(COMPILE_TARGET))
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    # ... and a launch's programs run in a shuffled order, as a GPU may run them (tests/program_order.py);
+    # PSA_TEST_PROGRAM_ORDER=grid keeps the interpreter's own order
+    if os.environ.get("PSA_TEST_PROGRAM_ORDER", "shuffled") != "grid":
+        import program_order
+
+        program_order.install()
 
 
 def pytest_collection_modifyitems(config, items):
