@@ -176,15 +176,17 @@ def compile_only():
             os.environ["TRITON_INTERPRET"] = env
 
 
-def resource_usage() -> dict[str, dict[str, int]]:
-    """Per kernel over its compiled specializations: count, max registers, max per-thread stack +
-    local bytes (spills live there), from the bundled cuobjdump."""
+def resource_usage(names: list[str] | None = None) -> dict[str, dict[str, int]]:
+    """Per kernel (all, or those named) over its compiled specializations: count, max registers, max
+    per-thread stack + local bytes (spills live there), from the bundled cuobjdump."""
     import triton
 
     cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     out: dict[str, dict[str, int]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for (name, h), blob in cubins.items():
+            if names is not None and name not in names:
+                continue
             path = Path(tmp) / f"{h}.cubin"
             path.write_bytes(blob)
             text = subprocess.run([str(cuobjdump), "--dump-resource-usage", str(path)],

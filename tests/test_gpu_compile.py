@@ -5,7 +5,6 @@ from collections import Counter
 import gpu_compile
 import pytest
 import torch
-import triton
 import triton.language as tl
 from triton.compiler.errors import CompilationError
 from triton.runtime.interpreter import InterpretedFunction
@@ -44,14 +43,13 @@ def test_a_compiled_launch_still_computes_in_the_interpreter():
     assert gpu_compile.launches["_iota_constexpr"] == before + 1
     (name, _), cubin = next(((k, v) for k, v in gpu_compile.cubins.items() if k[0] == "_iota_constexpr"))
     assert cubin[:4] == b"\x7fELF"  # a real device binary
-    assert gpu_compile.resource_usage()[name]["max_registers"] > 0
+    assert gpu_compile.resource_usage([name])[name]["max_registers"] > 0
 
 
 def test_package_kernels_are_compiled_functions():
     from sglang_psa.memory import fused_place
 
     assert isinstance(fused_place._split_selection_kernel, JITFunction)
-    assert triton.next_power_of_2(5) == 8
 
 
 @pytest.mark.parametrize("p", [16, 32])  # the accuracy suite's page size, the capacity runs'
