@@ -187,16 +187,11 @@ class PageFetcher:
         pages may hold -1 and slots anything where copy is False. No host sync on the kernel path.
         max_programs: the Triton backend's grid along the pages (None: page_copy's default).
         """
+        if self.backend == "triton" or self.head_pages:  # the compacted copy (head pages: its reference)
+            pages_c, slots_c, count = page_copy.compact(copy.to(self._t.device), pages, slots)
+            self.copy_list(layer, pages_c, slots_c, count, max_programs=max_programs)
+            return
         hk, hv = self.host.k[layer], self.host.v[layer]
-        if self.backend == "triton":
-            pages_c, slots_c, count = page_copy.compact(copy.to(self._t.device), pages, slots)
-            page_copy.copy_pages(hk, hv, self.dst_k, self.dst_v, pages_c, slots_c, count, self.block,
-                                 self.triton_warps, self.host_ptr, max_programs, self.head_pages)  # fmt: skip
-            return
-        if self.head_pages:  # torch backend
-            pages_c, slots_c, count = page_copy.compact(copy.to(self._t.device), pages, slots)
-            page_copy.copy_pages_ref(hk, hv, self.dst_k, self.dst_v, pages_c, slots_c, count, head_pages=True)
-            return
         src_k, src_v, dst = self.indices(layer, pages, slots, copy)
         if self.backend == "torch":
             rows = hk.shape[1:]
