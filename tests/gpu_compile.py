@@ -104,20 +104,24 @@ def install(capability: int = 90) -> None:
             interpreted[id(jf)] = (jf, itp.InterpretedFunction(jf.fn))
         return interpreted[id(jf)][1]
 
+    # the globals a kernel can call: every JITFunction of triton.language and of our modules, all
+    # imported by now (kernels and their helpers live in the modules _import_kernel_modules imports)
+    jit_globals = [
+        (mod, key, val)
+        for name, mod in list(sys.modules.items())
+        if mod is not None and name.startswith(SWAPPED_PREFIXES)
+        for key, val in vars(mod).items()
+        if isinstance(val, JITFunction)
+    ]
+
     @contextlib.contextmanager
     def interpreter_globals():
-        saved = []
-        for name, mod in list(sys.modules.items()):
-            if mod is None or not name.startswith(SWAPPED_PREFIXES):
-                continue
-            for key, val in list(vars(mod).items()):
-                if isinstance(val, JITFunction):
-                    saved.append((mod, key, val))
-                    setattr(mod, key, as_interpreted(val))
+        for mod, key, val in jit_globals:
+            setattr(mod, key, as_interpreted(val))
         try:
             yield
         finally:
-            for mod, key, val in saved:
+            for mod, key, val in jit_globals:
                 setattr(mod, key, val)
 
     compile_run = JITFunction.run
