@@ -10,6 +10,12 @@ access-pattern study found one shared LRU pool better than per-layer quotas on e
 i.e. for the misses of one call, in ascending page order: free slots lowest index first, then
 evictable slots least recently used first (ties by slot index); a slot is evictable unless pinned or
 used since `new_step()`.
+Pins (`place(..., pin)`) are sticky by default: a pinned slot stays until `unpin` or invalidation
+(HotPagePool's pins). With `pin_lease=True` a pin is a lease that each use renews: a use sets the
+slot's pin to that call's flag, and a pin protects the slot only while its last use is no older than
+the previous step (last_use >= prev_step_start). Tiered decode pins the sink and local-window pages
+this way: a page that leaves the window, or whose request finished, stops being protected one step
+later with no unpin call (which no captured decode step could make for a request that is gone).
 Misses left without a slot overflow (slot -1): the caller reads them from the host tier. With the
 same calls both pools make identical choices (tests/test_device_pool.py checks the slot tables).
 It costs dozens of small torch ops per call (a top-k over the whole capacity among them).
@@ -27,8 +33,9 @@ State (device, C = capacity, L layers, P pages per layer):
                                     (`scratch_slots`, never in the map: device_tiered.py's overflow)
     slot_layer, slot_page [C + 1] int64   reverse map (-1 = free); entry C is the sink
     last_use    [C + 1] int64       LRU tick of the last call that used the slot
-    pinned      [C + 1] bool        sink / local-window pages, never evicted
+    pinned      [C + 1] bool        sink / local-window pages, never evicted (leases: see above)
     tick, step_start  [] int64      call-order clock and its value at new_step()
+    prev_step_start   [] int64      step_start of the step before (lease pins expire past it)
     counters    [4] int64           hits, misses, evictions, overflow pages (read when convenient)
     ref         [C + 1] int8        clock only: reference bits
     hand        [] int64            clock only: the hand (next slot to examine)
@@ -117,6 +124,7 @@ class DevicePagePool:
         clock_window: int = 4,
         clock_impl: str = "triton",
         head_pages: bool = False,
+        pin_lease: bool = False,
     ):
         if capacity < 0:
             raise ValueError(f"capacity must be >= 0, got {capacity}")
@@ -129,6 +137,7 @@ class DevicePagePool:
         # head_pages: a slot holds one kv head's page; "page" p of the pool is head p // NP of host
         # page p % NP (num_pages = Hkv x the host's NP, num_kv_heads 1)
         self.head_pages = head_pages
+        self.pin_lease = pin_lease
         if head_pages:
             if host is None or num_kv_heads != 1 or host.k.shape[3] * host.k.shape[1] != num_pages:
                 raise ValueError(
@@ -157,6 +166,10 @@ class DevicePagePool:
         self.pinned = torch.zeros(capacity + 1, dtype=torch.bool, device=dev)
         self.tick = torch.zeros((), dtype=torch.int64, device=dev)
         self.step_start = torch.zeros((), dtype=torch.int64, device=dev)
+        self.prev_step_start = torch.zeros((), dtype=torch.int64, device=dev)
+        # a pin protects a slot while last_use >= pin_floor: always for sticky pins (floor 0), for
+        # leases while the slot was used in this step or the one before
+        self.pin_floor = self.prev_step_start if pin_lease else torch.zeros((), dtype=torch.int64, device=dev)
         self.counters = torch.zeros(4, dtype=torch.int64, device=dev)  # hits, misses, evictions, overflow
         self._slot_idx = torch.arange(capacity, device=dev)
         # fill_stamp[row]: stamp of the last placement that sent a copy to that slot or scratch row (the
@@ -185,7 +198,9 @@ class DevicePagePool:
 
     # ------------------------------------------------------------------ step / place
     def new_step(self) -> None:
-        """Pages used from now on are protected from eviction until the next new_step()."""
+        """Pages used from now on are protected from eviction until the next new_step() (pinned ones,
+        with pin_lease, until the one after)."""
+        self.prev_step_start.copy_(self.step_start)
         self.step_start.copy_(self.tick)
 
     def place(
@@ -200,7 +215,8 @@ class DevicePagePool:
         """Touch the resident pages, give the missing ones slots (evicting by the policy), update maps.
 
         pages [M] int32 ascending unique, -1 padded at the end; pin [M] bool (optional): pin those
-        pages once resident. Device ops only. The caller copies K/V for `fetch` (`fetch_ref`).
+        pages once resident (with pin_lease, every page's pin becomes its flag of this call). Device
+        ops only. The caller copies K/V for `fetch` (`fetch_ref`).
         Clock only: scratch_base, acc, acc_mode (fused_place.clock_place) fill Placement.loc / copy
         and DeviceTieredAttention's counters in the same launch.
         """
@@ -219,10 +235,11 @@ class DevicePagePool:
         # touch hits first (sink slot c takes the masked lanes): a hit is then protected
         hs = torch.where(hit, cur, c)
         self.last_use[hs] = ticks
-        self.pinned[hs] = self.pinned[hs] | pin
+        self.pinned[hs] = pin if self.pin_lease else self.pinned[hs] | pin
         # victims: free slots by index, then evictable (not pinned, not used this step) by LRU tick
         free = self.slot_layer[:c] < 0
-        evictable = ~free & ~self.pinned[:c] & (self.last_use[:c] < self.step_start)
+        held = self.pinned[:c] & (self.last_use[:c] >= self.pin_floor)
+        evictable = ~free & ~held & (self.last_use[:c] < self.step_start)
         rank_key = torch.where(
             free,
             self._slot_idx - (c + 1),

@@ -113,6 +113,7 @@ class DeviceTieredAttention:
         attend: Callable = sparse_decode,
         prefetch_programs: int | None = None,
         miss_path: str = "pool",
+        pin_window: tuple[int, int] | None = None,
         **fetch_kw,
     ):
         if width < 1:
@@ -120,6 +121,9 @@ class DeviceTieredAttention:
         if miss_path not in MISS_PATHS:
             raise ValueError(f"miss_path must be one of {', '.join(MISS_PATHS)}, got {miss_path!r}")
         self.miss_path = miss_path
+        if pin_window is not None and (not pool.pin_lease or min(pin_window) < 0):
+            raise ValueError(f"pin_window {pin_window}: needs a pool with pin_lease and counts >= 0")
+        self.pin_window = pin_window
         # table entries from here on name host pages (sparse_decode's host_base): past every pool row
         self._host_base = pool.k.shape[0]
         if pool.scratch_slots < width:
@@ -152,6 +156,10 @@ class DeviceTieredAttention:
         self._events = [torch.cuda.Event() for _ in range(pool.num_layers)] if self._cuda else []
         self._pending: set[int] = set()
         self._scratch0 = pool.capacity + 1
+        if pin_window is not None:  # _pins' workspace: a byte per host page (+ padding), zero between calls
+            self._pin_mark = torch.zeros(self.host_pages + 1, dtype=torch.int8, device=dev)
+            sink, local = pin_window
+            self._pin_j = torch.cat([torch.arange(sink), -1 - torch.arange(local)]).to(dev)
 
     @classmethod
     def build(
@@ -164,10 +172,12 @@ class DeviceTieredAttention:
         **kw,
     ) -> DeviceTieredAttention:
         """A pool of `capacity` slots (plus `width` scratch slots) over `host`, and the attention.
-        head_pages: a slot holds one kv head's page (capacity and width count head pages)."""
+        head_pages: a slot holds one kv head's page (capacity and width count head pages).
+        pin_window (sink pages, local pages): pin each request's first and last pages (leases)."""
         nl, npg, p, hkv, d = host.k.shape
         dt = host.k.dtype
         pool_kw = {k: kw.pop(k) for k in ("policy", "clock_window", "clock_impl") if k in kw}  # placement
+        pool_kw["pin_lease"] = kw.get("pin_window") is not None
         keys, heads = (npg * hkv, 1) if head_pages else (npg, hkv)
         pool = DevicePagePool(
             capacity, nl, keys, p, heads, d, dt, device, host=host, scratch_slots=width,
@@ -199,7 +209,8 @@ class DeviceTieredAttention:
         """Empty pool, zero clocks and counters, no prediction (benchmarks start each run here)."""
         pool = self.pool
         pool.invalidate(torch.arange(pool.num_pages, device=pool.device))
-        for t in (pool.tick, pool.step_start, pool.last_use, pool.counters, self.counters):
+        clocks = (pool.tick, pool.step_start, pool.prev_step_start, pool.last_use, pool.counters)
+        for t in (*clocks, self.counters):
             t.zero_()
         pool.fill_stamp.fill_(-1)  # the tick restarts: no row keeps a stamp a new call will reuse
         self.last_union.fill_(-1)
@@ -327,19 +338,42 @@ class DeviceTieredAttention:
             self._pending.discard(layer)
 
     # ------------------------------------------------------------------ forward
-    def _place_fused(self, layer, req_to_token, req_pool_indices, page_idx, counts, prefetch_next, copy):
+    def _place_fused(self, layer, req_to_token, req_pool_indices, seq_lens, page_idx, counts, prefetch_next,
+                     copy):  # fmt: skip
         """Policy "clock": union, place and page table in three Triton launches (fused_place.py);
         the same union, scratch use, copies, counters and table as _place_torch. -> (table, placement)"""
         pool, p = self.pool, self.pool.k.shape[1]
         union = self._union_row(layer, page_idx)
         sel = (req_to_token, req_pool_indices, page_idx, counts, p)
         self._union_into(union, sel, speculated=False)
-        pl = pool.place(layer, union, scratch_base=self._scratch0, acc=self.counters, acc_mode=1)
+        pin = self._pins(union, req_to_token, req_pool_indices, seq_lens)
+        pl = pool.place(layer, union, pin, scratch_base=self._scratch0, acc=self.counters, acc_mode=1)
         loc = self._fetch(layer, union, pl) if copy else pl.loc
         self._prefetch_after(layer, prefetch_next)
         if self.head_pages:
             return head_page_table(*sel, self.host_pages, self._pos_of, loc), pl
         return page_table(req_to_token, req_pool_indices, p, pool.num_pages, union, loc), pl
+
+    def _pins(self, union, req_to_token, req_pool_indices, seq_lens) -> torch.Tensor | None:
+        """pin [m] bool for union [m]: the entries that are one of some request's first `sink` or last
+        `local` pages (pin_window; with head slots every kv head's copy of such a page), or None
+        without pin_window. A page of the window is selected by every layer and head at every step, so
+        its lease is renewed until it leaves the window. Fixed shapes, no host sync."""
+        if self.pin_window is None:
+            return None
+        p, npg = self.pool.k.shape[1], self.host_pages
+        n = (seq_lens.to(union.device, torch.int64) + p - 1) // p  # pages of each request [bs]
+        j = torch.where(self._pin_j >= 0, self._pin_j, n[:, None] + self._pin_j)  # [bs, sink + local]
+        ok = (j >= 0) & (j < n[:, None])
+        rows = req_pool_indices.to(union.device, torch.int64)[:, None].expand_as(j)
+        tok = req_to_token[rows, torch.where(ok, j, 0) * p].long()
+        page = torch.where(ok & (tok >= 0), tok // p, npg).reshape(-1)
+        self._pin_mark.index_fill_(0, page, 1)
+        valid = union >= 0
+        key = union.long().remainder(npg) if self.head_pages else union.long()
+        pin = valid & (self._pin_mark[torch.where(valid, key, npg)] != 0)
+        self._pin_mark.index_fill_(0, page, 0)
+        return pin
 
     def _fetch(self, layer: int, union: torch.Tensor, pl: Placement) -> torch.Tensor:
         """The pages placement `pl` of union [M] sends to the pool (pl.copy: misses, into their slot or
@@ -427,7 +461,7 @@ class DeviceTieredAttention:
         copy=False skips the host copies (wrong output; benchmarks use it to time the rest).
         """
         pool, p = self.pool, self.pool.k.shape[1]
-        args = (req_to_token, req_pool_indices, page_idx, counts, prefetch_next, copy)
+        args = (req_to_token, req_pool_indices, seq_lens, page_idx, counts, prefetch_next, copy)
         place = self._place_fused if pool.policy == "clock" else self._place_torch
         table, pl = place(layer, *args)
         k_rows, v_rows = pool.k.view(-1, *pool.k.shape[2:]), pool.v.view(-1, *pool.v.shape[2:])
@@ -452,7 +486,8 @@ class DeviceTieredAttention:
             self._join(layer)  # the last layer's side-stream copy (miss_path "host") ends with the step
         return out
 
-    def _place_torch(self, layer, req_to_token, req_pool_indices, page_idx, counts, prefetch_next, copy):
+    def _place_torch(self, layer, req_to_token, req_pool_indices, seq_lens, page_idx, counts, prefetch_next,
+                     copy):  # fmt: skip
         """Policy "lru": union, place, copies and page table [bs, N] int32 as torch ops. -> (table, pl)"""
         pool, p = self.pool, self.pool.k.shape[1]
         dev = page_idx.device
@@ -465,7 +500,7 @@ class DeviceTieredAttention:
         union = self._union_row(layer, page_idx)
         union.copy_(union_pages(sel, counts, pool.num_pages, union.shape[0]))  # [m] int32
         stamp = pool.tick.reshape(1).clone()  # before place: every call with a miss advances the tick
-        pl = pool.place(layer, union)
+        pl = pool.place(layer, union, self._pins(union, req_to_token, req_pool_indices, seq_lens))
         valid = union >= 0
         over = valid & ~pl.hit & ~pl.fetch
         scratch = self._scratch0 + torch.cumsum(over.long(), 0) - 1

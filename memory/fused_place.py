@@ -24,11 +24,12 @@ CLOCK policy (`DevicePagePool(policy="clock")`), per call place(layer, pages [M]
   - state: a reference bit per slot (`ref` [C + 1] int8) and a hand (`hand` [] int64, a slot index),
     besides the LRU pool's map, `last_use` (here: the stamp of the last call that used the slot,
     = `tick`, and `tick` += 1 per call) and `pinned`;
-  - hits (page resident): ref = 1, last_use = stamp, pinned |= pin;
+  - hits (page resident): ref = 1, last_use = stamp, pinned |= pin (pinned = pin with pin leases);
   - misses (in page order) take victims found by scanning slots hand, hand + 1, ... (mod C) over at
     most S = min(window * M, C) slots (window: a static multiple, default 4): a free slot is a
-    victim; a pinned slot or one used in the current step (last_use >= step_start, this call's hits
-    included) is skipped untouched; a referenced slot has its bit cleared and is skipped (second
+    victim; a pinned slot (with leases: pinned and used since the previous step's start, `pin_floor`)
+    or one used in the current step (last_use >= step_start, this call's hits included) is skipped
+    untouched; a referenced slot has its bit cleared and is skipped (second
     chance); any other slot is a victim. The scan stops at the victim of the last miss; the hand
     moves past the last slot examined. Victim r (in scan order) goes to miss r (in page order):
     its old key is evicted, the page installed with ref = 1, last_use = stamp, pinned = pin.
@@ -43,7 +44,7 @@ Shapes and dtypes (C = capacity, L layers, NP physical pages, M = width):
     req_to_token [R, T] int32/int64; req_pool_indices [bs] int; page_idx [bs, Hkv, W] int (valid in
     [:count]); counts [bs, Hkv] int  ->  union [M] int32 (ascending unique, -1 padded)
     pool state: slot_of [L * NP + 1] int32, slot_layer / slot_page / last_use [C + 1] int64,
-    pinned [C + 1] bool, ref [C + 1] int8, tick / step_start / hand [] int64, counters [4] int64
+    pinned [C + 1] bool, ref [C + 1] int8, tick / step_start / pin_floor / hand [] int64, counters [4] int64
     clock_place -> slots [M] int32, fetch [M] bool, hit [M] bool, loc [M] int32, copy [M] bool,
         copy_keys / copy_loc [M] int32 (the copy list: pages with copy set and their loc, in page
         order, valid below ncopy [1] int32), stamp [1] int64 (the call's; fill_stamp [C + 1 + scratch]
@@ -187,7 +188,7 @@ def clock_place_ref(pool, layer: int, pages: torch.Tensor, pin: torch.Tensor | N
     c, npg, m = pool.capacity, pool.num_pages, pages.shape[0]
     pg = pages.tolist()
     pn = [False] * m if pin is None else [bool(x) for x in pin.tolist()]
-    stamp, step_start = int(pool.tick), int(pool.step_start)
+    stamp, step_start, floor = int(pool.tick), int(pool.step_start), int(pool.pin_floor)
     slot_of, lyr, pag = pool.slot_of, pool.slot_layer, pool.slot_page
     last, pinned, ref = pool.last_use, pool.pinned, pool.ref
     slots, fetch, hit, over = [-1] * m, [False] * m, [False] * m, [False] * m
@@ -199,7 +200,7 @@ def clock_place_ref(pool, layer: int, pages: torch.Tensor, pin: torch.Tensor | N
         if s >= 0:
             hit[i], slots[i] = True, s
             last[s], ref[s] = stamp, 1
-            pinned[s] = bool(pinned[s]) or pn[i]
+            pinned[s] = pn[i] if pool.pin_lease else bool(pinned[s]) or pn[i]
         else:
             misses.append(i)
     victims, examined, hand = [], 0, int(pool.hand)
@@ -208,7 +209,7 @@ def clock_place_ref(pool, layer: int, pages: torch.Tensor, pin: torch.Tensor | N
         examined += 1
         if int(lyr[s]) < 0:
             victims.append(s)
-        elif bool(pinned[s]) or int(last[s]) >= step_start:
+        elif (bool(pinned[s]) and int(last[s]) >= floor) or int(last[s]) >= step_start:
             continue
         elif int(ref[s]):
             ref[s] = 0
@@ -255,7 +256,7 @@ def _clock_touch_kernel(
     pages_ptr, pin_ptr, M, layer, NP,
     slot_of_ptr, last_use_ptr, pinned_ptr, ref_ptr, tick_ptr,
     bvalid_ptr, bmiss_ptr, slots_ptr, fetch_ptr, hit_ptr, loc_ptr, copy_ptr,
-    HAS_PIN: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_PIN: tl.constexpr, LEASE: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     """Launch 1 of 3, a program per block of BLOCK pages: look them up, touch the hits (they become
     protected), write the final outputs of hits and padding, count the block's valid pages and misses.
@@ -271,8 +272,11 @@ def _clock_touch_kernel(
     tl.store(ref_ptr + cur, tl.full([BLOCK], 1, tl.int8), mask=hit)
     if HAS_PIN:
         pn = tl.load(pin_ptr + i, mask=valid, other=0) != 0
-        old = tl.load(pinned_ptr + cur, mask=hit, other=0) != 0
-        tl.store(pinned_ptr + cur, old | pn, mask=hit)
+        if not LEASE:  # sticky pins accumulate; a lease is renewed (or dropped) by every use
+            pn = pn | (tl.load(pinned_ptr + cur, mask=hit, other=0) != 0)
+        tl.store(pinned_ptr + cur, pn, mask=hit)
+    elif LEASE:
+        tl.store(pinned_ptr + cur, tl.zeros([BLOCK], tl.int1), mask=hit)
     none = tl.zeros([BLOCK], tl.int1)
     tl.store(slots_ptr + i, cur, mask=im)  # -1 for misses and padding; the install sets placed misses'
     tl.store(loc_ptr + i, cur, mask=im)
@@ -287,7 +291,8 @@ def _clock_touch_kernel(
 def _clock_scan_kernel(
     bvalid_ptr, bmiss_ptr, NB, S, C1,
     slot_layer_ptr, last_use_ptr, pinned_ptr, ref_ptr,
-    tick_ptr, step_start_ptr, hand_ptr, counters_ptr, acc_ptr, victims_ptr, ws_ptr, ncopy_ptr, scratch_base,
+    tick_ptr, step_start_ptr, pin_floor_ptr, hand_ptr, counters_ptr, acc_ptr, victims_ptr, ws_ptr, ncopy_ptr,
+    scratch_base,
     ACC_MODE: tl.constexpr, BLOCK: tl.constexpr, NB_PAD: tl.constexpr,
 ):  # fmt: skip
     """Launch 2 of 3, one program: the window scan from the hand (sequential by nature), victims in scan
@@ -299,6 +304,7 @@ def _clock_scan_kernel(
     nhit = nvalid - nmiss
     offs = tl.arange(0, BLOCK)
     step_start = tl.load(step_start_ptr)
+    pin_floor = tl.load(pin_floor_ptr)
     hand = tl.load(hand_ptr)
     zero = tl.zeros([], dtype=tl.int32)
     ncand, nexam, j0 = zero, zero, zero
@@ -307,9 +313,8 @@ def _clock_scan_kernel(
         jm = j < S
         s = (hand + j) % C1
         free = tl.load(slot_layer_ptr + s, mask=jm, other=-1) < 0
-        prot = (tl.load(pinned_ptr + s, mask=jm, other=0) != 0) | (
-            tl.load(last_use_ptr + s, mask=jm, other=0) >= step_start
-        )
+        last = tl.load(last_use_ptr + s, mask=jm, other=0)
+        prot = ((tl.load(pinned_ptr + s, mask=jm, other=0) != 0) & (last >= pin_floor)) | (last >= step_start)
         refd = tl.load(ref_ptr + s, mask=jm, other=0) != 0
         cand = jm & (free | (~prot & ~refd))
         incl = ncand + tl.cumsum(cand.to(tl.int32), axis=0)
@@ -424,11 +429,13 @@ def clock_place(pool, layer: int, pages: torch.Tensor, pin: torch.Tensor | None,
     nb_pad = triton.next_power_of_2(nb)
     _clock_touch_kernel[(nb,)](
         pages, pin_t, m, layer, pool.num_pages, pool.slot_of, pool.last_use, pool.pinned, pool.ref,
-        pool.tick, bvalid, bmiss, slots, fetch, hit, loc, copy, HAS_PIN=has_pin, BLOCK=BLOCK, num_warps=4,
+        pool.tick, bvalid, bmiss, slots, fetch, hit, loc, copy, HAS_PIN=has_pin, LEASE=pool.pin_lease,
+        BLOCK=BLOCK, num_warps=4,
     )  # fmt: skip
     _clock_scan_kernel[(1,)](
         bvalid, bmiss, nb, min(window * m, pool.capacity), max(pool.capacity, 1),
-        pool.slot_layer, pool.last_use, pool.pinned, pool.ref, pool.tick, pool.step_start, pool.hand,
+        pool.slot_layer, pool.last_use, pool.pinned, pool.ref, pool.tick, pool.step_start, pool.pin_floor,
+        pool.hand,
         pool.counters, acc if acc is not None else pool.counters, victims, ws, ncopy, scratch_base,
         ACC_MODE=acc_mode if acc is not None else 0, BLOCK=BLOCK, NB_PAD=nb_pad, num_warps=4,
     )  # fmt: skip

@@ -100,6 +100,12 @@ class PSAConfig:
     # pages it writes whole, at low priority. H200, 8 x 64k, H100-sized pool: 3.99 ms of exposed fetch
     # a step vs 5.93 dropping them (tiered-writes-b918172-h200.json); --psa-no-write-through drops them
     write_through: bool = True
+    # tiered: pin each request's --psa-sink-pages first and --psa-local-pages last pages in the hot
+    # pool (leases renewed by each step's use, so a page that leaves the window, or a finished
+    # request's, is released a step later). Off by default: the pool already keeps them unless it
+    # holds less than about one step's pages; replays (pool-policies-20261203.json) see pinning help
+    # only such tight pools and cost hit rate at 2x a step's pages
+    hot_pin_window: bool = False
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -229,6 +235,10 @@ class PSAConfig:
                 "--psa-tiered or drop --psa-prefetch"
             )
         # write_through (on by default) only concerns --psa-tiered's hot pool; elsewhere it is inert
+        if self.hot_pin_window and not self.tiered:
+            raise ValueError(
+                "--psa-hot-pin-window pins pages in the hot pool of --psa-tiered; add --psa-tiered or drop it"
+            )
         if not _int_at_least(self.prefetch_programs, 0):
             raise _bad("prefetch-programs", "an integer >= 0 (0 = the default grid)", self.prefetch_programs)
         if self.miss_path not in MISS_PATHS:

@@ -103,6 +103,9 @@ _FLAG_HELP = {
     "write updates the slots of the written page (the page a request appends to stays resident rather than "
     "being fetched again by every layer and kv head at every step), a prefill write also places the pages "
     "it fills whole, at low priority (a request's first decode steps find them on the GPU). On by default.",
+    "hot_pin_window": "PSA tiered: pin each request's --psa-sink-pages first and --psa-local-pages last "
+    "pages in the hot pool (a pin lasts while the page stays in the window, one step past it). Helps a "
+    "pool that holds less than about one decode step's pages; off by default.",
 }
 
 

@@ -176,7 +176,9 @@ class TieredDecode:
         self.attn = DeviceTieredAttention.build(capacity, tier, union_width, device, head_pages=per_head,
                                                 policy=cfg.hot_policy, backend="triton",
                                                 prefetch_programs=cfg.prefetch_programs or None,
-                                                miss_path=cfg.miss_path)  # fmt: skip
+                                                miss_path=cfg.miss_path,
+                                                pin_window=(cfg.sink_pages, cfg.local_pages)
+                                                if cfg.hot_pin_window else None)  # fmt: skip
         self.slot_bytes = slot_bytes
         self.copy = os.environ.get(SKIP_COPY_ENV, "") in ("", "0")
         if not self.copy:
@@ -188,10 +190,10 @@ class TieredDecode:
         self.metric_labels: dict[str, str] | None = None  # set by the backend with --enable-metrics
         logger.info(
             "PSA tiered: hot pool %d slots of one %s + %d scratch (%.2f GiB of GPU memory) over %d "
-            "host pages x %d layers; placement %s, prefetch %s, misses read from %s",
+            "host pages x %d layers; placement %s, prefetch %s, misses read from %s, sink / window %s",
             capacity, "kv head's page" if per_head else "page (all kv heads)", union_width,
             (capacity + 1 + union_width) * slot_bytes / 2**30, num_pages, nl, cfg.hot_policy,
-            cfg.prefetch, cfg.miss_path,
+            cfg.prefetch, cfg.miss_path, "pinned" if cfg.hot_pin_window else "not pinned",
         )  # fmt: skip
 
     def begin_step(self) -> None:

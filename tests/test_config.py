@@ -37,6 +37,7 @@ from sglang_psa.config import PSAConfig, validate_against_server, validate_model
         ({"prefetch_margin": 0}, "--psa-prefetch-margin must be an integer >= 1"),
         ({"miss_path": "disk"}, "--psa-miss-path must be one of pool, host, split"),
         ({"prefetch": "next-layer"}, "--psa-prefetch next-layer .* add --psa-tiered"),
+        ({"hot_pin_window": True}, "--psa-hot-pin-window pins pages .* add --psa-tiered"),
         ({"prefetch_programs": -1}, "--psa-prefetch-programs must be an integer >= 0"),
         ({"rank_by": "mass"}, "--psa-rank-by must be one of bound, estimate"),
         ({"rank_by": "estimate", "mode": "progressive"}, "--psa-rank-by estimate .* --psa-mode progressive"),

@@ -114,6 +114,38 @@ def test_pinned_pages_are_never_evicted():
     assert dev.place(2, padded([7])).slots[0] == 0
 
 
+@pytest.mark.parametrize("policy", ["lru", "clock"])
+def test_lease_pins_last_one_step_past_their_last_pinned_use(policy):
+    """pin_lease: a pin protects its slot in the step after the use that set it, not later; a use
+    without the flag drops it. One slot, so any protection shows as an overflow (clock's reference
+    bits are cleared before each probe, so only protection can keep the slot)."""
+    host = HostTier(L, NP, P, HKV, D, torch.float32, pin_memory=False)
+    dev = DevicePagePool(1, L, NP, P, HKV, D, torch.float32, host=host, policy=policy, pin_lease=True)
+    pin = torch.tensor([True] + [False] * (M - 1))
+
+    def probe(layer: int, page: int) -> int:
+        if policy == "clock":
+            dev.ref.zero_()
+        return int(dev.place(layer, padded([page])).slots[0])
+
+    dev.new_step()
+    dev.place(0, padded([4]), pin)
+    dev.new_step()  # the lease still holds: the pinned use was in the step before
+    assert probe(1, 7) == -1
+    dev.new_step()  # not renewed in the step before: released
+    assert probe(1, 7) == 0
+    dev.new_step()
+    dev.place(1, padded([7]), pin)  # renewed every step, it holds on
+    for _ in range(3):
+        dev.new_step()
+        assert probe(2, 9) == -1
+        dev.place(1, padded([7]), pin)
+    dev.new_step()
+    dev.place(1, padded([7]))  # a use without the flag ends the lease
+    dev.new_step()
+    assert probe(2, 9) == 0
+
+
 @pytest.mark.parametrize("width", [5, 40])
 def test_union_pages_is_sorted_unique_and_padded(width):
     g = torch.Generator().manual_seed(3)

@@ -20,9 +20,9 @@ def padded(pages: list[int], m: int = M) -> torch.Tensor:
     return torch.tensor(sorted(pages) + [-1] * (m - len(pages)), dtype=torch.int32)
 
 
-def clock_pool(capacity: int, window: int, impl: str) -> DevicePagePool:
+def clock_pool(capacity: int, window: int, impl: str, lease: bool = False) -> DevicePagePool:
     return DevicePagePool(capacity, L, NP, 2, 1, 2, torch.float32, policy="clock", clock_window=window,
-                          clock_impl=impl)  # fmt: skip
+                          clock_impl=impl, pin_lease=lease)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- union / table
@@ -112,8 +112,8 @@ def random_trace(rng: random.Random, n: int) -> list[tuple]:
     return ops
 
 
-STATE = ("slot_of", "slot_layer", "slot_page", "last_use", "pinned", "ref", "tick", "step_start", "hand",
-         "counters", "fill_stamp")  # fmt: skip
+STATE = ("slot_of", "slot_layer", "slot_page", "last_use", "pinned", "ref", "tick", "step_start",
+         "prev_step_start", "hand", "counters", "fill_stamp")  # fmt: skip
 
 
 def check_map(pool: DevicePagePool) -> None:
@@ -133,10 +133,11 @@ def expected_overflow(pool: DevicePagePool, layer: int, pages: list[int]) -> int
     cur = [int(pool.slot_of[layer * NP + p]) for p in pages]
     nmiss = sum(s < 0 for s in cur)
     hits = {s for s in cur if s >= 0}
-    h, ss = int(pool.hand), int(pool.step_start)
+    h, ss, floor = int(pool.hand), int(pool.step_start), int(pool.pin_floor)
     window = [(h + j) % c for j in range(min(pool.clock_window * M, c))]
     free = [int(pool.slot_layer[s]) < 0 for s in window]
-    prot = [bool(pool.pinned[s]) or int(pool.last_use[s]) >= ss or s in hits for s in window]
+    last = [int(pool.last_use[s]) for s in window]
+    prot = [(bool(pool.pinned[s]) and t >= floor) or t >= ss or s in hits for s, t in zip(window, last)]
     # a referenced slot only becomes eligible on a later call (its bit is cleared, it is skipped)
     eligible = sum(f or (not p and not int(pool.ref[s])) for s, f, p in zip(window, free, prot))
     return max(0, nmiss - eligible)
@@ -144,14 +145,17 @@ def expected_overflow(pool: DevicePagePool, layer: int, pages: list[int]) -> int
 
 @settings(max_examples=50, deadline=None)
 @given(capacity=st.integers(0, 12), window=st.sampled_from([1, 2, 4]), seed=st.integers(0, 2**32 - 1),
-       length=st.integers(1, 40), block4=st.booleans())  # fmt: skip
-def test_clock_kernel_equals_reference_and_keeps_invariants(capacity, window, seed, length, block4):
+       length=st.integers(1, 40), block4=st.booleans(), lease=st.booleans())  # fmt: skip
+def test_clock_kernel_equals_reference_and_keeps_invariants(capacity, window, seed, length, block4, lease):
+    """Sticky pins hold until unpinned; lease pins (pin_lease) hold while the page's latest use pinned it
+    and came in this step or the one before, and every use sets the pin anew."""
     fused_place.BLOCK = 4 if block4 else 1024
     ops = random_trace(random.Random(seed), length)
     try:
-        tri, ref = clock_pool(capacity, window, "triton"), clock_pool(capacity, window, "torch")
+        tri, ref = clock_pool(capacity, window, "triton", lease), clock_pool(capacity, window, "torch", lease)
         used: set[tuple[int, int]] = set()  # used this step (or pinned): never evicted
-        pinned: set[tuple[int, int]] = set()
+        pinned: dict[tuple[int, int], int] = {}  # pinned page -> the step of the use that pinned it
+        step = 0
         for op in ops:
             if op[0] == "place":
                 _, layer, pages, pins, scratch = op
@@ -184,27 +188,32 @@ def test_clock_kernel_equals_reference_and_keeps_invariants(capacity, window, se
                     if s >= 0:
                         used.add((layer, p))
                         if pn:
-                            pinned.add((layer, p))
+                            pinned[(layer, p)] = step
+                        elif lease:  # a use without the flag ends the lease
+                            pinned.pop((layer, p), None)
             elif op[0] == "step":
                 tri.new_step()
                 ref.new_step()
                 used = set()
+                step += 1
+                if lease:  # leases not renewed in the step before this one have run out
+                    pinned = {k: t for k, t in pinned.items() if t >= step - 1}
             elif op[0] == "invalidate":
                 _, layers, pages = op
                 tri.invalidate(padded(pages), layers)
                 ref.invalidate(padded(pages), layers)
                 gone = {(lyr, p) for lyr in (layers or range(L)) for p in pages}
                 used -= gone
-                pinned -= gone
+                pinned = {k: t for k, t in pinned.items() if k not in gone}
             else:
                 _, layer, pages = op
                 tri.unpin(layer, padded(pages))
                 ref.unpin(layer, padded(pages))
-                pinned -= {(layer, p) for p in pages}
+                pinned = {k: t for k, t in pinned.items() if k[0] != layer or k[1] not in pages}
             for name in STATE:
                 assert torch.equal(getattr(tri, name), getattr(ref, name)), name
             check_map(ref)
-            for lyr, p in used | pinned:
+            for lyr, p in used | set(pinned):
                 assert ref.slot_of[lyr * NP + p] >= 0, f"protected page {(lyr, p)} was evicted"
     finally:
         fused_place.BLOCK = 1024

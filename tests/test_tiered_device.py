@@ -242,6 +242,64 @@ def test_tiny_pool_overflows_into_scratch_and_stays_exact(policy):
     assert s["fetched"] == 2 and s["overflow"] == s["needed"] - 2 > 0
 
 
+def window_selection(b: Batch, g: torch.Generator, only: bool = False):
+    """Each request's first and last page in every row, as PSA's sink and local window force them, then
+    (unless only) up to W - 2 random other pages."""
+    idx, cnt = (t.cpu() for t in b.select(g))
+    for r, n in enumerate(LENS):
+        last = math.ceil(n / P) - 1
+        for h in range(HKV):
+            rest = [] if only else [j for j in idx[r, h, : cnt[r, h]].tolist() if j not in (0, last)]
+            row = [0, last] + rest[: W - 2]
+            idx[r, h] = -1
+            idx[r, h, : len(row)] = torch.tensor(row, dtype=torch.int32)
+            cnt[r, h] = len(row)
+    return idx.to(b.device), cnt.to(b.device)
+
+
+def window_keys(b: Batch, head_pages: bool) -> torch.Tensor:
+    """Pool keys of the requests' first and last pages (every kv head's, with head slots)."""
+    ends = [(r, j) for r, n in enumerate(LENS) for j in (0, math.ceil(n / P) - 1)]
+    pages = sorted({int(b.req_to_token[r, j * P]) // P for r, j in ends})
+    keys = [h * b.num_pages + p for h in range(HKV) for p in pages] if head_pages else pages
+    return torch.tensor(keys, dtype=torch.int32, device=b.device)
+
+
+@pytest.mark.parametrize("granularity", ["page", "head"])
+@pytest.mark.parametrize("policy", POLICIES)
+def test_pinned_window_pages_stay_while_other_misses_churn(policy, granularity):
+    """pin_window (sink 1, local 1), a pool exactly the size of both layers' window pages: once placed
+    they stay resident through later steps whose other pages all miss (and overflow into scratch),
+    outputs exact throughout. Without the pins, LRU lets layer 0's misses take layer 1's window pages;
+    CLOCK keeps them here anyway (layer 1 sets their reference bits every step, and a call's scan
+    covers at most one lap of the pool, so with two layers their second chance never runs out)."""
+    keys = window_keys(Batch(5), granularity == "head")
+    kept = {}
+    for pin in (True, False):
+        b, g = Batch(5), torch.Generator().manual_seed(6)
+        t = b.tiered(L * keys.numel(), policy=policy, granularity=granularity,
+                     pin_window=(1, 1) if pin else None)  # fmt: skip
+        resident = []
+        for step in range(5):
+            t.begin_step()
+            for layer in range(L):
+                idx, cnt = window_selection(b, g, only=step == 0)
+                out, _ = b.run(t, layer, idx, cnt)
+                assert torch.equal(out, b.resident(layer, idx, cnt)[0])
+            check_pool(t)
+            resident.append(all(bool((t.pool.lookup(layer, keys) >= 0).all()) for layer in range(L)))
+        assert resident[0], "the first step selects only the window pages: they all fit"
+        kept[pin] = all(resident)
+    assert kept[True] and kept[False] == (policy == "clock")
+
+
+def test_pin_window_needs_a_lease_pool():
+    b = Batch(0)
+    t = b.tiered(4)
+    with pytest.raises(ValueError, match="pin_lease"):
+        DeviceTieredAttention(t.pool, t.width, pin_window=(1, 1))
+
+
 # ----------------------------------------------------------------------------- per kv head
 def test_per_head_invalidation_drops_every_heads_copy():
     b = Batch(2)
@@ -569,6 +627,41 @@ def test_whole_step_replays_in_a_cuda_graph(capacity, policy, granularity, miss_
     replays_equal_resident(b, t, graph, outs, idx_buf, cnt_buf, new_inputs)
     s = t.stats()
     assert s["hits"] + s["fetched"] + s["overflow"] == s["needed"] > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("granularity", ["page", "head"])
+@pytest.mark.parametrize("policy", POLICIES)
+def test_pinned_window_replays_in_a_cuda_graph(policy, granularity):
+    """pin_window's pin flags (req_to_token gathers, a mark workspace) inside a captured step: replays
+    equal resident decode and keep every window page resident in a pool of exactly those pages."""
+    b = Batch(5, device="cuda", dtype=torch.bfloat16)
+    keys = window_keys(b, granularity == "head")
+    t = b.tiered(L * keys.numel(), attend=sparse_decode, policy=policy, granularity=granularity,
+                 pin_window=(1, 1))  # fmt: skip
+    g = torch.Generator().manual_seed(6)
+    idx_buf = torch.full((L, 2, HKV, W), -1, dtype=torch.int32, device="cuda")
+    cnt_buf = torch.zeros(L, 2, HKV, dtype=torch.int32, device="cuda")
+
+    def step():
+        t.begin_step()
+        return [b.run(t, layer, idx_buf[layer], cnt_buf[layer]) for layer in range(L)]
+
+    def new_inputs(only: bool = False):
+        for layer in range(L):
+            idx_buf[layer], cnt_buf[layer] = window_selection(b, g, only)
+
+    new_inputs(only=True)
+    graph, outs = capture_step(step)
+    t.reset()
+    graph.replay()  # the window pages only: they fill the pool
+    torch.cuda.synchronize()
+
+    def all_resident():
+        assert all(bool((t.pool.lookup(layer, keys) >= 0).all()) for layer in range(L))
+
+    all_resident()
+    replays_equal_resident(b, t, graph, outs, idx_buf, cnt_buf, new_inputs, check=all_resident)
 
 
 @pytest.mark.gpu

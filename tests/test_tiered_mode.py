@@ -182,6 +182,33 @@ def test_side_miss_paths_equal_resident(granularity):
     assert pool_path["hits"] > 0 and tiers[1].tiered.attn.pool.stats()["evictions"] > 0
 
 
+@pytest.mark.parametrize("granularity", ["page", "head"])
+def test_pinned_window_through_the_backend_equals_resident(granularity):
+    """--psa-hot-pin-window: the sink and local-window pages are pinned (leases) in an evicting pool;
+    outputs still equal the resident backend's, and every pinned slot holds a page of the window of a
+    running request (page 0 or the last page of the prompt + decoded tokens)."""
+    opts = dict(mode="estimated", tau=0.5, max_pages=6, sink_pages=1, local_pages=1, dense_below=0)
+    head = granularity == "head"
+    gb = (12 + 1 + 2 * 65) * (SLOT_BYTES // 2) / 2**30 if head else pool_gb(6)
+    resident = make_backend(**opts)
+    tier = make_backend(**opts, tiered=True, hot_pool_gb=gb, hot_granularity=granularity, hot_pin_window=True)
+    batches = [Batch(x, [150, 90, 200], torch.Generator().manual_seed(6)) for x in (resident, tier)]
+    for x in batches:
+        x.prefill()
+    for _ in range(8):
+        for (a, _), (c, _) in zip(batches[0].decode(), batches[1].decode()):
+            torch.testing.assert_close(c, a, rtol=1e-6, atol=1e-6)
+    attn = tier.tiered.attn
+    pool = attn.pool
+    assert pool.pin_lease and attn.pin_window == (1, 1)
+    held = pool.pinned[: pool.capacity] & (pool.last_use[: pool.capacity] >= pool.pin_floor)
+    assert held.any() and pool.stats()["evictions"] > 0
+    pinned = set((pool.slot_page[: pool.capacity][held] % attn.host_pages).tolist())  # their host pages
+    # each request's first page and the page its newest token is in (the last decode step's seq_len)
+    window = {int(x) // P for s, n in zip(batches[1].slots, batches[1].lens) for x in (s[0], s[n - 1])}
+    assert pinned <= window
+
+
 def test_selection_reuse_through_the_hot_pool():
     """--psa-reuse-steps with --psa-tiered: reused page lists hit the pool; results equal resident reuse."""
     opts = dict(
