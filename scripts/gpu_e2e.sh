@@ -194,7 +194,8 @@ tiered_equal)
   GEN="$CLIENT generate --vocab 4000 --lens 2048 4096 8192 12288 ${TE_CONCURRENT---concurrent} --max-new-tokens 48"
   COMMON=(--model-path models/psa-llama-2m --attention-backend psa --page-size 32 --psa-max-pages 512
           --context-length 32768 --max-running-requests 4 --cuda-graph-max-bs 4)
-  TIER=(--radix-cache-backend psa --psa-tiered --psa-host-kv-gb 1 --psa-stats-interval 8)
+  # miss path pool unless the name says split / host (the later flag wins)
+  TIER=(--radix-cache-backend psa --psa-tiered --psa-host-kv-gb 1 --psa-stats-interval 8 --psa-miss-path pool)
   T1=(--psa-tau 1.0 --psa-dense-below 0); T09=(--psa-tau 0.9 --psa-dense-below 2048)
   RUNS=" ${TE_RUNS:-res_t1 tier_t1_head res_t09 tier_t09_evict res_t09_reuse tier_t09_head_reuse} "
   rc=0
@@ -292,7 +293,7 @@ capacity)
     flashinfer) ARGS=(--attention-backend flashinfer) ;;
     hicache) ARGS=(--attention-backend flashinfer --enable-hierarchical-cache --hicache-size ${HICACHE_GB:-48}) ;;
     tiered*) ARGS=("${BENCH_PSA[@]}" --radix-cache-backend psa --psa-tiered --psa-host-kv-gb ${HOST_GB:-66}
-                   --psa-stats-interval 16 ${TIER_EXTRA:-})
+                   --psa-stats-interval 16 --psa-miss-path pool ${TIER_EXTRA:-})  # the names say split / host
              [[ $B == *_head* ]] && ARGS+=(--psa-hot-granularity head)
              [[ $B == *_nl* ]] && ARGS+=(--psa-prefetch next-layer)
              [[ $B == *_prev* ]] && ARGS+=(--psa-prefetch previous-step)

@@ -88,8 +88,10 @@ class PSAConfig:
     prefetch_margin: int = 32  # next-step: pages below each (request, kv head)'s cut fetched ahead
     # tiered: "pool" copies a layer's misses into the pool before its attention; "host" attends them
     # straight from pinned host memory and copies them into the pool beside it (side stream); "split"
-    # copies them into their slots beside the resident pages' attention, then a second pass
-    miss_path: str = "pool"
+    # (default) copies them into their slots beside the resident pages' attention, then a second pass.
+    # H200, 8 x 64k, H100-sized pool: split 610 tok/s, pool 554, host slower than pool in bench_tiered
+    # (tiered-split2-5c7c505-h200.json)
+    miss_path: str = "split"
     # tiered: programs of the side-stream copies, prefetch and the host / split miss paths' copies (0 =
     # the main copy's grid, 8 per SM). The copy is PCIe-bound; a full grid takes SMs from the layer it
     # overlaps (bench_fetch_overlap.py, H200, 640 head pages a layer: 37% of the fetch hidden with 1056

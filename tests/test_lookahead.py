@@ -142,11 +142,12 @@ def test_models_without_llama_layers_are_refused_at_start(llama_layers):
 def test_tiered_backend_with_next_layer_prefetch_equals_no_prefetch(llama_layers):
     """The backend in tiered mode, one decode step: layer l's pre-hook speculates layer l+1 from the
     residual stream, layer l's decode prefetches that union. Outputs equal the same step without
-    prefetch; the predicted pages arrive by prefetch."""
+    prefetch (bit for bit: the pool miss path attends in one pass, so hits vs misses change no rounding);
+    the predicted pages arrive by prefetch."""
     from sglang.srt.model_executor.forward_batch_info import ForwardMode
 
     opts = dict(mode="estimated", tau=0.7, max_pages=8, sink_pages=1, local_pages=1, dense_below=0,
-                tiered=True, hot_pool_gb=0.02)  # fmt: skip
+                tiered=True, hot_pool_gb=0.02, miss_path="pool")  # fmt: skip
     runs = {}
     for prefetch in ("off", "next-layer"):
         b = make_backend(prefetch=prefetch, model=_model(llama_layers), **opts)

@@ -106,12 +106,14 @@ def test_sparse_selection_matches_resident_backend(streaming):
 @pytest.mark.parametrize("granularity", ["page", "head"])
 def test_write_through_equals_invalidation_and_fetches_less(granularity):
     """--psa-write-through: decode writes update the resident slots. Same outputs as dropping them
-    (both equal dense at tau 1.0), and the page each step appends to is no longer fetched again."""
+    (both equal dense at tau 1.0), and the page each step appends to is no longer fetched again.
+    Bit-equal outputs need the pool miss path: it attends in one pass, so which pages hit changes no
+    rounding (split merges a second pass by LSE; test_side_miss_paths_equal_resident covers it)."""
     gb = pool_gb(200) if granularity == "page" else (400 + 1 + 2 * 65) * (SLOT_BYTES // 2) / 2**30
     outs, fetched = {}, {}
     for wt in (False, True):
         b = make_backend(tau=1.0, max_pages=CTX // P, dense_below=0, tiered=True, hot_pool_gb=gb,
-                         hot_granularity=granularity, write_through=wt)  # fmt: skip
+                         hot_granularity=granularity, write_through=wt, miss_path="pool")  # fmt: skip
         batch = Batch(b, [40, 100, 7], torch.Generator().manual_seed(0))
         batch.prefill()
         outs[wt] = []
