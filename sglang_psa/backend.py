@@ -357,13 +357,15 @@ class PSAAttnBackend(AttentionBackend):
         else:
             page_idx, counts, order = self._page_lists(q, layer, rpi, seq_lens, reuse_kw, select_out)
             logged = page_idx
-            if self.tiered is not None and self.cfg.prefetch == "next-step" and order is not None:
-                self.tiered.plan_next_step(lid, order, seq_lens, rpi, self.req_to_token, page_idx, counts,
-                                           reuse_kw.get("keep_rows"))  # fmt: skip
             if self.tiered is not None:  # the selected pages come through the hot pool
                 out = self.tiered.forward(
                     lid, q, self.req_to_token, rpi, seq_lens, page_idx, counts, layer.scaling
                 )
+                # after forward: the prediction for the next step goes on the side stream behind this
+                # layer's miss copy (split path), which the resident pages' attention waits on
+                if self.cfg.prefetch == "next-step" and order is not None:
+                    self.tiered.plan_next_step(lid, order, seq_lens, rpi, self.req_to_token, page_idx,
+                                               counts, reuse_kw.get("keep_rows"))  # fmt: skip
             else:
                 out, _lse = ops.sparse_decode(
                     q, k_cache, v_cache, self.req_to_token, rpi, seq_lens, page_idx, counts,

@@ -205,7 +205,7 @@ class TieredDecode:
     def plan_next_step(self, layer_id: int, order: torch.Tensor, seq_lens: torch.Tensor, rpi: torch.Tensor,
                        req_to_token: torch.Tensor, page_idx: torch.Tensor, counts: torch.Tensor,
                        keep_rows: torch.Tensor | None = None) -> None:  # fmt: skip
-        """--psa-prefetch next-step: after layer_id's selection, store the union of the pages just below
+        """--psa-prefetch next-step: after layer_id's forward, store the union of the pages just below
         its cut (select_margin over `order`, the ranking the selection used) as the layer's prediction
         for the next step, prefetched then while the layer before it computes. Runs on the prefetch
         stream, joined by the next layer's forward; the last layer's runs inline (nothing after it in

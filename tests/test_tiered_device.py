@@ -668,8 +668,8 @@ def test_pinned_window_replays_in_a_cuda_graph(policy, granularity):
 @pytest.mark.parametrize("granularity", ["page", "head"])
 @pytest.mark.parametrize("capacity", [3, 64])
 def test_next_step_prefetch_replays_in_a_cuda_graph(capacity, granularity):
-    """--psa-prefetch next-step as the server records it: after each layer's selection, select_margin
-    over a ranking and speculate(layer) on the side stream (joined by the next layer; the last layer
+    """--psa-prefetch next-step as the server records it: after each layer's forward, select_margin
+    over its ranking and speculate(layer) on the side stream (joined by the next layer; the last layer
     inline), prefetch of the previous step's margins by begin_step and forward(l - 1). Replays with
     new selections and rankings equal resident decode, and margins of one replay are prefetched in
     the next."""
@@ -689,13 +689,13 @@ def test_next_step_prefetch_replays_in_a_cuda_graph(capacity, granularity):
         t.begin_step(prefetch_first="next-step")
         outs = []
         for layer in range(L):
-            last = layer + 1 == L
+            outs.append(b.run(t, layer, idx_buf[layer], cnt_buf[layer], prefetch_next="next-step"))
+            last = layer + 1 == L  # the margin after forward, behind the layer's side-stream copies
             ctx = contextlib.nullcontext() if last else t.on_side_stream(layer + 1, order_buf[layer])
             with ctx:
                 sel = (idx_buf[layer], cnt_buf[layer])
                 m_idx, m_cnt = select_margin(order_buf[layer], b.seq_lens, *sel, P, 3)
                 t.speculate(layer, b.req_to_token, b.rpi, m_idx, m_cnt)
-            outs.append(b.run(t, layer, idx_buf[layer], cnt_buf[layer], prefetch_next="next-step"))
         return outs
 
     def refill():
