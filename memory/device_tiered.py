@@ -156,7 +156,8 @@ class DeviceTieredAttention:
         self._events = [torch.cuda.Event() for _ in range(pool.num_layers)] if self._cuda else []
         self._pending: set[int] = set()
         self._scratch0 = pool.capacity + 1
-        if pin_window is not None:  # _pins' workspace: a byte per host page (+ padding), zero between calls
+        self._pins_fresh = False
+        if pin_window is not None:  # _pins' workspace: a byte per host page (+ padding), set for the step
             self._pin_mark = torch.zeros(self.host_pages + 1, dtype=torch.int8, device=dev)
             sink, local = pin_window
             self._pin_j = torch.cat([torch.arange(sink), -1 - torch.arange(local)]).to(dev)
@@ -196,6 +197,7 @@ class DeviceTieredAttention:
         """A new decode step; with prefetch_first, start layer 0's prefetch now: "previous-step" (or
         True) its previous-step union, "next-step" the margin union speculate(0) stored last step."""
         self.pool.new_step()
+        self._pins_fresh = False  # the window pages are marked again by the step's first placement
         if prefetch_first in (True, "previous-step"):
             self.prefetch(0)
         elif prefetch_first == "next-step":
@@ -358,22 +360,24 @@ class DeviceTieredAttention:
         """pin [m] bool for union [m]: the entries that are one of some request's first `sink` or last
         `local` pages (pin_window; with head slots every kv head's copy of such a page), or None
         without pin_window. A page of the window is selected by every layer and head at every step, so
-        its lease is renewed until it leaves the window. Fixed shapes, no host sync."""
+        its lease is renewed until it leaves the window. The window pages are the same at every layer of
+        a step, so the step's first call marks them (a byte per host page, cleared whole: right whichever
+        batch's graph ran before) and every call gathers. Fixed shapes, no host sync."""
         if self.pin_window is None:
             return None
         p, npg = self.pool.k.shape[1], self.host_pages
-        n = (seq_lens.to(union.device, torch.int64) + p - 1) // p  # pages of each request [bs]
-        j = torch.where(self._pin_j >= 0, self._pin_j, n[:, None] + self._pin_j)  # [bs, sink + local]
-        ok = (j >= 0) & (j < n[:, None])
-        rows = req_pool_indices.to(union.device, torch.int64)[:, None].expand_as(j)
-        tok = req_to_token[rows, torch.where(ok, j, 0) * p].long()
-        page = torch.where(ok & (tok >= 0), tok // p, npg).reshape(-1)
-        self._pin_mark.index_fill_(0, page, 1)
+        if not self._pins_fresh:
+            n = (seq_lens.to(union.device, torch.int64) + p - 1) // p  # pages of each request [bs]
+            j = torch.where(self._pin_j >= 0, self._pin_j, n[:, None] + self._pin_j)  # [bs, sink + local]
+            ok = (j >= 0) & (j < n[:, None])
+            rows = req_pool_indices.to(union.device, torch.int64)[:, None].expand_as(j)
+            tok = req_to_token[rows, torch.where(ok, j, 0) * p].long()
+            self._pin_mark.zero_()
+            self._pin_mark.index_fill_(0, torch.where(ok & (tok >= 0), tok // p, npg).reshape(-1), 1)
+            self._pins_fresh = True
         valid = union >= 0
         key = union.long().remainder(npg) if self.head_pages else union.long()
-        pin = valid & (self._pin_mark[torch.where(valid, key, npg)] != 0)
-        self._pin_mark.index_fill_(0, page, 0)
-        return pin
+        return valid & (self._pin_mark[torch.where(valid, key, npg)] != 0)
 
     def _fetch(self, layer: int, union: torch.Tensor, pl: Placement) -> torch.Tensor:
         """The pages placement `pl` of union [M] sends to the pool (pl.copy: misses, into their slot or

@@ -293,6 +293,31 @@ def test_pinned_window_pages_stay_while_other_misses_churn(policy, granularity):
     assert kept[True] and kept[False] == (policy == "clock")
 
 
+@pytest.mark.parametrize("granularity", ["page", "head"])
+def test_pin_flags_follow_the_window_from_step_to_step(granularity):
+    """The window pages are marked once a step (its first placement) and read by every later call of
+    the step: flags name exactly the union entries that are a request's first or last page at this
+    step's lengths; after begin_step a shorter request's old last page is no longer flagged."""
+    b = Batch(7)
+    head = granularity == "head"
+    t = b.tiered(8, granularity=granularity, pin_window=(1, 1))
+    union = torch.arange(b.num_pages * (HKV if head else 1), dtype=torch.int32)
+    union[-2:] = -1  # padding is never pinned
+
+    def expected(lens):
+        pages = {int(b.req_to_token[r, j * P]) // P for r, n in enumerate(lens) for j in (0, (n - 1) // P)}
+        key = union.long().remainder(b.num_pages) if head else union.long()
+        return torch.tensor([u >= 0 and int(k) in pages for u, k in zip(union.tolist(), key)])
+
+    for lens in (LENS, [LENS[0], LENS[1] - P], [LENS[0] - 2 * P, LENS[1]]):
+        seq_lens = torch.tensor(lens, dtype=torch.int32)
+        t.begin_step()
+        first = t._pins(union, b.req_to_token, b.rpi, seq_lens)
+        assert torch.equal(first, expected(lens))
+        # later layers of the step reuse the marks (their seq_lens are the step's)
+        assert torch.equal(t._pins(union, b.req_to_token, b.rpi, seq_lens), first)
+
+
 def test_pin_window_needs_a_lease_pool():
     b = Batch(0)
     t = b.tiered(4)
