@@ -11,9 +11,9 @@ through SGLang's streaming /generate and timestamps every streamed token. From t
 tiered fetch overlap their labels allow (scripts/gpu_e2e.sh's names): step_ms = 1000 x peak
 concurrency / decode tok/s; a run X with a twin X_nocopy (same server, host copies skipped) exposes
 step(X) - step(X_nocopy) ms of fetch a step (X_host may use X's twin: without copies there is no
-miss path); an overlapping run (_nl / _prev / _ns prefetch, _host misses read from host memory) whose
-label without that tag and its _mN / _pN options also has its exposed fetch hides
-1 - exposed(prefetch) / exposed(no prefetch) of it.
+miss path, nor a prefetch); an overlapping run (_nl / _prev / _ns prefetch, _host / _split miss paths,
+or several of them) whose label without those tags and their _mN / _pN options (the pool path, nothing
+fetched ahead) also has its exposed fetch hides 1 - exposed(run) / exposed(pool path) of it.
 The runs may come from several device calls (one server start each).
 
     python scripts/bench_capacity.py run --n 8 --len 65536 --label flashinfer --out a.json
@@ -147,6 +147,13 @@ OVERLAP_TAGS = ("_nl", "_prev", "_ns", "_host", "_split")
 PREFETCH_OPTS = re.compile(r"_[mp]\d+")  # gpu_e2e.sh: the prefetch's margin / copy programs
 
 
+def pool_path(label: str) -> str:
+    """The label without its overlap tags and their options: the same server on the pool path."""
+    for tag in OVERLAP_TAGS:
+        label = label.replace(tag, "")
+    return PREFETCH_OPTS.sub("", label)
+
+
 def step_ms(run: dict) -> float | None:
     """Milliseconds per decode step at the run's peak concurrency (None without a measurement)."""
     tok_s, c = run.get("decode_tok_s_at_peak"), run.get("peak_concurrency")
@@ -159,9 +166,11 @@ def fetch_overlap(runs: list[dict]) -> dict:
     by = {r["label"]: r for r in runs}
     exposed = {}
     for label, run in by.items():
-        # _nocopy skips every host read, so where misses would be read (_host, _split) makes no
-        # difference to it: the pool path's twin (no fetch, one attention pass) is the fair base
-        twin = by.get(label + "_nocopy") or by.get(re.sub("_host|_split", "", label) + "_nocopy")
+        # _nocopy skips every host read and every prefetch, so where misses would be read (_host,
+        # _split) or what is fetched ahead makes no difference to it: without a twin of its own, a run
+        # is compared with the pool path's (no fetch, one attention pass, no prediction), so the cost
+        # of a prediction counts as exposed fetch
+        twin = by.get(label + "_nocopy") or by.get(pool_path(label) + "_nocopy")
         if twin is None or twin.get("peak_concurrency") != run.get("peak_concurrency"):
             continue
         a, b = step_ms(run), step_ms(twin)
@@ -169,10 +178,9 @@ def fetch_overlap(runs: list[dict]) -> dict:
             exposed[label] = round(a - b, 3)
     hidden = {}
     for label, ms in exposed.items():
-        for tag in OVERLAP_TAGS:
-            base = PREFETCH_OPTS.sub("", label.replace(tag, "", 1))  # the prefetch's own options go too
-            if tag in label and exposed.get(base, 0) > 0:
-                hidden[label] = {"vs": base, "hidden_fraction": round(1 - ms / exposed[base], 3)}
+        base = pool_path(label)  # the fetch time: copies before attention, nothing ahead
+        if base != label and exposed.get(base, 0) > 0:
+            hidden[label] = {"vs": base, "hidden_fraction": round(1 - ms / exposed[base], 3)}
     steps = {label: round(s, 3) for label, r in by.items() if (s := step_ms(r)) is not None}
     return {"step_ms": steps, "exposed_fetch_ms": exposed, "hidden": hidden}
 
