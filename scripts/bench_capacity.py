@@ -179,7 +179,8 @@ def fetch_overlap(runs: list[dict]) -> dict:
     hidden = {}
     for label, ms in exposed.items():
         base = pool_path(label)  # the fetch time: copies before attention, nothing ahead
-        if base != label and exposed.get(base, 0) > 0:
+        overlaps = any(tag in label for tag in OVERLAP_TAGS)  # a _pN option alone changes nothing there
+        if overlaps and exposed.get(base, 0) > 0:
             hidden[label] = {"vs": base, "hidden_fraction": round(1 - ms / exposed[base], 3)}
     steps = {label: round(s, 3) for label, r in by.items() if (s := step_ms(r)) is not None}
     return {"step_ms": steps, "exposed_fetch_ms": exposed, "hidden": hidden}

@@ -18,7 +18,8 @@ def test_merge_computes_exposed_and_hidden_fetch(tmp_path):
             run("tiered_head_nl", 500.0), run("tiered_head_nl_nocopy", 640.0),
             run("tiered_head_prev", 300.0, peak=6), run("tiered_head_prev_nocopy", 640.0),
             run("tiered_head_ns_m64", 450.0), run("tiered_head_ns_m64_nocopy", 640.0),
-            run("tiered_head_host", 600.0), run("tiered_head_split_ns_m96", 480.0)]  # fmt: skip
+            run("tiered_head_host", 600.0), run("tiered_head_split_ns_m96", 480.0),
+            run("tiered_head_p132", 400.0)]  # fmt: skip
     files = []
     for r in runs:
         files.append(tmp_path / f"{r['label']}.json")
@@ -36,6 +37,7 @@ def test_merge_computes_exposed_and_hidden_fetch(tmp_path):
         "tiered_head_ns_m64": 5.278,
         "tiered_head_host": 0.833,  # against tiered_head_nocopy: no copies, no miss path
         "tiered_head_split_ns_m96": 4.167,  # no prefetch either
+        "tiered_head_p132": 7.5,  # the pool path with another side-stream grid: nothing overlaps
     }
     # a prefetch's own options (_m64: next-step margin) leave the label it is compared with
     assert fetch["hidden"] == {
