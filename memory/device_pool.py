@@ -20,6 +20,16 @@ Misses left without a slot overflow (slot -1): the caller reads them from the ho
 same calls both pools make identical choices (tests/test_device_pool.py checks the slot tables).
 It costs dozens of small torch ops per call (a top-k over the whole capacity among them).
 
+Per-layer quotas (`quota="adaptive"`, clock only; PSA's unified memory management): layer l's
+quota is floor(C x s_l / sum(s)), s_l an exponential average (weight `quota_smoothing` on the newest
+step) of the pages layer l placed per decode step, re-derived every `quota_interval` steps in
+`new_step` on the device (equal quotas until then). Quotas bound eviction, not admission
+(HotPagePool's quota policy): a layer borrows free slots beyond its quota; a call's misses evict
+first the slots of layers over their quota (at most each layer's excess) and, for the misses that take
+the layer itself past its quota, its own slots; only when the window holds no such victim does a miss
+take any other evictable slot (fused_place.py gives the scan order). Replays of recorded selections
+through this pool gain 0 to 0.013 hit rate with quotas (docs/TIERED.md); "off" is the default.
+
 Policy "clock": CLOCK / second chance (reference bits and a hand, victims from a window of
 `clock_window` x M slots after the hand; memory/fused_place.py describes it), one Triton launch per
 call, no global sort. It is not HotPagePool's LRU, so it can overflow where LRU would not (only
@@ -39,6 +49,10 @@ State (device, C = capacity, L layers, P pages per layer):
     counters    [4] int64           hits, misses, evictions, overflow pages (read when convenient)
     ref         [C + 1] int8        clock only: reference bits
     hand        [] int64            clock only: the hand (next slot to examine)
+    layer_used  [L + 1] int64       quota only: slots held per layer (entry L absorbs masked lanes)
+    layer_quota [L] int64           quota only: slots each layer may hold before it evicts its own
+    layer_demand [L] int64          quota only: pages each layer placed in the current step
+    demand_ema  [L] float32, quota_steps [] int64   quota only: the average and the steps seen
 
 Inputs are `pages [M] int32`: one layer's pages, ascending and unique, padded with -1 at the end
 (`union_pages` builds that from a selection). M is static; the count of valid pages is not.
@@ -57,6 +71,7 @@ from .fused_place import clock_place, clock_place_ref
 from .hot_pool import HostTier
 
 _BIG = 2**62  # key of slots that cannot be evicted
+QUOTA_MODES = ("off", "adaptive")
 
 
 @dataclass
@@ -125,11 +140,23 @@ class DevicePagePool:
         clock_impl: str = "triton",
         head_pages: bool = False,
         pin_lease: bool = False,
+        quota: str = "off",
+        quota_interval: int = 8,
+        quota_smoothing: float = 0.5,
     ):
         if capacity < 0:
             raise ValueError(f"capacity must be >= 0, got {capacity}")
         if policy not in ("lru", "clock") or clock_impl not in ("triton", "torch") or clock_window < 1:
             raise ValueError(f"bad policy {policy!r}, clock_impl {clock_impl!r} or window {clock_window}")
+        if quota not in QUOTA_MODES:
+            raise ValueError(f"quota must be one of {', '.join(QUOTA_MODES)}, got {quota!r}")
+        if quota != "off" and policy != "clock":
+            raise ValueError(f"quota {quota!r} needs policy 'clock', got {policy!r}")
+        if quota_interval < 1 or not 0.0 < quota_smoothing <= 1.0:
+            raise ValueError(
+                f"need quota_interval >= 1, smoothing in (0, 1]: {quota_interval}, {quota_smoothing}"
+            )
+        self.quota, self.quota_interval, self.quota_smoothing = quota, quota_interval, quota_smoothing
         # clock_impl "torch": the readable reference (host loops; tests compare the two)
         self.policy, self.clock_window, self.clock_impl = policy, clock_window, clock_impl
         self.capacity, self.num_layers, self.num_pages = capacity, num_layers, num_pages
@@ -182,6 +209,14 @@ class DevicePagePool:
             self.hand = torch.zeros((), dtype=torch.int64, device=dev)
             # all-zero workspace of fused_place.union_selected (the tiered path's union)
             self.union_bitmap = torch.zeros(num_pages, dtype=torch.int8, device=dev)
+        if quota != "off":
+            self.layer_used = torch.zeros(num_layers + 1, dtype=torch.int64, device=dev)
+            self.layer_quota = torch.zeros(num_layers, dtype=torch.int64, device=dev)
+            self.layer_demand = torch.zeros(num_layers, dtype=torch.int64, device=dev)
+            self.demand_ema = torch.zeros(num_layers, dtype=torch.float32, device=dev)
+            self.quota_steps = torch.zeros((), dtype=torch.int64, device=dev)
+            self._lane_of = torch.zeros(capacity + 1, dtype=torch.int64, device=dev)  # _free_keys' workspace
+            self.reset_quotas()
 
     # ------------------------------------------------------------------ reads
     def table(self) -> torch.Tensor:
@@ -199,9 +234,38 @@ class DevicePagePool:
     # ------------------------------------------------------------------ step / place
     def new_step(self) -> None:
         """Pages used from now on are protected from eviction until the next new_step() (pinned ones,
-        with pin_lease, until the one after)."""
+        with pin_lease, until the one after). With quotas: fold the step's demand into the average."""
         self.prev_step_start.copy_(self.step_start)
         self.step_start.copy_(self.tick)
+        if self.quota != "off":
+            self._update_quotas()
+
+    def quotas(self) -> dict[str, list[int]] | None:
+        """Per-layer quotas and slots held (one host read; None without quotas)."""
+        if self.quota == "off":
+            return None
+        return {"quota": self.layer_quota.tolist(), "used": self.layer_used[:-1].tolist()}
+
+    def reset_quotas(self) -> None:
+        """Equal quotas, no demand history (construction, and benchmarks restarting a run)."""
+        self.layer_quota.fill_(self.capacity // self.num_layers)
+        for t in (self.layer_demand, self.demand_ema, self.quota_steps):
+            t.zero_()
+
+    def _update_quotas(self) -> None:
+        """Device ops, no host read (new_step runs inside the captured decode step): a step with any
+        demand updates the average; every quota_interval such steps the quotas follow it."""
+        d = self.layer_demand.to(torch.float32)
+        s = self.quota_smoothing
+        have = d.sum() > 0
+        ema = torch.where(self.quota_steps == 0, d, s * d + (1.0 - s) * self.demand_ema)
+        self.demand_ema.copy_(torch.where(have, ema, self.demand_ema))
+        self.quota_steps.add_(have.long())
+        total = self.demand_ema.sum()
+        due = have & (self.quota_steps % self.quota_interval == 0) & (total > 0)
+        share = torch.floor(self.capacity * self.demand_ema / total.clamp(min=1e-9) + 1e-6).long()
+        self.layer_quota.copy_(torch.where(due, share, self.layer_quota))
+        self.layer_demand.zero_()
 
     def place(
         self,
@@ -211,6 +275,7 @@ class DevicePagePool:
         scratch_base: int = -1,
         acc: torch.Tensor | None = None,
         acc_mode: int = 0,
+        demand: bool = True,
     ) -> Placement:
         """Touch the resident pages, give the missing ones slots (evicting by the policy), update maps.
 
@@ -219,11 +284,12 @@ class DevicePagePool:
         ops only. The caller copies K/V for `fetch` (`fetch_ref`).
         Clock only: scratch_base, acc, acc_mode (fused_place.clock_place) fill Placement.loc / copy
         and DeviceTieredAttention's counters in the same launch.
+        demand (quotas): count the call's pages as the layer's demand (not for prefetch or prefill fills).
         """
         if not 0 <= layer < self.num_layers:
             raise IndexError(f"layer {layer} out of range [0, {self.num_layers})")
         if self.policy == "clock":
-            return self._place_clock(layer, pages, pin, scratch_base, acc, acc_mode)
+            return self._place_clock(layer, pages, pin, scratch_base, acc, acc_mode, demand)
         m, c = pages.shape[0], self.capacity
         pages = pages.to(self.device, torch.int64)
         valid = pages >= 0
@@ -273,9 +339,9 @@ class DevicePagePool:
         slots = torch.where(hit, cur, torch.where(ok, new_slot, -1)).to(torch.int32)
         return Placement(slots=slots, fetch=ok, hit=hit)
 
-    def _place_clock(self, layer, pages, pin, scratch_base, acc, acc_mode) -> Placement:
+    def _place_clock(self, layer, pages, pin, scratch_base, acc, acc_mode, demand) -> Placement:
         if self.clock_impl == "torch":
-            out = clock_place_ref(self, layer, pages, pin, self.clock_window, scratch_base)
+            out = clock_place_ref(self, layer, pages, pin, self.clock_window, scratch_base, demand)
             if acc is not None:
                 slots, fetch, hit = out[:3]
                 placed = fetch.sum()
@@ -285,7 +351,7 @@ class DevicePagePool:
                 elif acc_mode == 2:
                     acc[4] += placed
         else:
-            out = clock_place(self, layer, pages, pin, self.clock_window, scratch_base, acc, acc_mode)
+            out = clock_place(self, layer, pages, pin, self.clock_window, scratch_base, acc, acc_mode, demand)
         return Placement(*out)
 
     def fetch_ref(self, layer: int, pages: torch.Tensor, placement: Placement) -> None:
@@ -327,6 +393,15 @@ class DevicePagePool:
         """Free the slots of map keys [n] (the sink key = nothing); their pins and reference bits go too."""
         slots = self.slot_of[keys].long()
         s = torch.where(slots >= 0, slots, self.capacity)
+        if self.quota != "off":
+            # keys may repeat (a KV write names a page once per token): one lane per slot counts, the
+            # one whose index the scatter kept; the other lanes and the sink land on the spare entry L
+            lane = torch.arange(s.shape[0], device=s.device)
+            self._lane_of.index_copy_(0, s, lane)
+            first = (slots >= 0) & (self._lane_of[s] == lane)
+            owner = torch.where(first, self.slot_layer[s], self.num_layers)
+            self.layer_used.index_add_(0, owner, torch.full_like(owner, -1))
+            self.layer_used[self.num_layers :].zero_()
         self.slot_layer.index_fill_(0, s, -1)
         self.slot_page.index_fill_(0, s, -1)
         self.pinned.index_fill_(0, s, False)

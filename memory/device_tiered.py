@@ -177,7 +177,8 @@ class DeviceTieredAttention:
         pin_window (sink pages, local pages): pin each request's first and last pages (leases)."""
         nl, npg, p, hkv, d = host.k.shape
         dt = host.k.dtype
-        pool_kw = {k: kw.pop(k) for k in ("policy", "clock_window", "clock_impl") if k in kw}  # placement
+        placement = ("policy", "clock_window", "clock_impl", "quota", "quota_interval", "quota_smoothing")
+        pool_kw = {k: kw.pop(k) for k in placement if k in kw}
         pool_kw["pin_lease"] = kw.get("pin_window") is not None
         keys, heads = (npg * hkv, 1) if head_pages else (npg, hkv)
         pool = DevicePagePool(
@@ -215,6 +216,8 @@ class DeviceTieredAttention:
         for t in (*clocks, self.counters):
             t.zero_()
         pool.fill_stamp.fill_(-1)  # the tick restarts: no row keeps a stamp a new call will reuse
+        if pool.quota != "off":
+            pool.reset_quotas()
         self.last_union.fill_(-1)
         self.spec_union.fill_(-1)
 
@@ -276,7 +279,7 @@ class DeviceTieredAttention:
         whole = ok & (loc % p == 0) & (rows[page.clamp(0, self.host_pages)] == p)  # one entry per page
         keys = self._pool_keys(torch.where(whole, page, -1)).reshape(-1)
         keys = keys.sort(descending=True).values.to(torch.int32)  # valid keys first, -1 padding last
-        pl = pool.place(layer, keys)
+        pl = pool.place(layer, keys, demand=False)  # a quota follows what decode selects, not prompts
         pool.demote(torch.where(pl.fetch, pl.slots.long(), pool.capacity))  # the sink slot takes the rest
         self.counters[5] += pl.fetch.sum()
         self.write_through(layer, loc, k_rows, v_rows)
@@ -318,9 +321,9 @@ class DeviceTieredAttention:
 
     def _prefetch_body(self, layer: int, pages: torch.Tensor) -> None:
         if self.pool.policy == "clock":  # one launch: place + the prefetched counter
-            pl = self.pool.place(layer, pages, acc=self.counters, acc_mode=2)
+            pl = self.pool.place(layer, pages, acc=self.counters, acc_mode=2, demand=False)
         else:
-            pl = self.pool.place(layer, pages)
+            pl = self.pool.place(layer, pages, demand=False)
             self.counters[4] += pl.fetch.sum()
         self._copy_misses(layer, pages, pl, self.prefetch_programs)
 

@@ -33,6 +33,14 @@ CLOCK policy (`DevicePagePool(policy="clock")`), per call place(layer, pages [M]
     chance); any other slot is a victim. The scan stops at the victim of the last miss; the hand
     moves past the last slot examined. Victim r (in scan order) goes to miss r (in page order):
     its old key is evicted, the page installed with ref = 1, last_use = stamp, pinned = pin.
+  - with per-layer quotas (DevicePagePool(quota="adaptive"); layer_used / layer_quota [L]): an
+    evictable slot (neither free, protected nor referenced) is a victim only while its layer's
+    allowance lasts: a layer over its quota gives up to its excess (used - quota), the calling layer
+    up to the misses that take it past its own (used + misses - quota); free slots are always
+    victims (a layer borrows room). Evictable slots past their layer's allowance are kept in scan
+    order and serve, after the allowed victims, the misses those leave, so a quota never makes a page
+    overflow that the plain scan would place. The scan stops at the last miss's allowed victim;
+    layer_used follows every install and free, layer_demand [L] adds each decode placement's pages;
   - misses beyond the victims found in the window overflow (slot -1; with `scratch_base`, loc =
     scratch_base + overflow rank, the tiered path's scratch slots): exact, just not cached.
   - counters: pool.counters += (hits, misses, evictions, overflow), all on the device.
@@ -61,6 +69,7 @@ import triton.language as tl
 from sglang_psa.kernels._common import compact_selection
 
 BLOCK = 1024  # elements per loop iteration of the single-program kernels (per program of the clock's)
+QUOTA_BLOCK = 128  # slots per iteration of the quota scan (its per-layer ranks compare QB x QB pairs)
 
 
 # ============================================================================ union
@@ -175,7 +184,7 @@ def union_selected(
 
 # ============================================================================ clock placement
 def clock_place_ref(pool, layer: int, pages: torch.Tensor, pin: torch.Tensor | None, window: int,
-                    scratch_base: int = -1):  # fmt: skip
+                    scratch_base: int = -1, demand: bool = True):  # fmt: skip
     """Reference CLOCK placement (module docstring), slot by slot with host reads.
 
     pool: a DevicePagePool (its state tensors are updated in place). pages [M] int (ascending
@@ -184,6 +193,8 @@ def clock_place_ref(pool, layer: int, pages: torch.Tensor, pin: torch.Tensor | N
     [M] int32, copy_loc [M] int32 (the pages to copy and their loc, in page order, -1 after ncopy),
     ncopy [1] int32, stamp [1] int64); pool.fill_stamp[loc] = stamp for every page to copy (rows
     past fill_stamp, i.e. a scratch_base beyond the pool's own scratch rows, are not stamped).
+    With quotas (pool.quota != "off"), the scan's victims follow the quota order of the module
+    docstring and demand adds the call's valid pages to pool.layer_demand[layer].
     """
     c, npg, m = pool.capacity, pool.num_pages, pages.shape[0]
     pg = pages.tolist()
@@ -203,7 +214,14 @@ def clock_place_ref(pool, layer: int, pages: torch.Tensor, pin: torch.Tensor | N
             pinned[s] = pn[i] if pool.pin_lease else bool(pinned[s]) or pn[i]
         else:
             misses.append(i)
-    victims, examined, hand = [], 0, int(pool.hand)
+    quota = pool.quota != "off"
+    if quota:  # eviction allowances: each layer's excess over its quota; the calling layer's own
+        used, q = pool.layer_used.tolist(), pool.layer_quota.tolist()
+        give = [max(0, u - qq) for u, qq in zip(used, q)]
+        give[layer] = max(0, used[layer] + len(misses) - q[layer])
+        if demand:
+            pool.layer_demand[layer] += sum(p >= 0 for p in pg)
+    victims, fallback, examined, hand = [], [], 0, int(pool.hand)
     while len(victims) < len(misses) and examined < min(window * m, c):  # the scan
         s = (hand + examined) % c
         examined += 1
@@ -213,8 +231,14 @@ def clock_place_ref(pool, layer: int, pages: torch.Tensor, pin: torch.Tensor | N
             continue
         elif int(ref[s]):
             ref[s] = 0
-        else:
+        elif not quota:
             victims.append(s)
+        elif give[int(lyr[s])] > 0:
+            give[int(lyr[s])] -= 1
+            victims.append(s)
+        elif len(fallback) < len(misses):  # any evictable slot, if the allowed ones run short
+            fallback.append(s)
+    victims += fallback[: len(misses) - len(victims)]
     if c:
         pool.hand.fill_((hand + examined) % c)
     evictions = 0
@@ -226,6 +250,10 @@ def clock_place_ref(pool, layer: int, pages: torch.Tensor, pin: torch.Tensor | N
         if int(lyr[s]) >= 0:
             slot_of[int(lyr[s]) * npg + int(pag[s])] = -1
             evictions += 1
+            if quota:
+                pool.layer_used[int(lyr[s])] -= 1
+        if quota:
+            pool.layer_used[layer] += 1
         slot_of[layer * npg + pg[i]] = s
         lyr[s], pag[s], last[s], ref[s], pinned[s] = layer, pg[i], stamp, 1, pn[i]
         slots[i], fetch[i] = s, True
@@ -301,7 +329,6 @@ def _clock_scan_kernel(
     b = tl.arange(0, NB_PAD)
     nvalid = tl.sum(tl.load(bvalid_ptr + b, mask=b < NB, other=0), axis=0)
     nmiss = tl.sum(tl.load(bmiss_ptr + b, mask=b < NB, other=0), axis=0)
-    nhit = nvalid - nmiss
     offs = tl.arange(0, BLOCK)
     step_start = tl.load(step_start_ptr)
     pin_floor = tl.load(pin_floor_ptr)
@@ -324,7 +351,15 @@ def _clock_scan_kernel(
         ncand += tl.sum(cand.to(tl.int32), axis=0)
         nexam += tl.sum(examined.to(tl.int32), axis=0)
         j0 += BLOCK
-    ntaken = tl.minimum(ncand, nmiss)
+    _scan_finish(nvalid, nmiss, tl.minimum(ncand, nmiss), nexam, hand, C1, hand_ptr, tick_ptr, counters_ptr,
+                 acc_ptr, ws_ptr, ncopy_ptr, scratch_base, ACC_MODE)  # fmt: skip
+
+
+@triton.jit
+def _scan_finish(nvalid, nmiss, ntaken, nexam, hand, C1, hand_ptr, tick_ptr, counters_ptr, acc_ptr, ws_ptr,
+                 ncopy_ptr, scratch_base, ACC_MODE: tl.constexpr):  # fmt: skip
+    """The scan kernels' common end: move the hand, stamp the call, add the counters."""
+    nhit = nvalid - nmiss
     nover = nmiss - ntaken
     tl.store(hand_ptr, (hand + nexam) % C1)
     stamp = tl.load(tick_ptr)
@@ -345,12 +380,86 @@ def _clock_scan_kernel(
 
 
 @triton.jit
+def _clock_scan_quota_kernel(
+    bvalid_ptr, bmiss_ptr, NB, S, C1, layer, L,
+    slot_layer_ptr, last_use_ptr, pinned_ptr, ref_ptr,
+    tick_ptr, step_start_ptr, pin_floor_ptr, hand_ptr, counters_ptr, acc_ptr, victims_ptr, ws_ptr, ncopy_ptr,
+    scratch_base, used_ptr, quota_ptr, demand_ptr, give_ptr, fallback_ptr,
+    ACC_MODE: tl.constexpr, DEMAND: tl.constexpr, QB: tl.constexpr, NB_PAD: tl.constexpr,
+    L_PAD: tl.constexpr,
+):  # fmt: skip
+    """Launch 2 of 3 with per-layer quotas, one program: the window scan of _clock_scan_kernel, where an
+    evictable slot (not free, protected or referenced) is a victim only while its layer's allowance
+    lasts (give [L] int64 workspace: each layer's excess over its quota, the calling layer's own: the
+    misses that take it past its quota); the others go to `fallback` [M] int32 in scan order and
+    serve, after the allowed victims, the misses those leave. Blocks of QB slots: a slot's rank
+    among the block's evictable slots of its layer is a QB x QB comparison."""
+    b = tl.arange(0, NB_PAD)
+    nvalid = tl.sum(tl.load(bvalid_ptr + b, mask=b < NB, other=0), axis=0)
+    nmiss = tl.sum(tl.load(bmiss_ptr + b, mask=b < NB, other=0), axis=0)
+    lo = tl.arange(0, L_PAD)
+    lm = lo < L
+    used = tl.load(used_ptr + lo, mask=lm, other=0)
+    quota = tl.load(quota_ptr + lo, mask=lm, other=0)
+    own_give = tl.sum(tl.where(lo == layer, used + nmiss - quota, 0), axis=0)
+    give = tl.maximum(tl.where(lo == layer, own_give, used - quota), 0)
+    tl.store(give_ptr + lo, give, mask=lm)
+    if DEMAND:
+        tl.store(demand_ptr + layer, tl.load(demand_ptr + layer) + nvalid)
+    tl.debug_barrier()
+    offs = tl.arange(0, QB)
+    earlier = offs[None, :] < offs[:, None]  # [i, j]: slot j comes before slot i in the block
+    step_start = tl.load(step_start_ptr)
+    pin_floor = tl.load(pin_floor_ptr)
+    hand = tl.load(hand_ptr)
+    zero = tl.zeros([], dtype=tl.int32)
+    ncand, nfb, nexam, j0 = zero, zero, zero, zero
+    while (j0 < S) & (ncand < nmiss):
+        j = j0 + offs
+        jm = j < S
+        s = (hand + j) % C1
+        owner = tl.load(slot_layer_ptr + s, mask=jm, other=-1)
+        free = jm & (owner < 0)
+        last = tl.load(last_use_ptr + s, mask=jm, other=0)
+        prot = ((tl.load(pinned_ptr + s, mask=jm, other=0) != 0) & (last >= pin_floor)) | (last >= step_start)
+        refd = tl.load(ref_ptr + s, mask=jm, other=0) != 0
+        evict = jm & ~free & ~prot & ~refd
+        same = (owner[:, None] == owner[None, :]) & evict[None, :] & earlier
+        rank = tl.sum(same.to(tl.int32), axis=1)
+        # volatile: past the L1, which need not see the atomics (done in L2) of the block before
+        allowed = evict & (rank < tl.load(give_ptr + owner, mask=evict, other=0, volatile=True))
+        cand = free | allowed
+        incl = ncand + tl.cumsum(cand.to(tl.int32), axis=0)
+        examined = jm & (incl - cand.to(tl.int32) < nmiss)
+        tl.store(victims_ptr + incl - 1, s.to(tl.int32), mask=cand & examined)
+        fb = evict & ~allowed & examined
+        fpos = nfb + tl.cumsum(fb.to(tl.int32), axis=0) - 1
+        tl.store(fallback_ptr + fpos, s.to(tl.int32), mask=fb & (fpos < nmiss))
+        tl.store(ref_ptr + s, tl.zeros([QB], tl.int8), mask=examined & ~free & ~prot & refd)
+        tl.atomic_add(give_ptr + owner, tl.full([QB], -1, tl.int64), mask=allowed & examined)
+        tl.debug_barrier()  # the next block reads the allowances left
+        ncand += tl.sum(cand.to(tl.int32), axis=0)
+        nfb += tl.sum(fb.to(tl.int32), axis=0)
+        nexam += tl.sum(examined.to(tl.int32), axis=0)
+        j0 += QB
+    nallowed = tl.minimum(ncand, nmiss)
+    nfill = tl.minimum(nfb, nmiss - nallowed)
+    tl.debug_barrier()
+    for f0 in range(0, nfill, QB):  # the fallback victims follow the allowed ones
+        f = f0 + offs
+        v = tl.load(fallback_ptr + f, mask=f < nfill, other=0)
+        tl.store(victims_ptr + nallowed + f, v, mask=f < nfill)
+    _scan_finish(nvalid, nmiss, nallowed + nfill, nexam, hand, C1, hand_ptr, tick_ptr, counters_ptr, acc_ptr,
+                 ws_ptr, ncopy_ptr, scratch_base, ACC_MODE)  # fmt: skip
+
+
+@triton.jit
 def _clock_install_kernel(
     pages_ptr, pin_ptr, M, layer, NP, scratch_base, bmiss_ptr,
     slot_of_ptr, slot_layer_ptr, slot_page_ptr, last_use_ptr, pinned_ptr, ref_ptr,
     counters_ptr, victims_ptr, ws_ptr, slots_ptr, fetch_ptr, hit_ptr, loc_ptr, copy_ptr,
-    copy_keys_ptr, copy_loc_ptr, fill_stamp_ptr, stamp_rows,
-    HAS_PIN: tl.constexpr, BLOCK: tl.constexpr, NB_PAD: tl.constexpr,
+    copy_keys_ptr, copy_loc_ptr, fill_stamp_ptr, stamp_rows, used_ptr,
+    HAS_PIN: tl.constexpr, QUOTA: tl.constexpr, BLOCK: tl.constexpr, NB_PAD: tl.constexpr,
 ):  # fmt: skip
     """Launch 3 of 3, a program per block: the block's misses, in page order after the misses of the
     blocks before it, take victims[rank] (evict the old key, install) or overflow. Victims are distinct
@@ -399,10 +508,14 @@ def _clock_install_kernel(
     tl.store(copy_loc_ptr + rank, lc, mask=cp)
     tl.store(fill_stamp_ptr + lc, tl.zeros([BLOCK], tl.int64) + stamp, mask=cp & (lc < stamp_rows))
     tl.atomic_add(counters_ptr + 2, tl.sum(ev.to(tl.int64), axis=0))
+    if QUOTA:  # slots held per layer: the evicted layers lose one each, this layer gains the placed
+        tl.atomic_add(used_ptr + old_l, tl.full([BLOCK], -1, tl.int64), mask=ev)
+        tl.atomic_add(used_ptr + layer, tl.sum(placed.to(tl.int64), axis=0))
 
 
 def clock_place(pool, layer: int, pages: torch.Tensor, pin: torch.Tensor | None, window: int,
-                scratch_base: int = -1, acc: torch.Tensor | None = None, acc_mode: int = 0):  # fmt: skip
+                scratch_base: int = -1, acc: torch.Tensor | None = None, acc_mode: int = 0,
+                demand: bool = True):  # fmt: skip
     """Three launches: clock_place_ref's results and state updates (the copy list past ncopy is
     left undefined: the copy kernel reads only below the count).
 
@@ -432,18 +545,32 @@ def clock_place(pool, layer: int, pages: torch.Tensor, pin: torch.Tensor | None,
         pool.tick, bvalid, bmiss, slots, fetch, hit, loc, copy, HAS_PIN=has_pin, LEASE=pool.pin_lease,
         BLOCK=BLOCK, num_warps=4,
     )  # fmt: skip
-    _clock_scan_kernel[(1,)](
-        bvalid, bmiss, nb, min(window * m, pool.capacity), max(pool.capacity, 1),
+    scan_args = (
         pool.slot_layer, pool.last_use, pool.pinned, pool.ref, pool.tick, pool.step_start, pool.pin_floor,
-        pool.hand,
-        pool.counters, acc if acc is not None else pool.counters, victims, ws, ncopy, scratch_base,
-        ACC_MODE=acc_mode if acc is not None else 0, BLOCK=BLOCK, NB_PAD=nb_pad, num_warps=4,
+        pool.hand, pool.counters, acc if acc is not None else pool.counters, victims, ws, ncopy, scratch_base,
     )  # fmt: skip
+    acc_mode = acc_mode if acc is not None else 0
+    quota = pool.quota != "off"
+    if quota:
+        give = torch.empty(pool.num_layers, dtype=torch.int64, device=dev)
+        fallback = torch.empty_like(victims)
+        _clock_scan_quota_kernel[(1,)](
+            bvalid, bmiss, nb, min(window * m, pool.capacity), max(pool.capacity, 1), layer, pool.num_layers,
+            *scan_args, pool.layer_used, pool.layer_quota, pool.layer_demand, give, fallback,
+            ACC_MODE=acc_mode, DEMAND=demand, QB=QUOTA_BLOCK, NB_PAD=nb_pad,
+            L_PAD=triton.next_power_of_2(pool.num_layers), num_warps=4,
+        )  # fmt: skip
+    else:
+        _clock_scan_kernel[(1,)](
+            bvalid, bmiss, nb, min(window * m, pool.capacity), max(pool.capacity, 1), *scan_args,
+            ACC_MODE=acc_mode, BLOCK=BLOCK, NB_PAD=nb_pad, num_warps=4,
+        )  # fmt: skip
     _clock_install_kernel[(nb,)](
         pages, pin_t, m, layer, pool.num_pages, scratch_base, bmiss, pool.slot_of, pool.slot_layer,
         pool.slot_page, pool.last_use, pool.pinned, pool.ref, pool.counters, victims, ws,
         slots, fetch, hit, loc, copy, copy_keys, copy_loc, pool.fill_stamp, pool.fill_stamp.shape[0],
-        HAS_PIN=has_pin, BLOCK=BLOCK, NB_PAD=nb_pad, num_warps=4,
+        pool.layer_used if quota else pool.counters,
+        HAS_PIN=has_pin, QUOTA=quota, BLOCK=BLOCK, NB_PAD=nb_pad, num_warps=4,
     )  # fmt: skip
     return slots, fetch, hit, loc, copy, copy_keys, copy_loc, ncopy, ws[:1]
 

@@ -236,12 +236,17 @@ tiered_equal)
   # sink and local-window pages pinned (leases) in pools smaller than a step's pages
   one tier_t09_evict_pin "${T09[@]}" "${TIER[@]}" --psa-hot-pool-gb 0.09 --psa-hot-pin-window
   one tier_t09_head_pin "${T09[@]}" "${TIER[@]}" "${HEAD[@]}" --psa-hot-pin-window
+  # per-layer quotas following each layer's pages per step (re-derived every 2 steps) in evicting pools
+  one tier_t09_evict_quota "${T09[@]}" "${TIER[@]}" --psa-hot-pool-gb 0.09 --psa-hot-quota adaptive \
+    --psa-hot-quota-interval 2
+  one tier_t09_head_quota "${T09[@]}" "${TIER[@]}" "${HEAD[@]}" --psa-hot-quota adaptive --psa-hot-quota-interval 2
   for pair in "tier_t1 res_t1" "tier_t1_nopool res_t1" "tier_t1_head res_t1" "tier_t09_nopool res_t09" \
               "tier_t09_evict res_t09" "tier_t09_head res_t09" "tier_t09_lru_prefetch res_t09" \
               "tier_t09_head_nl res_t09" "tier_t09_head_reuse res_t09_reuse" "tier_t09 res_t09" "tier_t09_inval res_t09" \
               "tier_t09_evict_inval res_t09" "tier_t09_evict_ns res_t09" "tier_t09_head_ns res_t09" \
               "tier_t09_evict_host res_t09" "tier_t09_head_host res_t09" "tier_t09_evict_split res_t09" \
-              "tier_t09_head_split res_t09" "tier_t09_evict_pin res_t09" "tier_t09_head_pin res_t09"; do
+              "tier_t09_head_split res_t09" "tier_t09_evict_pin res_t09" "tier_t09_head_pin res_t09" \
+              "tier_t09_evict_quota res_t09" "tier_t09_head_quota res_t09"; do
     set -- $pair
     [ -f "$OUT/te_$1.json" ] && [ -f "$OUT/te_$2.json" ] || continue
     $CLIENT compare --a "$OUT/te_$1.json" --b "$OUT/te_$2.json" --out "$OUT/te_cmp_$1.json" || rc=1
@@ -285,7 +290,8 @@ capacity)
   # _torchq estimates the next layer's query through torch's native paths instead of next_query.py,
   # _pN gives the side-stream prefetch copy N programs (--psa-prefetch-programs), _inval drops the
   # pool's copies of written pages (--psa-no-write-through; write-through is the default), _pin pins the
-  # sink and local-window pages (--psa-hot-pin-window). TIER_EXTRA="--psa-hot-pool-gb 35" on an H200 gives
+  # sink and local-window pages (--psa-hot-pin-window), _quota sets per-layer quotas (--psa-hot-quota
+  # adaptive). TIER_EXTRA="--psa-hot-pool-gb 35" on an H200 gives
   # the pool an H100's size (0.9 x the 39.9 GiB of KV FlashInfer gets there at mem 0.7)
   for B in ${CAP_RUNS:-tiered flashinfer hicache}; do
     SKIP=0; TORCHQ=0
@@ -305,6 +311,7 @@ capacity)
              [[ $B == *_torchq* ]] && TORCHQ=1
              [[ $B == *_inval* ]] && ARGS+=(--psa-no-write-through)
              [[ $B == *_pin* ]] && ARGS+=(--psa-hot-pin-window)
+             [[ $B == *_quota* ]] && ARGS+=(--psa-hot-quota adaptive)
              [[ $B =~ _p([0-9]+) ]] && ARGS+=(--psa-prefetch-programs ${BASH_REMATCH[1]}) ;;
     esac
     SGLANG_PSA_LOOKAHEAD_TORCH=$TORCHQ SGLANG_PSA_TIERED_SKIP_COPY=$SKIP start_server cap_$B "${CAP[@]}" "${ARGS[@]}" \

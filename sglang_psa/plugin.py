@@ -21,6 +21,7 @@ from typing import Any
 
 from .config import (
     ENV_VAR,
+    HOT_QUOTAS,
     MASS_ESTIMATES,
     MODES,
     PREFETCH_MODES,
@@ -106,6 +107,12 @@ _FLAG_HELP = {
     "hot_pin_window": "PSA tiered: pin each request's --psa-sink-pages first and --psa-local-pages last "
     "pages in the hot pool (a pin lasts while the page stays in the window, one step past it). Helps a "
     "pool that holds less than about one decode step's pages; off by default.",
+    "hot_quota": "PSA tiered: per-layer hot-pool quotas, off or adaptive (each layer's share of the pool "
+    "follows the pages it selects per step; a layer under its quota reclaims slots from layers over theirs, "
+    "a layer at its quota evicts its own). Clock placement only; off by default.",
+    "hot_quota_interval": "PSA tiered, --psa-hot-quota adaptive: decode steps between two quota updates.",
+    "hot_quota_smoothing": "PSA tiered, --psa-hot-quota adaptive: weight of the newest step in each layer's "
+    "average pages per step (1 = the last step only).",
 }
 
 
@@ -135,6 +142,8 @@ def add_psa_cli_args(parser: argparse.ArgumentParser) -> None:
             kwargs["choices"] = list(RANK_BY)
         elif name == "prefetch":
             kwargs["choices"] = list(PREFETCH_MODES)
+        elif name == "hot_quota":
+            kwargs["choices"] = list(HOT_QUOTAS)
         group.add_argument(flag, dest=dest, help=_FLAG_HELP[name] + f" Default {default}.", **kwargs)
 
 

@@ -178,7 +178,9 @@ class TieredDecode:
                                                 prefetch_programs=cfg.prefetch_programs or None,
                                                 miss_path=cfg.miss_path,
                                                 pin_window=(cfg.sink_pages, cfg.local_pages)
-                                                if cfg.hot_pin_window else None)  # fmt: skip
+                                                if cfg.hot_pin_window else None,
+                                                quota=cfg.hot_quota, quota_interval=cfg.hot_quota_interval,
+                                                quota_smoothing=cfg.hot_quota_smoothing)  # fmt: skip
         self.slot_bytes = slot_bytes
         self.copy = os.environ.get(SKIP_COPY_ENV, "") in ("", "0")
         if not self.copy:
@@ -190,9 +192,10 @@ class TieredDecode:
         self.metric_labels: dict[str, str] | None = None  # set by the backend with --enable-metrics
         logger.info(
             "PSA tiered: hot pool %d slots of one %s + %d scratch (%.2f GiB of GPU memory) over %d "
-            "host pages x %d layers; placement %s, prefetch %s, misses read from %s, sink / window %s",
+            "host pages x %d layers; placement %s, per-layer quotas %s, prefetch %s, misses read from %s, "
+            "sink / window %s",
             capacity, "kv head's page" if per_head else "page (all kv heads)", union_width,
-            (capacity + 1 + union_width) * slot_bytes / 2**30, num_pages, nl, cfg.hot_policy,
+            (capacity + 1 + union_width) * slot_bytes / 2**30, num_pages, nl, cfg.hot_policy, cfg.hot_quota,
             cfg.prefetch, cfg.miss_path, "pinned" if cfg.hot_pin_window else "not pinned",
         )  # fmt: skip
 
@@ -276,6 +279,11 @@ class TieredDecode:
             "mib_fetched_per_step": moved / every / 2**20,
             "pages_filled": d["filled"],  # by prefill writes in the window (--psa-write-through)
         }
+        quotas = self.attn.pool.quotas()
+        if quotas is not None:  # --psa-hot-quota: the smallest and largest layer share of the pool
+            cap = max(self.attn.pool.capacity, 1)
+            rep["quota_share_min"] = min(quotas["quota"]) / cap
+            rep["quota_share_max"] = max(quotas["quota"]) / cap
         logger.info("PSA tiered: %s", ", ".join(f"{k} {v:.3g}" for k, v in rep.items()))
         self.last_report = rep
         if self.metric_labels is not None:

@@ -236,3 +236,22 @@ def test_speed_100k():
     for pol in ("lru", "lfu", "belady"):
         simulate(s, 300, pol)
     assert time.time() - t < 10
+
+
+def test_device_pool_replay_counts_hits_after_warmup():
+    """compare_pool_policies --device-pool: each (step, layer) group is one DevicePagePool call; the
+    first step only fills. A pool holding everything misses only new pages; an empty one never hits."""
+    from script_loader import load_script
+
+    from sglang_psa.memory.cache_sim import AccessStream
+
+    mod = load_script("compare_pool_policies")
+    rows = [(0, 0, 1), (0, 0, 2), (0, 1, 10), (1, 0, 1), (1, 0, 2), (1, 0, 3), (1, 1, 10)]
+    rows += [(2, 0, 1), (2, 0, 2), (2, 0, 3), (2, 1, 10)]
+    step, layer, keys = (np.array(c) for c in zip(*rows))
+    stream = AccessStream(keys=keys.astype(np.int64), tokens=np.ones(len(rows), dtype=np.int32),
+                          step=step.astype(np.int64), layer=layer.astype(np.int16), num_steps=3,
+                          num_layers=2, unit_tokens=1, token_bytes=1)  # fmt: skip
+    for quota in ("off", "adaptive"):
+        assert mod.device_pool_hit_rate(stream, 8, quota, interval=1) == 7 / 8  # step 1: 3 of 4, step 2: all
+        assert mod.device_pool_hit_rate(stream, 0, quota) == 0.0

@@ -20,9 +20,12 @@ def padded(pages: list[int], m: int = M) -> torch.Tensor:
     return torch.tensor(sorted(pages) + [-1] * (m - len(pages)), dtype=torch.int32)
 
 
-def clock_pool(capacity: int, window: int, impl: str, lease: bool = False) -> DevicePagePool:
+def clock_pool(
+    capacity: int, window: int, impl: str, lease: bool = False, quota: bool = False
+) -> DevicePagePool:
     return DevicePagePool(capacity, L, NP, 2, 1, 2, torch.float32, policy="clock", clock_window=window,
-                          clock_impl=impl, pin_lease=lease)  # fmt: skip
+                          clock_impl=impl, pin_lease=lease, quota="adaptive" if quota else "off",
+                          quota_interval=2)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- union / table
@@ -114,6 +117,11 @@ def random_trace(rng: random.Random, n: int) -> list[tuple]:
 
 STATE = ("slot_of", "slot_layer", "slot_page", "last_use", "pinned", "ref", "tick", "step_start",
          "prev_step_start", "hand", "counters", "fill_stamp")  # fmt: skip
+QUOTA_STATE = ("layer_used", "layer_quota", "layer_demand", "demand_ema", "quota_steps")
+
+
+def state_names(pool: DevicePagePool) -> tuple[str, ...]:
+    return STATE + (QUOTA_STATE if pool.quota != "off" else ())
 
 
 def check_map(pool: DevicePagePool) -> None:
@@ -125,6 +133,9 @@ def check_map(pool: DevicePagePool) -> None:
     assert torch.equal(pool.slot_layer[slots], lyr) and torch.equal(pool.slot_page[slots], pg)
     assert int((pool.slot_layer[: pool.capacity] >= 0).sum()) == slots.numel()
     assert pool.slot_of[-1] == -1
+    if pool.quota != "off":  # slots held per layer match the map; the spare entry stays 0
+        held = torch.bincount(lyr, minlength=pool.num_layers + 1)
+        assert torch.equal(pool.layer_used, held), (pool.layer_used, held)
 
 
 def expected_overflow(pool: DevicePagePool, layer: int, pages: list[int]) -> int:
@@ -145,14 +156,17 @@ def expected_overflow(pool: DevicePagePool, layer: int, pages: list[int]) -> int
 
 @settings(max_examples=50, deadline=None)
 @given(capacity=st.integers(0, 12), window=st.sampled_from([1, 2, 4]), seed=st.integers(0, 2**32 - 1),
-       length=st.integers(1, 40), block4=st.booleans(), lease=st.booleans())  # fmt: skip
-def test_clock_kernel_equals_reference_and_keeps_invariants(capacity, window, seed, length, block4, lease):
+       length=st.integers(1, 40), block4=st.booleans(), lease=st.booleans(), quota=st.booleans())  # fmt: skip
+def test_clock_kernel_equals_reference_and_keeps_invariants(capacity, window, seed, length, block4, lease,
+                                                             quota):  # fmt: skip
     """Sticky pins hold until unpinned; lease pins (pin_lease) hold while the page's latest use pinned it
-    and came in this step or the one before, and every use sets the pin anew."""
+    and came in this step or the one before, and every use sets the pin anew. With quotas the victims
+    differ, never the protection, the overflow count or the map's consistency."""
     fused_place.BLOCK = 4 if block4 else 1024
+    fused_place.QUOTA_BLOCK = 4 if block4 else 128
     ops = random_trace(random.Random(seed), length)
     try:
-        tri, ref = clock_pool(capacity, window, "triton", lease), clock_pool(capacity, window, "torch", lease)
+        tri, ref = (clock_pool(capacity, window, impl, lease, quota) for impl in ("triton", "torch"))
         used: set[tuple[int, int]] = set()  # used this step (or pinned): never evicted
         pinned: dict[tuple[int, int], int] = {}  # pinned page -> the step of the use that pinned it
         step = 0
@@ -210,13 +224,14 @@ def test_clock_kernel_equals_reference_and_keeps_invariants(capacity, window, se
                 tri.unpin(layer, padded(pages))
                 ref.unpin(layer, padded(pages))
                 pinned = {k: t for k, t in pinned.items() if k[0] != layer or k[1] not in pages}
-            for name in STATE:
+            for name in state_names(ref):
                 assert torch.equal(getattr(tri, name), getattr(ref, name)), name
             check_map(ref)
             for lyr, p in used | set(pinned):
                 assert ref.slot_of[lyr * NP + p] >= 0, f"protected page {(lyr, p)} was evicted"
     finally:
         fused_place.BLOCK = 1024
+        fused_place.QUOTA_BLOCK = 128
 
 
 @pytest.mark.parametrize("impl", ["triton", "torch"])
@@ -333,3 +348,63 @@ def test_split_selection_equals_reference(seed, bs, hkv, w, per_head, stamp):
         big = torch.full((2, bs, hkv, w), -1, dtype=torch.int32)
         big[1] = idx
         assert torch.equal(fused_place.split_selection(big[1], cnt, table, fill_stamp, st_t)[2], want[2])
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_quota_victims_follow_the_layers_excess(impl):
+    """C = 6, 3 layers, equal quotas of 2 (no update yet). A layer under its quota evicts a layer over
+    its own even where the hand meets another layer's slots first; a layer at its quota evicts its own;
+    allowances that run short fall back to any evictable slot (a page never overflows for a quota)."""
+    pool = DevicePagePool(6, 3, NP, 2, 1, 2, torch.float32, policy="clock", clock_window=4, clock_impl=impl,
+                          quota="adaptive", quota_interval=100)  # fmt: skip
+    assert pool.layer_quota.tolist() == [2, 2, 2]
+    pool.new_step()
+    assert pool.place(0, padded([0, 1, 2, 3])).slots[:4].tolist() == [0, 1, 2, 3]  # borrows free slots
+    assert pool.place(1, padded([0, 1])).slots[:2].tolist() == [4, 5]
+    assert pool.layer_used.tolist() == [4, 2, 0, 0]
+    pool.new_step()
+    pool.ref.zero_()
+    pool.hand.fill_(4)
+    # layer 2 (0 of 2): layer 0 is 2 over, layer 1 at quota -> slots 0, 1, not the hand's 4, 5
+    assert pool.place(2, padded([7, 8])).slots[:2].tolist() == [0, 1]
+    assert pool.layer_used.tolist() == [2, 2, 2, 0] and int(pool.hand) == 2
+    # layer 1 (2 of 2) needs one: its own slot 4, past layer 0's unreferenced 2 and 3
+    assert pool.place(1, padded([9])).slots[0] == 4
+    assert pool.layer_used.tolist() == [2, 2, 2, 0]
+    # layer 2 needs 3 more: its own allowance is 3 (2 + 3 - 2) but its slots were used this step, so
+    # the misses fall back to layer 0's 2, 3 and layer 1's 5 in scan order
+    pool.ref.zero_()
+    got = pool.place(2, padded([1, 2, 3])).slots[:3].tolist()
+    assert sorted(got) == [2, 3, 5] and pool.layer_used.tolist() == [0, 1, 5, 0]
+    check_map(pool)
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_quotas_follow_each_layers_demand(impl):
+    """Quotas = floor(C x average demand share), re-derived every quota_interval steps with demand;
+    prefetch / fill placements (demand=False) and steps without demand leave them be."""
+    pool = DevicePagePool(8, 3, NP, 2, 1, 2, torch.float32, policy="clock", clock_impl=impl, quota="adaptive",
+                          quota_interval=2, quota_smoothing=0.5)  # fmt: skip
+    pool.new_step()  # no demand yet: nothing changes
+    assert pool.layer_quota.tolist() == [2, 2, 2] and int(pool.quota_steps) == 0
+    pool.place(0, padded([0, 1, 2]))
+    pool.place(1, padded([0]))
+    pool.place(2, padded([5, 6, 7, 8]), demand=False)  # a prefetch: not demand
+    assert pool.layer_demand.tolist() == [3, 1, 0]
+    pool.new_step()  # step 1 of 2: the average starts at the demand, the quotas wait
+    assert pool.demand_ema.tolist() == [3.0, 1.0, 0.0] and pool.layer_quota.tolist() == [2, 2, 2]
+    pool.place(0, padded([0]))
+    pool.place(2, padded([1, 2, 3]))
+    pool.new_step()  # ema = 0.5 x (1, 0, 3) + 0.5 x (3, 1, 0) = (2, 0.5, 1.5): quotas floor(8 x share)
+    assert pool.demand_ema.tolist() == [2.0, 0.5, 1.5] and pool.layer_quota.tolist() == [4, 1, 3]
+    assert pool.layer_demand.tolist() == [0, 0, 0]
+
+
+def test_invalidate_counts_each_freed_slot_once():
+    """A KV write names its page once per token: repeated keys free one slot and count it once."""
+    pool = clock_pool(6, 2, "torch", quota=True)
+    pool.new_step()
+    pool.place(1, padded([3, 4, 5]))
+    pool.invalidate_layer(1, torch.tensor([4, 4, 4, -1, 5, 4, 9]))
+    assert pool.layer_used.tolist() == [0, 1, 0, 0]
+    check_map(pool)

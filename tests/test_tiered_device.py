@@ -100,6 +100,8 @@ def check_pool(t) -> None:
     assert slots.unique().numel() == slots.numel(), "a slot is assigned to two pages"
     assert torch.equal(pool.slot_layer[slots], lyr) and torch.equal(pool.slot_page[slots], pg)
     assert int((pool.slot_layer[: pool.capacity] >= 0).sum()) == slots.numel()
+    if pool.quota != "off":
+        assert torch.equal(pool.layer_used, torch.bincount(lyr, minlength=pool.num_layers + 1))
 
 
 def capture_step(step):
@@ -168,15 +170,19 @@ def test_fetcher_kernel_backend_refuses_a_head_slice():
     steps=st.integers(1, 4),
     prefetch=st.booleans(),
     miss_path=st.sampled_from(["pool", "host", "split"]),
+    quota=st.booleans(),
 )
-def test_device_tiered_equals_resident(granularity, policy, capacity, seed, steps, prefetch, miss_path):
+def test_device_tiered_equals_resident(
+    granularity, policy, capacity, seed, steps, prefetch, miss_path, quota
+):
     """Slots of a page of all kv heads, or of one kv head's page (P x D; copies read the head's rows of
     the host tier in place, all heads of a layer in one union, placement, copy and attention). Misses
     attended from their new slots, straight from the host tier, or (split) in a second pass after their
     side-stream copy, merged with the resident pages' (miss_path; split differs only by the merge's
-    rounding)."""
+    rounding). Per-layer quotas (clock) change victims, never results."""
     b = Batch(seed)
-    t = b.tiered(capacity, policy=policy, granularity=granularity, miss_path=miss_path)
+    qkw = {"quota": "adaptive", "quota_interval": 1} if quota and policy == "clock" else {}
+    t = b.tiered(capacity, policy=policy, granularity=granularity, miss_path=miss_path, **qkw)
     per_head = granularity == "head"
     if per_head:
         assert t.pool.k.shape[1:] == (P, 1, D) and t.pool.num_pages == HKV * b.num_pages
@@ -687,6 +693,38 @@ def test_pinned_window_replays_in_a_cuda_graph(policy, granularity):
 
     all_resident()
     replays_equal_resident(b, t, graph, outs, idx_buf, cnt_buf, new_inputs, check=all_resident)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("granularity", ["page", "head"])
+def test_quotas_replay_in_a_cuda_graph(granularity):
+    """Per-layer quotas inside a captured step (the quota scan, the slot counts, begin_step's update
+    from the step's demand): replays equal resident decode, and the quotas follow the layers'
+    demand (layer 0 selects each row's first W pages, layer 1 at most one random page per row)."""
+    b = Batch(9, device="cuda", dtype=torch.bfloat16)
+    t = b.tiered(12, attend=sparse_decode, policy="clock", granularity=granularity, miss_path="split",
+                 quota="adaptive", quota_interval=1, quota_smoothing=1.0)  # fmt: skip
+    g = torch.Generator().manual_seed(3)
+    idx_buf = torch.full((L, 2, HKV, W), -1, dtype=torch.int32, device="cuda")
+    cnt_buf = torch.zeros(L, 2, HKV, dtype=torch.int32, device="cuda")
+
+    def step():
+        t.begin_step(prefetch_first=True)
+        return [b.run(t, layer, idx_buf[layer], cnt_buf[layer], prefetch_next=True) for layer in range(L)]
+
+    def new_inputs():
+        b.select_into(g, idx_buf, cnt_buf, 1)
+        cnt_buf[1].clamp_(max=1)
+        idx_buf[0].copy_(torch.arange(W, dtype=torch.int32, device="cuda").expand(2, HKV, W))
+        cnt_buf[0].fill_(W)
+
+    new_inputs()
+    graph, outs = capture_step(step)
+    t.reset()
+    replays_equal_resident(b, t, graph, outs, idx_buf, cnt_buf, new_inputs)
+    t.begin_step()  # folds the last replay's demand in
+    q = t.pool.layer_quota.tolist()
+    assert q[0] > q[1] and sum(q) <= 12, q
 
 
 @pytest.mark.gpu

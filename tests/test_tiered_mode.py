@@ -211,6 +211,25 @@ def test_pinned_window_through_the_backend_equals_resident(granularity):
     assert pinned <= window
 
 
+def test_adaptive_quotas_through_the_backend_equal_resident():
+    """--psa-hot-quota adaptive in an evicting pool: outputs equal the resident backend's, the slots
+    held per layer match the map, the quotas leave their equal start and share the pool, and the
+    report gives each layer's smallest and largest share."""
+    opts = dict(mode="estimated", tau=0.5, max_pages=6, sink_pages=1, local_pages=1, dense_below=0)
+    resident = make_backend(**opts)
+    tier = make_backend(**opts, tiered=True, hot_pool_gb=pool_gb(9), hot_quota="adaptive",
+                        hot_quota_interval=1, stats_interval=4)  # fmt: skip
+    pool = tier.tiered.attn.pool
+    assert pool.quota == "adaptive" and pool.layer_quota.tolist() == [pool.capacity // LAYERS] * LAYERS
+    decode_alongside((resident, tier), seed=7)
+    held = torch.bincount(pool.slot_layer[: pool.capacity].clamp(min=-1) + 1, minlength=LAYERS + 1)[1:]
+    assert pool.layer_used[:LAYERS].tolist() == held.tolist()
+    assert pool.stats()["evictions"] > 0 and int(pool.quota_steps) > 0
+    assert sum(pool.layer_quota.tolist()) <= pool.capacity
+    rep = tier.tiered.last_report
+    assert 0 <= rep["quota_share_min"] <= rep["quota_share_max"] <= 1
+
+
 def test_selection_reuse_through_the_hot_pool():
     """--psa-reuse-steps with --psa-tiered: reused page lists hit the pool; results equal resident reuse."""
     opts = dict(
