@@ -28,7 +28,7 @@ step) of the pages layer l placed per decode step, re-derived every `quota_inter
 first the slots of layers over their quota (at most each layer's excess) and, for the misses that take
 the layer itself past its quota, its own slots; only when the window holds no such victim does a miss
 take any other evictable slot (fused_place.py gives the scan order). Replays of recorded selections
-through this pool gain 0 to 0.013 hit rate with quotas (docs/TIERED.md); "off" is the default.
+through this pool gain 0 to 0.028 hit rate with quotas (docs/TIERED.md); "off" is the default.
 
 Policy "clock": CLOCK / second chance (reference bits and a hand, victims from a window of
 `clock_window` x M slots after the hand; memory/fused_place.py describes it), one Triton launch per
