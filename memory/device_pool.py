@@ -27,7 +27,8 @@ step) of the pages layer l placed per decode step, re-derived every `quota_inter
 (HotPagePool's quota policy): a layer borrows free slots beyond its quota; a call's misses evict
 first the slots of layers over their quota (at most each layer's excess) and, for the misses that take
 the layer itself past its quota, its own slots; only when the window holds no such victim does a miss
-take any other evictable slot (fused_place.py gives the scan order). Replays of recorded selections
+take any other evictable slot (fused_place.py gives the scan order; the search for allowed victims
+ends past `quota_span` x misses slots once other victims suffice). Replays of recorded selections
 through this pool gain 0 to 0.028 hit rate with quotas (docs/TIERED.md); "off" is the default.
 
 Policy "clock": CLOCK / second chance (reference bits and a hand, victims from a window of
@@ -143,6 +144,7 @@ class DevicePagePool:
         quota: str = "off",
         quota_interval: int = 8,
         quota_smoothing: float = 0.5,
+        quota_span: int = 16,
     ):
         if capacity < 0:
             raise ValueError(f"capacity must be >= 0, got {capacity}")
@@ -152,11 +154,15 @@ class DevicePagePool:
             raise ValueError(f"quota must be one of {', '.join(QUOTA_MODES)}, got {quota!r}")
         if quota != "off" and policy != "clock":
             raise ValueError(f"quota {quota!r} needs policy 'clock', got {policy!r}")
-        if quota_interval < 1 or not 0.0 < quota_smoothing <= 1.0:
+        if quota_interval < 1 or not 0.0 < quota_smoothing <= 1.0 or quota_span < 1:
             raise ValueError(
-                f"need quota_interval >= 1, smoothing in (0, 1]: {quota_interval}, {quota_smoothing}"
+                f"need quota_interval >= 1, smoothing in (0, 1], span >= 1: {quota_interval}, "
+                f"{quota_smoothing}, {quota_span}"
             )
         self.quota, self.quota_interval, self.quota_smoothing = quota, quota_interval, quota_smoothing
+        # the scan looks for allowed victims over at most quota_span x misses slots once fallback
+        # victims suffice (fused_place.py): a bound on the sequential scan's cost
+        self.quota_span = quota_span
         # clock_impl "torch": the readable reference (host loops; tests compare the two)
         self.policy, self.clock_window, self.clock_impl = policy, clock_window, clock_impl
         self.capacity, self.num_layers, self.num_pages = capacity, num_layers, num_pages

@@ -39,7 +39,8 @@ CLOCK policy (`DevicePagePool(policy="clock")`), per call place(layer, pages [M]
     up to the misses that take it past its own (used + misses - quota); free slots are always
     victims (a layer borrows room). Evictable slots past their layer's allowance are kept in scan
     order and serve, after the allowed victims, the misses those leave, so a quota never makes a page
-    overflow that the plain scan would place. The scan stops at the last miss's allowed victim;
+    overflow that the plain scan would place. The scan stops at the last miss's allowed victim, or
+    past `quota_span` x misses slots once the fallback ones suffice (a bound on its cost);
     layer_used follows every install and free, layer_demand [L] adds each decode placement's pages;
   - misses beyond the victims found in the window overflow (slot -1; with `scratch_base`, loc =
     scratch_base + overflow rank, the tiered path's scratch slots): exact, just not cached.
@@ -222,7 +223,10 @@ def clock_place_ref(pool, layer: int, pages: torch.Tensor, pin: torch.Tensor | N
         if demand:
             pool.layer_demand[layer] += sum(p >= 0 for p in pg)
     victims, fallback, examined, hand = [], [], 0, int(pool.hand)
+    span = pool.quota_span * len(misses) if quota else 0
     while len(victims) < len(misses) and examined < min(window * m, c):  # the scan
+        if quota and len(victims) + len(fallback) >= len(misses) and examined >= span:
+            break  # the search for allowed victims is over: the fallback ones serve the rest
         s = (hand + examined) % c
         examined += 1
         if int(lyr[s]) < 0:
@@ -236,7 +240,7 @@ def clock_place_ref(pool, layer: int, pages: torch.Tensor, pin: torch.Tensor | N
         elif give[int(lyr[s])] > 0:
             give[int(lyr[s])] -= 1
             victims.append(s)
-        elif len(fallback) < len(misses):  # any evictable slot, if the allowed ones run short
+        else:  # any evictable slot, if the allowed ones run short (the first misses-many serve)
             fallback.append(s)
     victims += fallback[: len(misses) - len(victims)]
     if c:
@@ -381,7 +385,7 @@ def _scan_finish(nvalid, nmiss, ntaken, nexam, hand, C1, hand_ptr, tick_ptr, cou
 
 @triton.jit
 def _clock_scan_quota_kernel(
-    bvalid_ptr, bmiss_ptr, NB, S, C1, layer, L,
+    bvalid_ptr, bmiss_ptr, NB, S, C1, layer, L, span_mult,
     slot_layer_ptr, last_use_ptr, pinned_ptr, ref_ptr,
     tick_ptr, step_start_ptr, pin_floor_ptr, hand_ptr, counters_ptr, acc_ptr, victims_ptr, ws_ptr, ncopy_ptr,
     scratch_base, used_ptr, quota_ptr, demand_ptr, give_ptr, fallback_ptr,
@@ -392,8 +396,11 @@ def _clock_scan_quota_kernel(
     evictable slot (not free, protected or referenced) is a victim only while its layer's allowance
     lasts (give [L] int64 workspace: each layer's excess over its quota, the calling layer's own: the
     misses that take it past its quota); the others go to `fallback` [M] int32 in scan order and
-    serve, after the allowed victims, the misses those leave. Blocks of QB slots: a slot's rank
-    among the block's evictable slots of its layer is a QB x QB comparison."""
+    serve, after the allowed victims, the misses those leave. The search for allowed victims ends
+    past span_mult x misses slots once the fallback ones suffice (it bounds the scan's cost when
+    allowed victims are rare). Blocks of QB slots: a slot's rank among the block's evictable slots of
+    its layer is a QB x QB comparison; a slot is examined while the counts of the slots before it
+    (allowed, fallback) keep the scan going, which stays false once false."""
     b = tl.arange(0, NB_PAD)
     nvalid = tl.sum(tl.load(bvalid_ptr + b, mask=b < NB, other=0), axis=0)
     nmiss = tl.sum(tl.load(bmiss_ptr + b, mask=b < NB, other=0), axis=0)
@@ -414,7 +421,8 @@ def _clock_scan_quota_kernel(
     hand = tl.load(hand_ptr)
     zero = tl.zeros([], dtype=tl.int32)
     ncand, nfb, nexam, j0 = zero, zero, zero, zero
-    while (j0 < S) & (ncand < nmiss):
+    span = span_mult * nmiss
+    while (j0 < S) & (ncand < nmiss) & ((ncand + nfb < nmiss) | (j0 < span)):
         j = j0 + offs
         jm = j < S
         s = (hand + j) % C1
@@ -429,16 +437,20 @@ def _clock_scan_quota_kernel(
         # volatile: past the L1, which need not see the atomics (done in L2) of the block before
         allowed = evict & (rank < tl.load(give_ptr + owner, mask=evict, other=0, volatile=True))
         cand = free | allowed
+        fb_any = evict & ~allowed
         incl = ncand + tl.cumsum(cand.to(tl.int32), axis=0)
-        examined = jm & (incl - cand.to(tl.int32) < nmiss)
+        fincl = nfb + tl.cumsum(fb_any.to(tl.int32), axis=0)
+        before = incl - cand.to(tl.int32)  # allowed / free victims before this slot
+        fb_before = fincl - fb_any.to(tl.int32)
+        examined = jm & (before < nmiss) & ((before + fb_before < nmiss) | (j < span))
         tl.store(victims_ptr + incl - 1, s.to(tl.int32), mask=cand & examined)
-        fb = evict & ~allowed & examined
-        fpos = nfb + tl.cumsum(fb.to(tl.int32), axis=0) - 1
+        fb = fb_any & examined
+        fpos = fincl - 1
         tl.store(fallback_ptr + fpos, s.to(tl.int32), mask=fb & (fpos < nmiss))
         tl.store(ref_ptr + s, tl.zeros([QB], tl.int8), mask=examined & ~free & ~prot & refd)
         tl.atomic_add(give_ptr + owner, tl.full([QB], -1, tl.int64), mask=allowed & examined)
         tl.debug_barrier()  # the next block reads the allowances left
-        ncand += tl.sum(cand.to(tl.int32), axis=0)
+        ncand += tl.sum((cand & examined).to(tl.int32), axis=0)  # the span may end the scan mid-block
         nfb += tl.sum(fb.to(tl.int32), axis=0)
         nexam += tl.sum(examined.to(tl.int32), axis=0)
         j0 += QB
@@ -556,7 +568,7 @@ def clock_place(pool, layer: int, pages: torch.Tensor, pin: torch.Tensor | None,
         fallback = torch.empty_like(victims)
         _clock_scan_quota_kernel[(1,)](
             bvalid, bmiss, nb, min(window * m, pool.capacity), max(pool.capacity, 1), layer, pool.num_layers,
-            *scan_args, pool.layer_used, pool.layer_quota, pool.layer_demand, give, fallback,
+            pool.quota_span, *scan_args, pool.layer_used, pool.layer_quota, pool.layer_demand, give, fallback,
             ACC_MODE=acc_mode, DEMAND=demand, QB=QUOTA_BLOCK, NB_PAD=nb_pad,
             L_PAD=triton.next_power_of_2(pool.num_layers), num_warps=4,
         )  # fmt: skip

@@ -20,12 +20,11 @@ def padded(pages: list[int], m: int = M) -> torch.Tensor:
     return torch.tensor(sorted(pages) + [-1] * (m - len(pages)), dtype=torch.int32)
 
 
-def clock_pool(
-    capacity: int, window: int, impl: str, lease: bool = False, quota: bool = False
-) -> DevicePagePool:
+def clock_pool(capacity: int, window: int, impl: str, lease: bool = False, quota: int = 0) -> DevicePagePool:
+    """quota: 0 = none, else per-layer quotas with quota_span = quota."""
     return DevicePagePool(capacity, L, NP, 2, 1, 2, torch.float32, policy="clock", clock_window=window,
                           clock_impl=impl, pin_lease=lease, quota="adaptive" if quota else "off",
-                          quota_interval=2)  # fmt: skip
+                          quota_interval=2, quota_span=max(quota, 1))  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- union / table
@@ -156,12 +155,14 @@ def expected_overflow(pool: DevicePagePool, layer: int, pages: list[int]) -> int
 
 @settings(max_examples=50, deadline=None)
 @given(capacity=st.integers(0, 12), window=st.sampled_from([1, 2, 4]), seed=st.integers(0, 2**32 - 1),
-       length=st.integers(1, 40), block4=st.booleans(), lease=st.booleans(), quota=st.booleans())  # fmt: skip
+       length=st.integers(1, 40), block4=st.booleans(), lease=st.booleans(),
+       quota=st.sampled_from([0, 1, 2, 16]))  # fmt: skip
 def test_clock_kernel_equals_reference_and_keeps_invariants(capacity, window, seed, length, block4, lease,
                                                              quota):  # fmt: skip
     """Sticky pins hold until unpinned; lease pins (pin_lease) hold while the page's latest use pinned it
     and came in this step or the one before, and every use sets the pin anew. With quotas the victims
-    differ, never the protection, the overflow count or the map's consistency."""
+    differ, never the protection, the overflow count or the map's consistency (quota: the span of the
+    search for allowed victims, in misses; 0 = no quotas)."""
     fused_place.BLOCK = 4 if block4 else 1024
     fused_place.QUOTA_BLOCK = 4 if block4 else 128
     ops = random_trace(random.Random(seed), length)
@@ -380,6 +381,25 @@ def test_quota_victims_follow_the_layers_excess(impl):
 
 
 @pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_quota_search_ends_past_its_span(impl):
+    """quota_span 1: once fallback victims suffice, the scan stops looking for allowed ones after
+    span x misses slots; with a long span it walks on to the allowed slot."""
+    got = {}
+    for span in (1, 16):
+        kw = dict(policy="clock", clock_impl=impl, quota="adaptive", quota_interval=99, quota_span=span)
+        pool = DevicePagePool(6, 3, NP, 2, 1, 2, torch.float32, **kw)
+        pool.new_step()
+        pool.place(1, padded([0, 1, 2]))  # slots 0-2: layer 1
+        pool.place(0, padded([0, 1, 2]))  # slots 3-5: layer 0
+        pool.new_step()
+        pool.ref.zero_()
+        pool.layer_quota.copy_(torch.tensor([2, 3, 1]))  # layer 0 over by 1, layer 1 at its quota
+        got[span] = pool.place(2, padded([9])).slots[0].item()  # from hand 0: slot 0 is a fallback victim
+        assert pool.hand.item() == (1 if span == 1 else 4)
+    assert got == {1: 0, 16: 3}
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
 def test_quotas_follow_each_layers_demand(impl):
     """Quotas = floor(C x average demand share), re-derived every quota_interval steps with demand;
     prefetch / fill placements (demand=False) and steps without demand leave them be."""
@@ -402,7 +422,7 @@ def test_quotas_follow_each_layers_demand(impl):
 
 def test_invalidate_counts_each_freed_slot_once():
     """A KV write names its page once per token: repeated keys free one slot and count it once."""
-    pool = clock_pool(6, 2, "torch", quota=True)
+    pool = clock_pool(6, 2, "torch", quota=16)
     pool.new_step()
     pool.place(1, padded([3, 4, 5]))
     pool.invalidate_layer(1, torch.tensor([4, 4, 4, -1, 5, 4, 9]))
