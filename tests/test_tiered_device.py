@@ -118,6 +118,22 @@ def capture_step(step):
     return graph, outs
 
 
+def graph_inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    """A captured step's selection buffers: page_idx [L, 2, HKV, W] (-1) and counts [L, 2, HKV] (0)."""
+    idx_buf = torch.full((L, 2, HKV, W), -1, dtype=torch.int32, device="cuda")
+    return idx_buf, torch.zeros(L, 2, HKV, dtype=torch.int32, device="cuda")
+
+
+def prefetching_step(b, t, idx_buf, cnt_buf):
+    """A decode step over both layers from the buffers, with previous-step prefetch (to capture)."""
+
+    def step():
+        t.begin_step(prefetch_first=True)
+        return [b.run(t, layer, idx_buf[layer], cnt_buf[layer], prefetch_next=True) for layer in range(L)]
+
+    return step
+
+
 def replays_equal_resident(b, t, graph, outs, idx_buf, cnt_buf, new_inputs, check=None, times=4) -> None:
     """Replays after new_inputs() give resident decode's out and lse in every layer; the pool's map
     stays a bijection (and check() holds)."""
@@ -641,19 +657,14 @@ def test_whole_step_replays_in_a_cuda_graph(capacity, policy, granularity, miss_
     b = Batch(7, device="cuda", dtype=torch.bfloat16)
     t = b.tiered(capacity, attend=sparse_decode, policy=policy, granularity=granularity, miss_path=miss_path)
     g = torch.Generator().manual_seed(1)
-    idx_buf = torch.full((L, 2, HKV, W), -1, dtype=torch.int32, device="cuda")
-    cnt_buf = torch.zeros(L, 2, HKV, dtype=torch.int32, device="cuda")
-
-    def step():
-        t.begin_step(prefetch_first=True)
-        return [b.run(t, layer, idx_buf[layer], cnt_buf[layer], prefetch_next=True) for layer in range(L)]
+    idx_buf, cnt_buf = graph_inputs()
 
     def new_inputs():
         for layer in range(L):
             b.select_into(g, idx_buf, cnt_buf, layer)
 
     new_inputs()
-    graph, outs = capture_step(step)
+    graph, outs = capture_step(prefetching_step(b, t, idx_buf, cnt_buf))
     t.reset()
     replays_equal_resident(b, t, graph, outs, idx_buf, cnt_buf, new_inputs)
     s = t.stats()
@@ -671,8 +682,7 @@ def test_pinned_window_replays_in_a_cuda_graph(policy, granularity):
     t = b.tiered(L * keys.numel(), attend=sparse_decode, policy=policy, granularity=granularity,
                  pin_window=(1, 1))  # fmt: skip
     g = torch.Generator().manual_seed(6)
-    idx_buf = torch.full((L, 2, HKV, W), -1, dtype=torch.int32, device="cuda")
-    cnt_buf = torch.zeros(L, 2, HKV, dtype=torch.int32, device="cuda")
+    idx_buf, cnt_buf = graph_inputs()
 
     def step():
         t.begin_step()
@@ -705,12 +715,7 @@ def test_quotas_replay_in_a_cuda_graph(granularity):
     t = b.tiered(12, attend=sparse_decode, policy="clock", granularity=granularity, miss_path="split",
                  quota="adaptive", quota_interval=1, quota_smoothing=1.0)  # fmt: skip
     g = torch.Generator().manual_seed(3)
-    idx_buf = torch.full((L, 2, HKV, W), -1, dtype=torch.int32, device="cuda")
-    cnt_buf = torch.zeros(L, 2, HKV, dtype=torch.int32, device="cuda")
-
-    def step():
-        t.begin_step(prefetch_first=True)
-        return [b.run(t, layer, idx_buf[layer], cnt_buf[layer], prefetch_next=True) for layer in range(L)]
+    idx_buf, cnt_buf = graph_inputs()
 
     def new_inputs():
         b.select_into(g, idx_buf, cnt_buf, 1)
@@ -719,7 +724,7 @@ def test_quotas_replay_in_a_cuda_graph(granularity):
         cnt_buf[0].fill_(W)
 
     new_inputs()
-    graph, outs = capture_step(step)
+    graph, outs = capture_step(prefetching_step(b, t, idx_buf, cnt_buf))
     t.reset()
     replays_equal_resident(b, t, graph, outs, idx_buf, cnt_buf, new_inputs)
     t.begin_step()  # folds the last replay's demand in
@@ -744,8 +749,7 @@ def test_next_step_prefetch_replays_in_a_cuda_graph(capacity, granularity):
     t = b.tiered(capacity, attend=sparse_decode, policy="clock", granularity=granularity)
     g = torch.Generator().manual_seed(4)
     n = math.ceil(max(LENS) / P)
-    idx_buf = torch.full((L, 2, HKV, W), -1, dtype=torch.int32, device="cuda")
-    cnt_buf = torch.zeros(L, 2, HKV, dtype=torch.int32, device="cuda")
+    idx_buf, cnt_buf = graph_inputs()
     order_buf = torch.zeros(L, 2, HKV, n, device="cuda")
 
     def step():
@@ -787,8 +791,7 @@ def test_write_through_replays_in_a_cuda_graph(granularity):
     loc_buf = torch.zeros(2, dtype=torch.int64, device="cuda")
     k_buf = torch.zeros(L, 2, HKV, D, dtype=torch.bfloat16, device="cuda")
     v_buf = torch.zeros_like(k_buf)
-    idx_buf = torch.full((L, 2, HKV, W), -1, dtype=torch.int32, device="cuda")
-    cnt_buf = torch.zeros(L, 2, HKV, dtype=torch.int32, device="cuda")
+    idx_buf, cnt_buf = graph_inputs()
 
     def new_inputs():  # a decode write per request and layer (host tier first), then the selections
         r2t = b.req_to_token.cpu()
