@@ -399,8 +399,8 @@ def _clock_scan_quota_kernel(
     serve, after the allowed victims, the misses those leave. The search for allowed victims ends
     past span_mult x misses slots once the fallback ones suffice (it bounds the scan's cost when
     allowed victims are rare). Blocks of QB slots: a slot's rank among the block's evictable slots of
-    its layer is a QB x QB comparison; a slot is examined while the counts of the slots before it
-    (allowed, fallback) keep the scan going, which stays false once false."""
+    its layer is a QB x QB comparison; a slot is examined while the allowed and fallback victims
+    before it leave the scan going (once one slot is not examined, no later slot is)."""
     b = tl.arange(0, NB_PAD)
     nvalid = tl.sum(tl.load(bvalid_ptr + b, mask=b < NB, other=0), axis=0)
     nmiss = tl.sum(tl.load(bmiss_ptr + b, mask=b < NB, other=0), axis=0)
