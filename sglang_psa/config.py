@@ -112,7 +112,7 @@ class PSAConfig:
     # tiered: per-layer hot-pool quotas that follow each layer's pages per step (an exponential
     # average, weight --psa-hot-quota-smoothing on the newest step, re-derived every
     # --psa-hot-quota-interval steps); a layer under its quota reclaims slots from layers over theirs.
-    # Off by default: replayed through this device pool (CLOCK) the recorded selections gain 0 to 0.027
+    # Off by default: replayed through this device pool (CLOCK) the recorded selections gain 0 to 0.035
     # hit rate at 1-2x a step's pages (pool-quota-device-*-20261205.json), for a longer sequential scan
     # per placement whose GPU cost is not measured yet
     hot_quota: str = "off"
