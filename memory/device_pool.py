@@ -246,11 +246,9 @@ class DevicePagePool:
         if self.quota != "off":
             self._update_quotas()
 
-    def quotas(self) -> dict[str, list[int]] | None:
-        """Per-layer quotas and slots held (one host read; None without quotas)."""
-        if self.quota == "off":
-            return None
-        return {"quota": self.layer_quota.tolist(), "used": self.layer_used[:-1].tolist()}
+    def quotas(self) -> list[int] | None:
+        """Per-layer quotas in slots (one host read; None without quotas)."""
+        return None if self.quota == "off" else self.layer_quota.tolist()
 
     def reset_quotas(self) -> None:
         """Equal quotas, no demand history (construction, and benchmarks restarting a run)."""

@@ -320,6 +320,18 @@ def _clock_touch_kernel(
 
 
 @triton.jit
+def _window_slots(j, jm, hand, C1, slot_layer_ptr, last_use_ptr, pinned_ptr, ref_ptr, step_start, pin_floor):
+    """The scan kernels' read of window positions j (valid where jm): slot s = (hand + j) mod C, its
+    layer (-1 = free, also where not jm), protected (pin held, or used this step), referenced."""
+    s = (hand + j) % C1
+    owner = tl.load(slot_layer_ptr + s, mask=jm, other=-1)
+    last = tl.load(last_use_ptr + s, mask=jm, other=0)
+    prot = ((tl.load(pinned_ptr + s, mask=jm, other=0) != 0) & (last >= pin_floor)) | (last >= step_start)
+    refd = tl.load(ref_ptr + s, mask=jm, other=0) != 0
+    return s, owner, prot, refd
+
+
+@triton.jit
 def _clock_scan_kernel(
     bvalid_ptr, bmiss_ptr, NB, S, C1,
     slot_layer_ptr, last_use_ptr, pinned_ptr, ref_ptr,
@@ -342,11 +354,9 @@ def _clock_scan_kernel(
     while (j0 < S) & (ncand < nmiss):  # past the last miss's victim nothing changes: stop there
         j = j0 + offs
         jm = j < S
-        s = (hand + j) % C1
-        free = tl.load(slot_layer_ptr + s, mask=jm, other=-1) < 0
-        last = tl.load(last_use_ptr + s, mask=jm, other=0)
-        prot = ((tl.load(pinned_ptr + s, mask=jm, other=0) != 0) & (last >= pin_floor)) | (last >= step_start)
-        refd = tl.load(ref_ptr + s, mask=jm, other=0) != 0
+        s, owner, prot, refd = _window_slots(j, jm, hand, C1, slot_layer_ptr, last_use_ptr, pinned_ptr,
+                                             ref_ptr, step_start, pin_floor)  # fmt: skip
+        free = owner < 0
         cand = jm & (free | (~prot & ~refd))
         incl = ncand + tl.cumsum(cand.to(tl.int32), axis=0)
         examined = jm & (incl - cand.to(tl.int32) < nmiss)
@@ -425,12 +435,9 @@ def _clock_scan_quota_kernel(
     while (j0 < S) & (ncand < nmiss) & ((ncand + nfb < nmiss) | (j0 < span)):
         j = j0 + offs
         jm = j < S
-        s = (hand + j) % C1
-        owner = tl.load(slot_layer_ptr + s, mask=jm, other=-1)
+        s, owner, prot, refd = _window_slots(j, jm, hand, C1, slot_layer_ptr, last_use_ptr, pinned_ptr,
+                                             ref_ptr, step_start, pin_floor)  # fmt: skip
         free = jm & (owner < 0)
-        last = tl.load(last_use_ptr + s, mask=jm, other=0)
-        prot = ((tl.load(pinned_ptr + s, mask=jm, other=0) != 0) & (last >= pin_floor)) | (last >= step_start)
-        refd = tl.load(ref_ptr + s, mask=jm, other=0) != 0
         evict = jm & ~free & ~prot & ~refd
         same = (owner[:, None] == owner[None, :]) & evict[None, :] & earlier
         rank = tl.sum(same.to(tl.int32), axis=1)

@@ -241,23 +241,18 @@ class PSAConfig:
             )
         if self.prefetch not in PREFETCH_MODES:
             raise _bad("prefetch", f"one of {', '.join(PREFETCH_MODES)}", self.prefetch)
-        if self.prefetch != "off" and not self.tiered:
-            raise ValueError(
-                f"--psa-prefetch {self.prefetch} fetches pages from the host tier of --psa-tiered; add "
-                "--psa-tiered or drop --psa-prefetch"
-            )
-        # write_through (on by default) only concerns --psa-tiered's hot pool; elsewhere it is inert
-        if self.hot_pin_window and not self.tiered:
-            raise ValueError(
-                "--psa-hot-pin-window pins pages in the hot pool of --psa-tiered; add --psa-tiered or drop it"
-            )
         if self.hot_quota not in HOT_QUOTAS:
             raise _bad("hot-quota", f"one of {', '.join(HOT_QUOTAS)}", self.hot_quota)
-        if self.hot_quota != "off" and not self.tiered:
-            raise ValueError(
-                f"--psa-hot-quota {self.hot_quota} sets per-layer quotas in the hot pool of --psa-tiered; "
-                "add --psa-tiered or drop it"
-            )
+        # options of --psa-tiered's host tier and hot pool; write_through (on by default) is inert elsewhere
+        for on, what, drop in (
+            (self.prefetch != "off", f"--psa-prefetch {self.prefetch} fetches pages from the host tier",
+             "--psa-prefetch"),
+            (self.hot_pin_window, "--psa-hot-pin-window pins pages in the hot pool", "it"),
+            (self.hot_quota != "off",
+             f"--psa-hot-quota {self.hot_quota} sets per-layer quotas in the hot pool", "it"),
+        ):  # fmt: skip
+            if on and not self.tiered:
+                raise ValueError(f"{what} of --psa-tiered; add --psa-tiered or drop {drop}")
         if not _int_at_least(self.hot_quota_interval, 1):
             raise _bad("hot-quota-interval", "an integer >= 1 (decode steps)", self.hot_quota_interval)
         sm = self.hot_quota_smoothing

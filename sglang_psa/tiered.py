@@ -282,8 +282,8 @@ class TieredDecode:
         quotas = self.attn.pool.quotas()
         if quotas is not None:  # --psa-hot-quota: the smallest and largest layer share of the pool
             cap = max(self.attn.pool.capacity, 1)
-            rep["quota_share_min"] = min(quotas["quota"]) / cap
-            rep["quota_share_max"] = max(quotas["quota"]) / cap
+            rep["quota_share_min"] = min(quotas) / cap
+            rep["quota_share_max"] = max(quotas) / cap
         logger.info("PSA tiered: %s", ", ".join(f"{k} {v:.3g}" for k, v in rep.items()))
         self.last_report = rep
         if self.metric_labels is not None:
