@@ -112,9 +112,10 @@ class PSAConfig:
     # tiered: per-layer hot-pool quotas that follow each layer's pages per step (an exponential
     # average, weight --psa-hot-quota-smoothing on the newest step, re-derived every
     # --psa-hot-quota-interval steps); a layer under its quota reclaims slots from layers over theirs.
-    # Off by default: replayed through this device pool (CLOCK) the recorded selections gain 0 to 0.035
-    # hit rate at 1-2x a step's pages (pool-quota-device-*-20261205.json), for a longer sequential scan
-    # per placement whose GPU cost is not measured yet
+    # Off by default: replayed through this device pool (CLOCK) the recorded selections gain 0 to 0.036
+    # hit rate at 1-2x a step's pages in seven rows of eight and lose 0.03 in one
+    # (pool-quota-device-*-20261205.json), for a longer sequential scan per placement whose GPU cost is
+    # not measured yet
     hot_quota: str = "off"
     hot_quota_interval: int = 8
     hot_quota_smoothing: float = 0.5
