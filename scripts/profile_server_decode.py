@@ -10,7 +10,11 @@ activity only; kernels replayed from CUDA graphs are recorded too):
     capture    POST /start_profile {output_dir, num_steps, activities: [GPU]} on a server that is
                decoding, then wait for the trace file (SGLang writes it after num_steps forward steps);
     summarize  read the trace (*.trace.json.gz): per stream, kernel time per step by kernel name (top
-               --top), busy time, and the time the streams overlap; JSON out.
+               --top), busy time, and the time the streams overlap; for each kernel of a side stream
+               (the tiered miss copy, _copy_pages_kernel) the part of its time main-stream kernels ran
+               beside it: that over its time is the fraction of the fetch hidden behind compute on the
+               timeline (a copy that slows the kernels beside it still counts as hidden there; the
+               step-time twin, bench_capacity merge, charges that slowdown); JSON out.
 
     python scripts/profile_server_decode.py capture --url http://127.0.0.1:30000 --steps 6 --dir /tmp/prof
     python scripts/profile_server_decode.py summarize /tmp/prof --steps 6 --out prof.json
@@ -19,6 +23,7 @@ activity only; kernels replayed from CUDA graphs are recorded too):
 from __future__ import annotations
 
 import argparse
+import bisect
 import glob
 import gzip
 import json
@@ -86,9 +91,32 @@ def _union_us(spans: list[tuple[float, float]]) -> float:
     return total
 
 
-def _row(name: str, calls: int, us: float, steps: int) -> dict:
-    return {"name": name, "calls_per_step": round(calls / steps, 1), "us_per_step": round(us / steps, 1),
-            "us_per_call": round(us / calls, 2)}  # fmt: skip
+def _merged(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    out: list[list[float]] = []
+    for s, e in sorted(spans):
+        if out and s <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], e)
+        else:
+            out.append([s, e])
+    return [(s, e) for s, e in out]
+
+
+def _beside_us(span: tuple[float, float], cover: list[tuple[float, float]], starts: list[float]) -> float:
+    """Time of span inside the merged, sorted intervals cover (starts: their start times)."""
+    s, e = span
+    i, total = max(bisect.bisect_right(starts, s) - 1, 0), 0.0
+    while i < len(cover) and cover[i][0] < e:
+        total += max(0.0, min(e, cover[i][1]) - max(s, cover[i][0]))
+        i += 1
+    return total
+
+
+def _row(name: str, calls: int, us: float, steps: int, beside: float | None = None) -> dict:
+    row = {"name": name, "calls_per_step": round(calls / steps, 1), "us_per_step": round(us / steps, 1),
+           "us_per_call": round(us / calls, 2)}  # fmt: skip
+    if beside is not None:  # a side stream's kernel: how much of its time main-stream kernels ran beside it
+        row["beside_main_us_per_step"] = round(beside / steps, 1)
+    return row
 
 
 def summarize(events: list[dict], steps: int, top: int = 25) -> dict:
@@ -102,21 +130,26 @@ def summarize(events: list[dict], steps: int, top: int = 25) -> dict:
     spans = {s: [(e["ts"], e["ts"] + e["dur"]) for e in ev] for s, ev in by_stream.items()}
     t0 = min(e["ts"] for e in kernels)
     t1 = max(e["ts"] + e["dur"] for e in kernels)
+    order = sorted(by_stream.items(), key=lambda kv: -sum(e["dur"] for e in kv[1]))
+    main = order[0][0]  # the stream with the most kernel time
+    cover = _merged(spans[main])
+    starts = [c[0] for c in cover]
     streams = {}
-    for s, ev in sorted(by_stream.items(), key=lambda kv: -sum(e["dur"] for e in kv[1])):
-        names: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
+    for s, ev in order:
+        names: dict[str, list[float]] = defaultdict(lambda: [0, 0.0, 0.0])
         for e in ev:
             n = names[short_name(e["name"])]
             n[0] += 1
             n[1] += e["dur"]
+            if s != main:
+                n[2] += _beside_us((e["ts"], e["ts"] + e["dur"]), cover, starts)
         ranked = sorted(names.items(), key=lambda kv: -kv[1][1])
         streams[s] = {
             "kernels_per_step": round(len(ev) / steps, 1),
             "kernel_us_per_step": round(sum(e["dur"] for e in ev) / steps, 1),
             "busy_us_per_step": round(_union_us(spans[s]) / steps, 1),
-            "top": [_row(k, c, us, steps) for k, (c, us) in ranked[:top]],
+            "top": [_row(k, c, us, steps, None if s == main else b) for k, (c, us, b) in ranked[:top]],
         }
-    main = next(iter(streams))
     others = [sp for s, sp in spans.items() if s != main]
     other_busy = _union_us([x for sp in others for x in sp])
     both = _union_us(spans[main]) + other_busy - _union_us([x for sp in spans.values() for x in sp])
@@ -160,7 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     for s, v in res["streams"].items():
         print(f"stream {s}: {v['kernel_us_per_step']} us/step in {v['kernels_per_step']} kernels")
         for k in v["top"][:12]:
-            print(f"   {k['us_per_step']:9.1f} us  {k['calls_per_step']:7.1f} x  {k['name'][:90]}")
+            b = k.get("beside_main_us_per_step")
+            beside = "" if b is None else f" ({b} us beside main)"
+            print(f"   {k['us_per_step']:9.1f} us  {k['calls_per_step']:7.1f} x  {k['name'][:80]}{beside}")
     return 0
 
 
