@@ -10,11 +10,14 @@ activity only; kernels replayed from CUDA graphs are recorded too):
     capture    POST /start_profile {output_dir, num_steps, activities: [GPU]} on a server that is
                decoding, then wait for the trace file (SGLang writes it after num_steps forward steps);
     summarize  read the trace (*.trace.json.gz): per stream, kernel time per step by kernel name (top
-               --top), busy time, and the time the streams overlap; for each kernel of a side stream
-               (the tiered miss copy, _copy_pages_kernel) the part of its time main-stream kernels ran
-               beside it: that over its time is the fraction of the fetch hidden behind compute on the
-               timeline (a copy that slows the kernels beside it still counts as hidden there; the
-               step-time twin, bench_capacity merge, charges that slowdown); JSON out.
+               --top), busy time, and the time the streams overlap; for the kernels named by
+               --hidden (default the tiered miss copy, _copy_pages_kernel): their time, the part of it
+               any other kernel ran beside (on any stream: under CUDA-graph replay a graph's branches
+               get their own stream ids, and the copy may be on the busiest one), and how many of them
+               ended while another kernel still ran (the copy was not what the next kernel waited
+               for). That fraction is the fetch hidden behind compute on the timeline; a copy that slows
+               the kernels beside it still counts as hidden there, and the step-time twin
+               (bench_capacity merge: step time with and without host copies) charges that; JSON out.
 
     python scripts/profile_server_decode.py capture --url http://127.0.0.1:30000 --steps 6 --dir /tmp/prof
     python scripts/profile_server_decode.py summarize /tmp/prof --steps 6 --out prof.json
@@ -101,9 +104,8 @@ def _merged(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:
     return [(s, e) for s, e in out]
 
 
-def _beside_us(span: tuple[float, float], cover: list[tuple[float, float]], starts: list[float]) -> float:
-    """Time of span inside the merged, sorted intervals cover (starts: their start times)."""
-    s, e = span
+def _inside_us(s: float, e: float, cover: list[tuple[float, float]], starts: list[float]) -> float:
+    """Time of [s, e) inside the merged, sorted intervals cover (starts: their start times)."""
     i, total = max(bisect.bisect_right(starts, s) - 1, 0), 0.0
     while i < len(cover) and cover[i][0] < e:
         total += max(0.0, min(e, cover[i][1]) - max(s, cover[i][0]))
@@ -111,16 +113,41 @@ def _beside_us(span: tuple[float, float], cover: list[tuple[float, float]], star
     return total
 
 
-def _row(name: str, calls: int, us: float, steps: int, beside: float | None = None) -> dict:
-    row = {"name": name, "calls_per_step": round(calls / steps, 1), "us_per_step": round(us / steps, 1),
-           "us_per_call": round(us / calls, 2)}  # fmt: skip
-    if beside is not None:  # a side stream's kernel: how much of its time main-stream kernels ran beside it
-        row["beside_main_us_per_step"] = round(beside / steps, 1)
-    return row
+def hidden(kernels: list[dict], pattern: str, steps: int) -> dict:
+    """The kernels whose short name matches `pattern` (regex): time per step, the part of it other
+    kernels ran beside, the fraction, and the share of them that ended while another kernel ran."""
+    rx = re.compile(pattern)
+    mine = [e for e in kernels if rx.search(short_name(e["name"]))]
+    cover = _merged([(e["ts"], e["ts"] + e["dur"]) for e in kernels if not rx.search(short_name(e["name"]))])
+    starts = [c[0] for c in cover]
+    total = sum(e["dur"] for e in mine)
+    beside = sum(_inside_us(e["ts"], e["ts"] + e["dur"], cover, starts) for e in mine)
+    ended = sum(_inside_us(e["ts"] + e["dur"], e["ts"] + e["dur"] + 1e-3, cover, starts) > 0 for e in mine)
+    durs = sorted(e["dur"] for e in mine)
+    return {
+        "pattern": pattern, "calls_per_step": round(len(mine) / steps, 1),
+        "us_per_step": round(total / steps, 1), "beside_other_kernels_us_per_step": round(beside / steps, 1),
+        "hidden_fraction": round(beside / total, 4) if total else None,
+        "ended_beside_other_kernels": round(ended / len(mine), 4) if mine else None,
+        "us_per_call_p10_p50_p90": [round(durs[int(q * (len(durs) - 1))], 1) for q in (0.1, 0.5, 0.9)]
+        if durs else [],
+    }  # fmt: skip
 
 
-def summarize(events: list[dict], steps: int, top: int = 25) -> dict:
-    """Kernel time per step by stream and name; busy and overlapped time (see the module docstring)."""
+def _row(name: str, calls: int, us: float, steps: int) -> dict:
+    return {"name": name, "calls_per_step": round(calls / steps, 1), "us_per_step": round(us / steps, 1),
+            "us_per_call": round(us / calls, 2)}  # fmt: skip
+
+
+def summarize(
+    events: list[dict],
+    steps: int,
+    top: int = 25,
+    hidden_pattern: str = "_copy_pages_kernel",
+    max_streams: int = 0,
+) -> dict:
+    """Kernel time per step by stream and name; busy and overlapped time; the --hidden kernels' overlap
+    (see the module docstring). max_streams > 0 lists only that many streams, busiest first."""
     kernels = [e for e in events if e.get("ph") == "X" and e.get("cat") == "kernel"]
     if not kernels:
         raise ValueError("the trace holds no GPU kernels (profile with activities GPU)")
@@ -130,26 +157,24 @@ def summarize(events: list[dict], steps: int, top: int = 25) -> dict:
     spans = {s: [(e["ts"], e["ts"] + e["dur"]) for e in ev] for s, ev in by_stream.items()}
     t0 = min(e["ts"] for e in kernels)
     t1 = max(e["ts"] + e["dur"] for e in kernels)
-    order = sorted(by_stream.items(), key=lambda kv: -sum(e["dur"] for e in kv[1]))
-    main = order[0][0]  # the stream with the most kernel time
-    cover = _merged(spans[main])
-    starts = [c[0] for c in cover]
     streams = {}
-    for s, ev in order:
-        names: dict[str, list[float]] = defaultdict(lambda: [0, 0.0, 0.0])
+    for s, ev in sorted(by_stream.items(), key=lambda kv: -sum(e["dur"] for e in kv[1])):
+        names: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
         for e in ev:
             n = names[short_name(e["name"])]
             n[0] += 1
             n[1] += e["dur"]
-            if s != main:
-                n[2] += _beside_us((e["ts"], e["ts"] + e["dur"]), cover, starts)
         ranked = sorted(names.items(), key=lambda kv: -kv[1][1])
         streams[s] = {
             "kernels_per_step": round(len(ev) / steps, 1),
             "kernel_us_per_step": round(sum(e["dur"] for e in ev) / steps, 1),
             "busy_us_per_step": round(_union_us(spans[s]) / steps, 1),
-            "top": [_row(k, c, us, steps, None if s == main else b) for k, (c, us, b) in ranked[:top]],
+            "top": [_row(k, c, us, steps) for k, (c, us) in ranked[:top]],
         }
+    main = next(iter(streams))
+    total_streams = len(streams)
+    if max_streams > 0:
+        streams = dict(list(streams.items())[:max_streams])
     others = [sp for s, sp in spans.items() if s != main]
     other_busy = _union_us([x for sp in others for x in sp])
     both = _union_us(spans[main]) + other_busy - _union_us([x for sp in spans.values() for x in sp])
@@ -159,6 +184,8 @@ def summarize(events: list[dict], steps: int, top: int = 25) -> dict:
         "main_stream": main,
         "other_streams_busy_us_per_step": round(other_busy / steps, 1),
         "overlapped_with_main_us_per_step": round(both / steps, 1),
+        "hidden": hidden(kernels, hidden_pattern, steps),
+        "streams_total": total_streams,
         "streams": streams,
     }
 
@@ -171,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--dir", default="/tmp/psa_profile")
     p.add_argument("--top", type=int, default=25)
+    p.add_argument("--hidden", default="_copy_pages_kernel", help="regex: kernels whose overlap to report")
+    p.add_argument("--max-streams", type=int, default=0, help="list only the N busiest streams (0: all)")
     p.add_argument("--meta", default="{}", help="JSON merged into the summary (device, commit, config)")
     p.add_argument("--out")
     a = p.parse_args(argv)
@@ -181,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not a.path:
         p.error("summarize needs the trace path")
-    res = {**json.loads(a.meta), **summarize(_load(a.path), a.steps, a.top)}
+    res = {**json.loads(a.meta), **summarize(_load(a.path), a.steps, a.top, a.hidden, a.max_streams)}
     text = json.dumps(res, separators=(",", ":"))
     if a.out:
         with open(a.out, "w") as f:
@@ -190,12 +219,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"span {res['span_us_per_step']} us/step; main stream {main_s['busy_us_per_step']} us busy; "
           f"other streams {res['other_streams_busy_us_per_step']} us busy, "
           f"{res['overlapped_with_main_us_per_step']} us of it beside main")  # fmt: skip
+    h = res["hidden"]
+    print(f"{h['pattern']}: {h['us_per_step']} us/step, {h['beside_other_kernels_us_per_step']} us "
+          f"beside other kernels (hidden {h['hidden_fraction']}); "
+          f"{h['ended_beside_other_kernels']} of calls ended beside them")  # fmt: skip
     for s, v in res["streams"].items():
         print(f"stream {s}: {v['kernel_us_per_step']} us/step in {v['kernels_per_step']} kernels")
         for k in v["top"][:12]:
-            b = k.get("beside_main_us_per_step")
-            beside = "" if b is None else f" ({b} us beside main)"
-            print(f"   {k['us_per_step']:9.1f} us  {k['calls_per_step']:7.1f} x  {k['name'][:80]}{beside}")
+            print(f"   {k['us_per_step']:9.1f} us  {k['calls_per_step']:7.1f} x  {k['name'][:90]}")
     return 0
 
 

@@ -211,6 +211,29 @@ def test_pinned_window_through_the_backend_equals_resident(granularity):
     assert pinned <= window
 
 
+@pytest.mark.parametrize("slots", [40, 90], ids=["fewer-than-the-pins", "pins-fit"])
+def test_pinned_head_slots_with_a_wide_window_equal_resident_over_many_steps(slots):
+    """The server's default window (sink 1, local 4 pages) pinned in head slots fewer than a step
+    needs, 40 decode steps (every request crosses 2-3 page boundaries, so pages enter and leave the
+    window and their leases lapse): every output equals the resident backend's. Session 19's server
+    run of this setting differed on one prompt at a near-tie in logit; this checks that no slot is
+    served stale."""
+    opts = dict(mode="estimated", tau=0.5, max_pages=8, sink_pages=1, local_pages=4, dense_below=0)
+    gb = (slots + 1 + 2 * 65) * (SLOT_BYTES // 2) / 2**30
+    resident = make_backend(**opts)
+    tier = make_backend(**opts, tiered=True, hot_pool_gb=gb, hot_granularity="head", hot_pin_window=True)
+    assert tier.tiered.attn.pool.capacity == slots
+    batches = [Batch(x, [150, 90, 200], torch.Generator().manual_seed(11)) for x in (resident, tier)]
+    for x in batches:
+        x.prefill()
+    for _ in range(40):
+        for (a, _), (c, _) in zip(batches[0].decode(), batches[1].decode()):
+            torch.testing.assert_close(c, a, rtol=1e-6, atol=1e-6)
+    st = tier.tiered.attn.stats()
+    assert st["hits"] > 0 and tier.tiered.attn.pool.stats()["evictions"] > 0
+    assert (st["overflow"] > 0) == (slots == 40)  # the small pool also sends pages through scratch
+
+
 def test_adaptive_quotas_through_the_backend_equal_resident():
     """--psa-hot-quota adaptive in an evicting pool: outputs equal the resident backend's, the slots
     held per layer match the map, the quotas leave their equal start and share the pool, and the
