@@ -223,12 +223,7 @@ def test_pinned_head_slots_with_a_wide_window_equal_resident_over_many_steps(slo
     resident = make_backend(**opts)
     tier = make_backend(**opts, tiered=True, hot_pool_gb=gb, hot_granularity="head", hot_pin_window=True)
     assert tier.tiered.attn.pool.capacity == slots
-    batches = [Batch(x, [150, 90, 200], torch.Generator().manual_seed(11)) for x in (resident, tier)]
-    for x in batches:
-        x.prefill()
-    for _ in range(40):
-        for (a, _), (c, _) in zip(batches[0].decode(), batches[1].decode()):
-            torch.testing.assert_close(c, a, rtol=1e-6, atol=1e-6)
+    decode_alongside((resident, tier), seed=11, steps=40)
     st = tier.tiered.attn.stats()
     assert st["hits"] > 0 and tier.tiered.attn.pool.stats()["evictions"] > 0
     assert (st["overflow"] > 0) == (slots == 40)  # the small pool also sends pages through scratch
