@@ -84,17 +84,8 @@ def short_name(name: str) -> str:
     return bare[-1] if bare else name
 
 
-def _union_us(spans: list[tuple[float, float]]) -> float:
-    total, end = 0.0, float("-inf")
-    for s, e in sorted(spans):
-        if e <= end:
-            continue
-        total += e - max(s, end)
-        end = e
-    return total
-
-
 def _merged(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The union of spans as disjoint intervals, sorted."""
     out: list[list[float]] = []
     for s, e in sorted(spans):
         if out and s <= out[-1][1]:
@@ -102,6 +93,10 @@ def _merged(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:
         else:
             out.append([s, e])
     return [(s, e) for s, e in out]
+
+
+def _union_us(spans: list[tuple[float, float]]) -> float:
+    return sum(e - s for s, e in _merged(spans))
 
 
 def _inside_us(s: float, e: float, cover: list[tuple[float, float]], starts: list[float]) -> float:
@@ -117,8 +112,10 @@ def hidden(kernels: list[dict], pattern: str, steps: int) -> dict:
     """The kernels whose short name matches `pattern` (regex): time per step, the part of it other
     kernels ran beside, the fraction, and the share of them that ended while another kernel ran."""
     rx = re.compile(pattern)
-    mine = [e for e in kernels if rx.search(short_name(e["name"]))]
-    cover = _merged([(e["ts"], e["ts"] + e["dur"]) for e in kernels if not rx.search(short_name(e["name"]))])
+    mine, rest = [], []
+    for e in kernels:
+        (mine if rx.search(short_name(e["name"])) else rest).append(e)
+    cover = _merged([(e["ts"], e["ts"] + e["dur"]) for e in rest])
     starts = [c[0] for c in cover]
     total = sum(e["dur"] for e in mine)
     beside = sum(_inside_us(e["ts"], e["ts"] + e["dur"], cover, starts) for e in mine)
